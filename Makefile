@@ -1,0 +1,66 @@
+# Everything runs inside .venv, which this Makefile creates and fills from pyproject.toml.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed-stamp
+PROTO_FILES := $(shell find protos -name '*.proto' | sort)
+
+.PHONY: help install proto check-generated lint typecheck test test-unit test-integration test-e2e run token bench clean
+
+help:
+	@echo "make run    - start PostgreSQL, the gRPC server and Envoy (Ctrl-C stops all)"
+	@echo "make test   - lint, type-check, stale-generated check and the whole test suite"
+	@echo "make proto  - regenerate generated/ from protos/"
+	@echo "make token ROLE=admin SUB=alice - print a development JWT"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# generated/ is committed; this is the only way it is written.
+proto: $(STAMP)
+	$(PY) -m server.tools.protogen generated
+
+# Fails when `make proto` would change anything in generated/.
+check-generated: $(STAMP)
+	$(PY) -m server.tools.protogen --check generated
+
+lint: $(STAMP)
+	$(BIN)/ruff check server clients tests migrations
+	$(BIN)/ruff format --check server clients tests migrations
+	cd protos && ../$(BIN)/buf lint ../generated/marketplace.binpb --path marketplace
+
+typecheck: $(STAMP)
+	$(BIN)/mypy server clients
+
+test: $(STAMP) check-generated lint typecheck
+	$(BIN)/pytest -q tests
+
+test-unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit
+
+test-integration: $(STAMP)
+	$(BIN)/pytest -q tests/integration
+
+test-e2e: $(STAMP)
+	$(BIN)/pytest -q tests/e2e
+
+run: $(STAMP)
+	$(PY) -m server.devstack
+
+ROLE ?= customer
+SUB ?= demo-customer
+token: $(STAMP)
+	@$(PY) -m server.devstack token --role $(ROLE) --sub $(SUB)
+
+bench: $(STAMP)
+	$(PY) -m tests.bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
