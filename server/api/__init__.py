@@ -1,0 +1,1 @@
+"""gRPC edge: servicers translate protobuf <-> domain; the interceptor does the rest."""

@@ -1,0 +1,109 @@
+"""Bearer token verification with pyjwt."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from server.domain.errors import Unauthenticated
+from server.domain.identity import Principal, Role
+
+_MAX_SUBJECT_LENGTH = 255
+_ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
+
+
+class TokenVerifier:
+    """Verifies `authorization: Bearer <JWT>` and returns who is calling.
+
+    Algorithms are fixed by the key type we were given, never read from the token, so a
+    token cannot pick `none` or downgrade an RSA key to an HMAC secret.
+    """
+
+    def __init__(
+        self,
+        *,
+        secret: str | None = None,
+        public_key_file: Path | None = None,
+        jwks_file: Path | None = None,
+        issuer: str | None = None,
+        audience: str | None = None,
+        leeway_seconds: int = 30,
+    ) -> None:
+        self._issuer = issuer
+        self._audience = audience
+        self._leeway = leeway_seconds
+        self._jwks: jwt.PyJWKSet | None = None
+        self._key: Any
+        self._algorithms: Sequence[str]
+        if secret is not None:
+            self._key, self._algorithms = secret, ("HS256",)
+        elif public_key_file is not None:
+            self._key, self._algorithms = public_key_file.read_text(), _ASYMMETRIC_ALGORITHMS
+        elif jwks_file is not None:
+            self._jwks = jwt.PyJWKSet.from_dict(json.loads(jwks_file.read_text()))
+            self._key, self._algorithms = None, _ASYMMETRIC_ALGORITHMS
+        else:
+            raise ValueError("no verification key configured")
+
+    def verify(self, authorization: str) -> Principal:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("authorization must be 'Bearer <token>'", reason="MISSING_TOKEN")
+        try:
+            claims = jwt.decode(
+                token.strip(),
+                key=self._key_for(token.strip()),
+                algorithms=list(self._algorithms),
+                issuer=self._issuer,
+                audience=self._audience,
+                leeway=self._leeway,
+                options={"require": ["exp", "sub"], "verify_aud": self._audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("the token has expired", reason="TOKEN_EXPIRED") from None
+        except jwt.PyJWTError as error:
+            raise Unauthenticated(f"the token is not valid: {error}") from None
+        return _principal(claims)
+
+    def _key_for(self, token: str) -> Any:
+        if self._jwks is None:
+            return self._key
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError as error:
+            raise Unauthenticated(f"the token is not valid: {error}") from None
+        for key in self._jwks.keys:
+            if key.key_id == kid:
+                return key.key
+        raise Unauthenticated("the token is signed by an unknown key", reason="UNKNOWN_KEY")
+
+
+def _principal(claims: dict[str, Any]) -> Principal:
+    subject = claims.get("sub")
+    if not isinstance(subject, str) or not subject or len(subject) > _MAX_SUBJECT_LENGTH:
+        raise Unauthenticated("the token's sub must be a non-empty string")
+    if any(ord(c) < 32 for c in subject):
+        raise Unauthenticated("the token's sub contains control characters")
+    raw_roles = claims.get("roles", [])
+    if isinstance(raw_roles, str):
+        raw_roles = raw_roles.split()
+    if not isinstance(raw_roles, list):
+        raise Unauthenticated("the token's roles must be a list of strings")
+    known = {role.value: role for role in Role}
+    roles = frozenset(known[r] for r in raw_roles if isinstance(r, str) and r in known)
+    return Principal(subject=subject, roles=roles)
+
+
+def issue_development_token(
+    secret: str, subject: str, roles: Sequence[str], *, lifetime_seconds: int
+) -> str:
+    """A token for `make token` and the tests; production tokens come from an identity provider."""
+    import time
+
+    now = int(time.time())
+    payload = {"sub": subject, "roles": list(roles), "iat": now, "exp": now + lifetime_seconds}
+    return jwt.encode(payload, secret, algorithm="HS256")

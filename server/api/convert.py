@@ -1,0 +1,72 @@
+"""Protobuf <-> domain conversions."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.type import money_pb2
+from marketplace.catalog.v1 import catalog_pb2
+from marketplace.order.v1 import order_pb2
+
+from server.domain.catalog import PriceInput, Product
+from server.domain.money import Money
+from server.domain.orders import Order, OrderStatus
+
+_ORDER_STATUS = {
+    OrderStatus.PENDING_PAYMENT: order_pb2.ORDER_STATUS_PENDING_PAYMENT,
+    OrderStatus.PAID: order_pb2.ORDER_STATUS_PAID,
+    OrderStatus.CANCELLED: order_pb2.ORDER_STATUS_CANCELLED,
+    OrderStatus.EXPIRED: order_pb2.ORDER_STATUS_EXPIRED,
+}
+
+
+def timestamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def money(value: Money) -> money_pb2.Money:
+    units, nanos = value.units_nanos()
+    return money_pb2.Money(currency_code=value.currency, units=units, nanos=nanos)
+
+
+def price_input(product: catalog_pb2.Product) -> PriceInput | None:
+    if not product.HasField("price"):
+        return None
+    return PriceInput(product.price.currency_code, product.price.units, product.price.nanos)
+
+
+def product(value: Product) -> catalog_pb2.Product:
+    return catalog_pb2.Product(
+        id=value.id,
+        sku=value.sku,
+        name=value.name,
+        description=value.description,
+        price=money(value.price),
+        stock=value.stock,
+        create_time=timestamp(value.create_time),
+        update_time=timestamp(value.update_time),
+    )
+
+
+def order(value: Order) -> order_pb2.Order:
+    return order_pb2.Order(
+        id=value.id,
+        customer_id=value.customer_id,
+        status=_ORDER_STATUS[value.status],
+        items=[
+            order_pb2.OrderItem(
+                product_id=line.product_id,
+                quantity=line.quantity,
+                sku=line.sku,
+                unit_price=money(line.unit_price),
+                line_total=money(line.line_total),
+            )
+            for line in value.lines
+        ],
+        total=money(value.total),
+        create_time=timestamp(value.create_time),
+        update_time=timestamp(value.update_time),
+    )

@@ -1,0 +1,108 @@
+"""The one place where errors become gRPC statuses with rich details (AIP-193)."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from server.db.transactions import is_retryable_conflict
+from server.domain.errors import (
+    AlreadyExists,
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+
+ERROR_DOMAIN = "marketplace"
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def _status(code: int, message: str, *details: object) -> grpc.Status:
+    proto = status_pb2.Status(code=code, message=message, details=[_pack(d) for d in details])
+    status: grpc.Status = rpc_status.to_status(proto)
+    return status
+
+
+def _error_info(reason: str, metadata: dict[str, str] | None = None) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata or {})
+
+
+def domain_error_status(error: DomainError) -> grpc.Status:
+    if isinstance(error, InvalidArgument):
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in error.violations
+            ]
+        )
+        return _status(code_pb2.INVALID_ARGUMENT, error.message, bad_request)
+    if isinstance(error, NotFound):
+        resource = error_details_pb2.ResourceInfo(
+            resource_type=error.resource_type, resource_name=error.resource_id
+        )
+        return _status(code_pb2.NOT_FOUND, error.message, resource)
+    if isinstance(error, AlreadyExists):
+        resource = error_details_pb2.ResourceInfo(
+            resource_type=error.resource_type, resource_name=error.key
+        )
+        info = _error_info("ALREADY_EXISTS", {"key": error.key})
+        return _status(code_pb2.ALREADY_EXISTS, error.message, info, resource)
+    if isinstance(error, FailedPrecondition):
+        info = _error_info(error.reason, dict(error.metadata))
+        failure = error_details_pb2.PreconditionFailure(
+            violations=[
+                error_details_pb2.PreconditionFailure.Violation(
+                    type=v.type, subject=v.subject, description=v.description
+                )
+                for v in error.violations
+            ]
+        )
+        if error.violations:
+            return _status(code_pb2.FAILED_PRECONDITION, error.message, info, failure)
+        return _status(code_pb2.FAILED_PRECONDITION, error.message, info)
+    if isinstance(error, Unauthenticated):
+        return _status(code_pb2.UNAUTHENTICATED, error.message, _error_info(error.reason))
+    if isinstance(error, PermissionDenied):
+        info = _error_info("MISSING_ROLE", {"requiredRole": error.required_role})
+        return _status(code_pb2.PERMISSION_DENIED, error.message, info)
+    raise TypeError(f"no status for {type(error).__name__}")
+
+
+def infrastructure_error_status(error: BaseException) -> grpc.Status | None:
+    """Statuses for failures that are not the caller's fault but are retryable."""
+    retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=200_000_000))
+    if is_retryable_conflict(error):
+        return _status(
+            code_pb2.ABORTED,
+            "the transaction kept conflicting with concurrent ones; retry",
+            _error_info("TRANSACTION_CONFLICT"),
+            retry,
+        )
+    if isinstance(error, OperationalError | InterfaceError | PoolTimeoutError) or (
+        isinstance(error, DBAPIError) and error.connection_invalidated
+    ):
+        return _status(
+            code_pb2.UNAVAILABLE,
+            "the database is unavailable; retry shortly",
+            _error_info("DATABASE_UNAVAILABLE"),
+            retry,
+        )
+    return None
+
+
+def internal_status(request_id: str) -> grpc.Status:
+    return _status(code_pb2.INTERNAL, f"internal error (request id {request_id})")

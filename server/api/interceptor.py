@@ -1,0 +1,135 @@
+"""One interceptor per server: request id, authentication, authorization, error mapping,
+metrics and the canonical log line, so servicers contain none of it."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, cast
+
+import grpc
+import structlog
+
+from server.api.auth import TokenVerifier
+from server.api.context import bind_principal
+from server.api.errors import domain_error_status, infrastructure_error_status, internal_status
+from server.domain.errors import DomainError
+from server.domain.identity import Access, Principal, authorize
+from server.observability import Metrics
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_log = structlog.get_logger("marketplace.rpc")
+
+UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+
+class RequestContextInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(
+        self,
+        *,
+        verifier: TokenVerifier,
+        policies: Mapping[str, Access],
+        metrics: Metrics,
+    ) -> None:
+        self._verifier = verifier
+        self._policies = policies
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        # Streaming RPCs are only health Watch and reflection, both public by design.
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method: str = handler_call_details.method
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        behavior = self._wrap(
+            cast(UnaryBehavior, handler.unary_unary),
+            method=method,
+            access=self._policies.get(method, Access.AUTHENTICATED),
+            metadata=metadata,
+        )
+        return grpc.unary_unary_rpc_method_handler(
+            behavior,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap(
+        self,
+        inner: UnaryBehavior,
+        *,
+        method: str,
+        access: Access,
+        metadata: Mapping[str, str | bytes],
+    ) -> UnaryBehavior:
+        async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            supplied = metadata.get("x-request-id")
+            request_id = (
+                supplied
+                if isinstance(supplied, str) and _REQUEST_ID.fullmatch(supplied)
+                else uuid.uuid4().hex
+            )
+            structlog.contextvars.clear_contextvars()
+            structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
+            started = time.perf_counter()
+            failure: grpc.Status | None = None
+            response: Any = None
+            try:
+                principal = self._authenticate(metadata.get("authorization"))
+                authorize(access, principal)
+                bind_principal(principal)
+                if principal is not None:
+                    structlog.contextvars.bind_contextvars(caller=principal.subject)
+                response = await inner(request, context)
+            except DomainError as error:
+                failure = domain_error_status(error)
+            except Exception as error:  # the one outer boundary: everything else ends here
+                failure = infrastructure_error_status(error)
+                if failure is None:
+                    _log.exception("unhandled error")
+                    failure = internal_status(request_id)
+                else:
+                    _log.warning("dependency failure", error=repr(error))
+            code = failure.code if failure is not None else grpc.StatusCode.OK
+            self._record(method, code, started, failure)
+            trailer = (("x-request-id", request_id),)
+            if failure is not None:
+                await context.abort(
+                    failure.code, failure.details, (*failure.trailing_metadata, *trailer)
+                )
+            context.set_trailing_metadata(trailer)
+            return response
+
+        return behavior
+
+    def _authenticate(self, header: str | bytes | None) -> Principal | None:
+        if header is None:
+            return None
+        if isinstance(header, bytes):
+            header = header.decode("utf-8", "replace")
+        return self._verifier.verify(header)
+
+    def _record(
+        self,
+        method: str,
+        code: grpc.StatusCode,
+        started: float,
+        failure: grpc.Status | None,
+    ) -> None:
+        elapsed = time.perf_counter() - started
+        self._metrics.rpc_total.labels(method, code.name).inc()
+        self._metrics.rpc_seconds.labels(method).observe(elapsed)
+        _log.info(
+            "rpc",
+            code=code.name,
+            duration_ms=round(elapsed * 1000, 2),
+            **({"error": failure.details} if failure is not None else {}),
+        )

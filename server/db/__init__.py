@@ -1,0 +1,1 @@
+"""PostgreSQL access: the schema, the engine and migrations."""

@@ -1,0 +1,53 @@
+"""Builds the async engine and applies migrations; nothing here connects at import time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+
+
+def sqlalchemy_url(database_url: str) -> str:
+    """Accepts the libpq-style URLs people have (postgres://, postgresql://) and pins the
+    psycopg 3 driver, which serves both the async server and sync migrations."""
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if database_url.startswith(prefix):
+            return "postgresql+psycopg://" + database_url[len(prefix) :]
+    raise ValueError("DATABASE_URL must start with postgresql:// or postgres://")
+
+
+def create_engine(
+    database_url: str,
+    *,
+    pool_size: int,
+    max_overflow: int,
+    pool_timeout_seconds: float,
+    connect_timeout_seconds: int,
+    statement_timeout_ms: int,
+) -> AsyncEngine:
+    return create_async_engine(
+        sqlalchemy_url(database_url),
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout=pool_timeout_seconds,
+        # A connection that died with a database restart is replaced before use, which is
+        # what lets the server recover on its own when PostgreSQL comes back.
+        pool_pre_ping=True,
+        connect_args={
+            "connect_timeout": connect_timeout_seconds,
+            "options": f"-c statement_timeout={statement_timeout_ms}",
+            "application_name": "marketplace",
+        },
+    )
+
+
+def upgrade_schema(database_url: str) -> None:
+    """Runs every pending Alembic migration."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["database_url"] = database_url
+    command.upgrade(config, "head")

@@ -1,0 +1,41 @@
+"""Retrying a transaction that lost a race: serialization failures and deadlocks."""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import DBAPIError
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+# serialization_failure, deadlock_detected: PostgreSQL rolled the transaction back and
+# asks the client to run it again.
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+MAX_ATTEMPTS = 5
+
+
+def sqlstate(error: BaseException) -> str | None:
+    if isinstance(error, DBAPIError):
+        state = getattr(error.orig, "sqlstate", None)
+        return state if isinstance(state, str) else None
+    return None
+
+
+def is_retryable_conflict(error: BaseException) -> bool:
+    return sqlstate(error) in RETRYABLE_SQLSTATES
+
+
+def retrying_transaction() -> AsyncRetrying:
+    """Wraps one unit of work: `async for attempt in retrying_transaction(): with attempt:`.
+
+    The attempts are bounded so a pathological conflict surfaces as ABORTED (retryable
+    by the client) rather than spinning forever.
+    """
+    return AsyncRetrying(
+        stop=stop_after_attempt(MAX_ATTEMPTS),
+        wait=wait_random_exponential(multiplier=0.005, max=0.2),
+        retry=retry_if_exception(is_retryable_conflict),
+        reraise=True,
+    )

@@ -1,0 +1,286 @@
+"""The local stack behind `make run`: PostgreSQL (embedded via pgserver unless DATABASE_URL
+is set), migrations, a demo catalog, the gRPC server and Envoy. The tests reuse the pieces.
+
+    python -m server.devstack            # run the stack until Ctrl-C
+    python -m server.devstack token --role admin --sub alice
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+import psycopg
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.api.auth import issue_development_token
+from server.db.engine import upgrade_schema
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO_ROOT / ".data"
+ENVOY_TEMPLATE = REPO_ROOT / "envoy.yaml"
+DESCRIPTOR = REPO_ROOT / "generated" / "marketplace.binpb"
+BIN_DIR = Path(sys.executable).parent
+TOKEN_LIFETIME_SECONDS = 24 * 3600
+
+# Fixed ids so the README's examples work exactly as written.
+DEMO_PRODUCTS = (
+    ("00000000-0000-4000-8000-000000000001", "MUG-CLASSIC", "Classic mug", "12.50", 100),
+    ("00000000-0000-4000-8000-000000000002", "TEE-BLACK-M", "Black tee, M", "19.99", 50),
+    ("00000000-0000-4000-8000-000000000003", "SNEAKER-LTD", "Limited sneaker", "180.00", 10),
+    ("00000000-0000-4000-8000-000000000004", "POSTER-A2", "Poster, A2", "9.00", 200),
+)
+
+
+class EmbeddedPostgres:
+    """A private PostgreSQL from the pgserver package, with stop/start for outage drills."""
+
+    def __init__(self, data_dir: Path, *, delete_on_exit: bool = False) -> None:
+        import pgserver
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._server = pgserver.get_server(
+            data_dir, cleanup_mode="delete" if delete_on_exit else "stop"
+        )
+        self.data_dir = data_dir
+
+    @property
+    def url(self) -> str:
+        uri: str = self._server.get_uri()
+        return uri
+
+    def stop(self) -> None:
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        subprocess.run(
+            [
+                str(POSTGRES_BIN_PATH / "pg_ctl"),
+                "-D",
+                str(self.data_dir),
+                "-w",
+                "-m",
+                "fast",
+                "stop",
+            ],
+            check=True,
+            capture_output=True,
+            user=self._server.system_user,
+        )
+
+    def start(self) -> None:
+        self._server.ensure_postgres_running()
+
+    def close(self) -> None:
+        self._server.cleanup()
+
+
+def ensure_jwt_secret(data_dir: Path = DATA_DIR) -> str:
+    """MARKETPLACE_JWT_SECRET, or a development secret kept under .data/."""
+    if secret := os.environ.get("MARKETPLACE_JWT_SECRET"):
+        return secret
+    path = data_dir / "jwt-secret"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(48))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def seed_demo_catalog(database_url: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        for product_id, sku, name, price, stock in DEMO_PRODUCTS:
+            conn.execute(
+                """
+                INSERT INTO products (id, sku, name, description, price_currency, price_amount,
+                                      stock, create_time, update_time)
+                VALUES (%s, %s, %s, '', 'USD', %s, %s, now(), now())
+                ON CONFLICT DO NOTHING
+                """,
+                (product_id, sku, name, Decimal(price), stock),
+            )
+
+
+def render_envoy_config(*, http_port: int, grpc_port: int, admin_port: int) -> str:
+    """envoy.yaml with this run's ports and an absolute descriptor path."""
+    text = ENVOY_TEMPLATE.read_text()
+    replacements = {
+        "port_value: 9901}": f"port_value: {admin_port}}}",
+        "port_value: 8080}": f"port_value: {http_port}}}",
+        "port_value: 50051}": f"port_value: {grpc_port}}}",
+        '"generated/marketplace.binpb"': f'"{DESCRIPTOR}"',
+    }
+    for old, new in replacements.items():
+        if text.count(old) != 1:
+            raise RuntimeError(f"envoy.yaml no longer has exactly one {old!r}")
+        text = text.replace(old, new)
+    return text
+
+
+def start_envoy(config_path: Path, *, log: IO[Any] | int | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            str(BIN_DIR / "envoy"),
+            "-c",
+            str(config_path),
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT if log is not None else None,
+    )
+
+
+def start_server(
+    env: Mapping[str, str], *, log: IO[Any] | int | None = None
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "server"],
+        env={**os.environ, **env},
+        cwd=REPO_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT if log is not None else None,
+    )
+
+
+def wait_for_grpc(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited with {process.returncode}")
+            with contextlib.suppress(grpc.RpcError):
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            time.sleep(0.1)
+    raise TimeoutError(f"the gRPC server on port {port} did not become healthy")
+
+
+def wait_for_envoy(admin_port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"envoy exited with {process.returncode}")
+        ready_url = f"http://127.0.0.1:{admin_port}/ready"
+        with contextlib.suppress(OSError), urllib.request.urlopen(ready_url, timeout=1) as reply:
+            if reply.status == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError("envoy did not become ready")
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 15) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+@contextlib.contextmanager
+def database() -> Iterator[str]:
+    if url := os.environ.get("DATABASE_URL"):
+        yield url
+        return
+    postgres = EmbeddedPostgres(DATA_DIR / "pgdata")
+    yield postgres.url
+
+
+def run() -> int:
+    grpc_port = int(os.environ.get("GRPC_PORT", "50051"))
+    http_port = int(os.environ.get("HTTP_PORT", "8080"))
+    admin_port = int(os.environ.get("ENVOY_ADMIN_PORT", "9901"))
+    secret = ensure_jwt_secret()
+    DATA_DIR.mkdir(exist_ok=True)
+    with database() as database_url:
+        print(f"PostgreSQL: {database_url}", flush=True)
+        upgrade_schema(database_url)
+        seed_demo_catalog(database_url)
+        config_path = DATA_DIR / "envoy.yaml"
+        config_path.write_text(
+            render_envoy_config(http_port=http_port, grpc_port=grpc_port, admin_port=admin_port)
+        )
+        server = start_server(
+            {
+                "DATABASE_URL": database_url,
+                "MARKETPLACE_JWT_SECRET": secret,
+                "GRPC_PORT": str(grpc_port),
+            }
+        )
+        with (DATA_DIR / "envoy.log").open("ab") as envoy_log:
+            envoy = start_envoy(config_path, log=envoy_log)
+        try:
+            wait_for_grpc(grpc_port, server)
+            wait_for_envoy(admin_port, envoy)
+            customer = issue_development_token(
+                secret, "demo-customer", ["customer"], lifetime_seconds=TOKEN_LIFETIME_SECONDS
+            )
+            admin = issue_development_token(
+                secret, "demo-admin", ["admin"], lifetime_seconds=TOKEN_LIFETIME_SECONDS
+            )
+            print(
+                f"\nMarketplace is up.\n"
+                f"  gRPC   127.0.0.1:{grpc_port}"
+                f"   (grpcurl -plaintext 127.0.0.1:{grpc_port} list)\n"
+                f"  REST   http://127.0.0.1:{http_port}/v1/products\n"
+                f"  Envoy admin http://127.0.0.1:{admin_port}   envoy log: .data/envoy.log\n"
+                f"\n  export CUSTOMER_TOKEN={customer}\n"
+                f"  export ADMIN_TOKEN={admin}\n"
+                f"\nCtrl-C stops everything.\n",
+                flush=True,
+            )
+            while server.poll() is None and envoy.poll() is None:
+                time.sleep(0.5)
+            print("a component exited; stopping", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\nstopping...", flush=True)
+            return 0
+        finally:
+            stop_process(envoy)
+            stop_process(server)
+
+
+def print_token(role: str, subject: str) -> int:
+    roles = [r for r in role.replace(",", " ").split() if r]
+    print(
+        issue_development_token(
+            ensure_jwt_secret(), subject, roles, lifetime_seconds=TOKEN_LIFETIME_SECONDS
+        )
+    )
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    commands = parser.add_subparsers(dest="command")
+    token = commands.add_parser("token", help="print a development JWT")
+    token.add_argument(
+        "--role", default="customer", help="customer, admin, or both: 'customer,admin'"
+    )
+    token.add_argument("--sub", default="demo-customer", help="the customer id")
+    options = parser.parse_args()
+    if options.command == "token":
+        return print_token(options.role, options.sub)
+    return run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

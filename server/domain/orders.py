@@ -1,0 +1,137 @@
+"""Orders: what a valid order request is, what an order costs, how its status may move."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from server.domain.errors import FailedPrecondition, PreconditionViolation
+from server.domain.money import Money
+from server.domain.validation import Violations, check_request_id, check_resource_id
+
+MAX_LINES = 100
+MAX_QUANTITY = 1_000
+
+
+class OrderStatus(enum.StrEnum):
+    PENDING_PAYMENT = "PENDING_PAYMENT"
+    PAID = "PAID"
+    CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"
+
+
+@dataclass(frozen=True, slots=True)
+class LineRequest:
+    product_id: str
+    quantity: int
+
+
+@dataclass(frozen=True, slots=True)
+class OrderRequest:
+    request_id: str
+    lines: tuple[LineRequest, ...]
+
+    def fingerprint(self) -> str:
+        """Identifies the request's content; line order does not change what is bought."""
+        canonical = ";".join(
+            f"{line.product_id}x{line.quantity}" for line in self.lines_in_lock_order()
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def lines_in_lock_order(self) -> list[LineRequest]:
+        """Ascending product id: every transaction locks rows in one global order, so two
+        orders over the same products can never wait on each other in a cycle."""
+        return sorted(self.lines, key=lambda line: line.product_id)
+
+
+def order_request(request_id: str, items: Sequence[tuple[str, int]]) -> OrderRequest:
+    """Validates a CreateOrder request; `items` are (product_id, quantity) pairs."""
+    violations = Violations()
+    check_request_id(violations, "request_id", request_id, required=True)
+    if not items:
+        violations.add("items", "needs at least one line")
+    elif len(items) > MAX_LINES:
+        violations.add("items", f"must have at most {MAX_LINES} lines (got {len(items)})")
+    lines: list[LineRequest] = []
+    seen: dict[str, int] = {}
+    for index, (raw_product_id, quantity) in enumerate(items[: MAX_LINES + 1]):
+        field = f"items[{index}]"
+        product_id = check_resource_id(violations, f"{field}.product_id", raw_product_id)
+        if not 1 <= quantity <= MAX_QUANTITY:
+            violations.add(f"{field}.quantity", f"must be between 1 and {MAX_QUANTITY:,}")
+        if product_id is None:
+            continue
+        if product_id in seen:
+            violations.add(
+                f"{field}.product_id",
+                f"repeats items[{seen[product_id]}]; order a product once with a larger quantity",
+            )
+        seen.setdefault(product_id, index)
+        lines.append(LineRequest(product_id, quantity))
+    violations.raise_if_any()
+    return OrderRequest(request_id, tuple(lines))
+
+
+@dataclass(frozen=True, slots=True)
+class OrderLine:
+    product_id: str
+    sku: str
+    quantity: int
+    unit_price: Money
+
+    @property
+    def line_total(self) -> Money:
+        return self.unit_price.times(self.quantity)
+
+
+def order_total(lines: Sequence[OrderLine]) -> Money:
+    """The sum of the line totals; an order is paid in one currency."""
+    currencies = sorted({line.unit_price.currency for line in lines})
+    if len(currencies) > 1:
+        raise FailedPrecondition(
+            f"an order is paid in one currency; these products are priced in {currencies}",
+            reason="MIXED_CURRENCIES",
+            metadata={"currencies": ",".join(currencies)},
+            violations=[
+                PreconditionViolation(
+                    "MIXED_CURRENCIES",
+                    f"products/{line.product_id}",
+                    f"priced in {line.unit_price.currency}",
+                )
+                for line in lines
+            ],
+        )
+    total = Money(currencies[0], lines[0].line_total.amount * 0)
+    for line in lines:
+        total = total.plus(line.line_total)
+    return total
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    id: str
+    customer_id: str
+    status: OrderStatus
+    lines: tuple[OrderLine, ...]
+    total: Money
+    create_time: datetime
+    update_time: datetime
+
+
+def must_release_stock_on_cancel(order_id: str, status: OrderStatus) -> bool:
+    """Whether cancelling an order in `status` changes it (and releases its stock).
+
+    Cancelling a cancelled order is a no-op so that retries are harmless.
+    """
+    if status is OrderStatus.PENDING_PAYMENT:
+        return True
+    if status is OrderStatus.CANCELLED:
+        return False
+    raise FailedPrecondition(
+        f"an order in status {status.value} cannot be cancelled",
+        reason="ORDER_NOT_CANCELLABLE",
+        metadata={"orderId": order_id, "status": status.value},
+    )

@@ -1,0 +1,57 @@
+"""Structured logs (structlog) and Prometheus metrics, configured once at startup."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    as_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+@dataclass(frozen=True)
+class Metrics:
+    registry: CollectorRegistry
+    rpc_total: Counter
+    rpc_seconds: Histogram
+    orders_placed: Counter
+
+    @classmethod
+    def create(cls) -> Metrics:
+        registry = CollectorRegistry()
+        return cls(
+            registry=registry,
+            rpc_total=Counter(
+                "marketplace_rpc_total", "RPCs handled", ["method", "code"], registry=registry
+            ),
+            rpc_seconds=Histogram(
+                "marketplace_rpc_seconds",
+                "RPC latency",
+                ["method"],
+                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+                registry=registry,
+            ),
+            orders_placed=Counter(
+                "marketplace_orders_placed_total", "Orders created", registry=registry
+            ),
+        )

@@ -1,0 +1,1 @@
+"""Use cases. Each opens its own transaction, calls the domain, and commits."""

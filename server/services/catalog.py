@@ -1,0 +1,202 @@
+"""Catalog use cases: products, prices and stock."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from server.db.transactions import retrying_transaction, sqlstate
+from server.domain.catalog import Product, ProductChanges, ProductDraft, StockAdjustment
+from server.domain.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    PreconditionViolation,
+    RequestIdReused,
+)
+from server.domain.pagination import decode_page_token, encode_page_token
+from server.services.rows import PRODUCT_COLUMNS, product_from_row
+
+UNIQUE_VIOLATION = "23505"
+
+_LIST_PRODUCTS = text(
+    f"SELECT {PRODUCT_COLUMNS} FROM products WHERE sku > :after ORDER BY sku LIMIT :limit"
+)
+_GET_PRODUCT = text(f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = :id")
+_INSERT_PRODUCT = text(
+    f"""
+    INSERT INTO products (id, sku, name, description, price_currency, price_amount, stock,
+                          create_time, update_time)
+    VALUES (:id, :sku, :name, :description, :currency, :amount, :stock, now(), now())
+    RETURNING {PRODUCT_COLUMNS}
+    """
+)
+_UPDATE_PRODUCT = text(
+    f"""
+    UPDATE products
+       SET sku = :sku, name = :name, description = :description,
+           price_currency = :currency, price_amount = :amount, update_time = now()
+     WHERE id = :id
+    RETURNING {PRODUCT_COLUMNS}
+    """
+)
+_LOCK_PRODUCT = text(f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = :id FOR UPDATE")
+# Claims the request_id first: a concurrent retry waits here on the unique key and then
+# finds the first attempt's row, so stock moves once however many copies arrive.
+_CLAIM_ADJUSTMENT = text(
+    """
+    INSERT INTO stock_adjustments (id, product_id, actor, request_id, request_fingerprint,
+                                   delta, reason, create_time)
+    SELECT :id, p.id, :actor, :request_id, :fingerprint, :delta, :reason, now()
+      FROM products p WHERE p.id = :product_id
+    ON CONFLICT (actor, request_id) DO NOTHING
+    RETURNING id
+    """
+)
+_FIND_ADJUSTMENT = text(
+    "SELECT product_id, request_fingerprint FROM stock_adjustments"
+    " WHERE actor = :actor AND request_id = :request_id"
+)
+_APPLY_ADJUSTMENT = text(
+    f"""
+    UPDATE products SET stock = stock + :delta, update_time = now()
+     WHERE id = :id AND stock + :delta >= 0
+    RETURNING {PRODUCT_COLUMNS}
+    """
+)
+
+
+class Catalog:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def list_products(self, page_size: int, page_token: str) -> tuple[list[Product], str]:
+        position = decode_page_token(page_token, kind="products", scope="*")
+        after = str(position.get("sku", "")) if position else ""
+        async with self._engine.connect() as conn:
+            result = await conn.execute(_LIST_PRODUCTS, {"after": after, "limit": page_size + 1})
+            rows = result.all()
+        products = [product_from_row(row) for row in rows[:page_size]]
+        next_token = ""
+        if len(rows) > page_size:
+            next_token = encode_page_token("products", "*", {"sku": products[-1].sku})
+        return products, next_token
+
+    async def get_product(self, product_id: str) -> Product:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(_GET_PRODUCT, {"id": uuid.UUID(product_id)})).first()
+        if row is None:
+            raise NotFound("product", product_id)
+        return product_from_row(row)
+
+    async def create_product(self, draft: ProductDraft) -> Product:
+        params = {
+            "id": uuid.uuid4(),
+            "sku": draft.sku,
+            "name": draft.name,
+            "description": draft.description,
+            "currency": draft.price.currency,
+            "amount": draft.price.amount,
+            "stock": draft.stock,
+        }
+        try:
+            async with self._engine.begin() as conn:
+                row = (await conn.execute(_INSERT_PRODUCT, params)).one()
+        except IntegrityError as error:
+            raise _sku_taken(error, draft.sku) from None
+        return product_from_row(row)
+
+    async def update_product(self, product_id: str, changes: ProductChanges) -> Product:
+        try:
+            async for attempt in retrying_transaction():
+                with attempt:
+                    async with self._engine.begin() as conn:
+                        return await self._update_locked(conn, product_id, changes)
+        except IntegrityError as error:
+            raise _sku_taken(error, changes.sku or "") from None
+        raise AssertionError("unreachable: retrying_transaction re-raises")
+
+    async def _update_locked(
+        self, conn: AsyncConnection, product_id: str, changes: ProductChanges
+    ) -> Product:
+        row = (await conn.execute(_LOCK_PRODUCT, {"id": uuid.UUID(product_id)})).first()
+        if row is None:
+            raise NotFound("product", product_id)
+        updated = changes.apply_to(product_from_row(row))
+        params: dict[str, Any] = {
+            "id": uuid.UUID(product_id),
+            "sku": updated.sku,
+            "name": updated.name,
+            "description": updated.description,
+            "currency": updated.price.currency,
+            "amount": updated.price.amount,
+        }
+        return product_from_row((await conn.execute(_UPDATE_PRODUCT, params)).one())
+
+    async def adjust_stock(self, actor: str, adjustment: StockAdjustment) -> Product:
+        async for attempt in retrying_transaction():
+            with attempt:
+                async with self._engine.begin() as conn:
+                    return await self._adjust_stock_once(conn, actor, adjustment)
+        raise AssertionError("unreachable: retrying_transaction re-raises")
+
+    async def _adjust_stock_once(
+        self, conn: AsyncConnection, actor: str, adjustment: StockAdjustment
+    ) -> Product:
+        product_id = uuid.UUID(adjustment.product_id)
+        claimed = await conn.execute(
+            _CLAIM_ADJUSTMENT,
+            {
+                "id": uuid.uuid4(),
+                "product_id": product_id,
+                "actor": actor,
+                "request_id": adjustment.request_id,
+                "fingerprint": adjustment.fingerprint(),
+                "delta": adjustment.delta,
+                "reason": adjustment.reason,
+            },
+        )
+        if claimed.first() is None:
+            previous = (
+                await conn.execute(
+                    _FIND_ADJUSTMENT, {"actor": actor, "request_id": adjustment.request_id}
+                )
+            ).first()
+            if previous is None:
+                raise NotFound("product", adjustment.product_id)
+            if previous.request_fingerprint != adjustment.fingerprint():
+                raise RequestIdReused(adjustment.request_id)
+            row = (await conn.execute(_GET_PRODUCT, {"id": product_id})).one()
+            return product_from_row(row)
+        applied = (
+            await conn.execute(_APPLY_ADJUSTMENT, {"id": product_id, "delta": adjustment.delta})
+        ).first()
+        if applied is None:
+            current = product_from_row((await conn.execute(_GET_PRODUCT, {"id": product_id})).one())
+            raise FailedPrecondition(
+                f"removing {-adjustment.delta} units would take stock below zero",
+                reason="INSUFFICIENT_STOCK",
+                metadata={
+                    "productId": adjustment.product_id,
+                    "requested": str(-adjustment.delta),
+                    "available": str(current.stock),
+                },
+                violations=[
+                    PreconditionViolation(
+                        "INSUFFICIENT_STOCK",
+                        f"products/{adjustment.product_id}",
+                        f"stock is {current.stock}",
+                    )
+                ],
+            )
+        return product_from_row(applied)
+
+
+def _sku_taken(error: IntegrityError, sku: str) -> Exception:
+    if sqlstate(error) == UNIQUE_VIOLATION:
+        return AlreadyExists("product", sku, f"a product with sku {sku!r} already exists")
+    return error

@@ -1,0 +1,61 @@
+"""All configuration, read once from the environment into one typed object."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    database_url: str = Field(validation_alias=_env("DATABASE_URL"))
+    grpc_host: str = Field("127.0.0.1", validation_alias=_env("GRPC_HOST"))
+    grpc_port: int = Field(50051, validation_alias=_env("GRPC_PORT"))
+    # 0 turns the Prometheus endpoint off.
+    metrics_port: int = Field(9464, validation_alias=_env("METRICS_PORT"))
+
+    db_pool_size: int = Field(10, ge=1, validation_alias=_env("DB_POOL_SIZE"))
+    db_max_overflow: int = Field(10, ge=0, validation_alias=_env("DB_MAX_OVERFLOW"))
+    db_pool_timeout_seconds: float = Field(5.0, gt=0, validation_alias=_env("DB_POOL_TIMEOUT"))
+    db_connect_timeout_seconds: int = Field(3, ge=1, validation_alias=_env("DB_CONNECT_TIMEOUT"))
+    db_statement_timeout_ms: int = Field(
+        10_000, ge=100, validation_alias=_env("DB_STATEMENT_TIMEOUT_MS")
+    )
+    health_check_interval_seconds: float = Field(
+        1.0, gt=0, validation_alias=_env("HEALTH_CHECK_INTERVAL")
+    )
+
+    # HS256 shared secret (development), or a public key / JWKS file (production).
+    jwt_secret: str | None = Field(None, validation_alias=_env("MARKETPLACE_JWT_SECRET"))
+    jwt_public_key_file: Path | None = Field(
+        None, validation_alias=_env("MARKETPLACE_JWT_PUBLIC_KEY_FILE")
+    )
+    jwt_jwks_file: Path | None = Field(None, validation_alias=_env("MARKETPLACE_JWT_JWKS_FILE"))
+    jwt_issuer: str | None = Field(None, validation_alias=_env("MARKETPLACE_JWT_ISSUER"))
+    jwt_audience: str | None = Field(None, validation_alias=_env("MARKETPLACE_JWT_AUDIENCE"))
+    jwt_leeway_seconds: int = Field(30, ge=0, validation_alias=_env("MARKETPLACE_JWT_LEEWAY"))
+
+    shutdown_grace_seconds: float = Field(10.0, ge=0, validation_alias=_env("SHUTDOWN_GRACE"))
+    max_concurrent_rpcs: int = Field(1000, ge=1, validation_alias=_env("MAX_CONCURRENT_RPCS"))
+    log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"))
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", validation_alias=_env("LOG_FORMAT")
+    )
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Settings:
+        sources = [self.jwt_secret, self.jwt_public_key_file, self.jwt_jwks_file]
+        if sum(source is not None for source in sources) != 1:
+            raise ValueError(
+                "set exactly one of MARKETPLACE_JWT_SECRET, MARKETPLACE_JWT_PUBLIC_KEY_FILE,"
+                " MARKETPLACE_JWT_JWKS_FILE"
+            )
+        return self
