@@ -48,10 +48,10 @@ class EmbeddedPostgres:
     """A private PostgreSQL from the pgserver package, with stop/start for outage drills."""
 
     def __init__(self, data_dir: Path, *, delete_on_exit: bool = False) -> None:
-        import pgserver
+        from pgserver.postgres_server import get_server
 
         data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = pgserver.get_server(
+        self._server = get_server(
             data_dir, cleanup_mode="delete" if delete_on_exit else "stop"
         )
         self.data_dir = data_dir

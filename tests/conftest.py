@@ -1,0 +1,136 @@
+"""Shared fixtures: a real PostgreSQL (embedded via pgserver, or TEST_DATABASE_URL), a fresh
+database per test session with migrations applied, and development tokens."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import jwt
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from server.api.auth import issue_development_token
+from server.db.engine import upgrade_schema
+from server.devstack import EmbeddedPostgres
+
+JWT_SECRET = "test-secret-" + "x" * 32
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def database_url_for(server_url: str, database: str) -> str:
+    return make_url(server_url).set(database=database).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> Iterator[str]:
+    if url := os.environ.get("TEST_DATABASE_URL"):
+        yield url
+        return
+    with tempfile.TemporaryDirectory(prefix="marketplace-pg-") as scratch:
+        postgres = EmbeddedPostgres(Path(scratch) / "pgdata", delete_on_exit=True)
+        yield postgres.url
+
+
+def create_database(server_url: str) -> str:
+    """A new, migrated database on `server_url`; returns its URL."""
+    name = f"marketplace_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = database_url_for(server_url, name)
+    upgrade_schema(url)
+    return url
+
+
+def drop_database(server_url: str, url: str) -> None:
+    name = make_url(url).database
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_server_url: str) -> Iterator[str]:
+    url = create_database(postgres_server_url)
+    yield url
+    drop_database(postgres_server_url, url)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    secret: str
+
+    def customer(self, subject: str = "alice") -> str:
+        return issue_development_token(self.secret, subject, ["customer"], lifetime_seconds=3600)
+
+    def admin(self, subject: str = "root") -> str:
+        return issue_development_token(self.secret, subject, ["admin"], lifetime_seconds=3600)
+
+    def expired(self, subject: str = "alice") -> str:
+        now = int(time.time())
+        payload = {"sub": subject, "roles": ["customer"], "iat": now - 7200, "exp": now - 3600}
+        return jwt.encode(payload, self.secret, algorithm="HS256")
+
+    def wrong_signature(self, subject: str = "alice") -> str:
+        return issue_development_token(
+            secrets.token_urlsafe(32), subject, ["customer", "admin"], lifetime_seconds=3600
+        )
+
+
+@pytest.fixture(scope="session")
+def tokens() -> Tokens:
+    return Tokens(JWT_SECRET)
+
+
+def insert_product(
+    database_url: str,
+    *,
+    stock: int,
+    price: str = "10.00",
+    currency: str = "USD",
+    sku: str | None = None,
+) -> str:
+    """Seeds a product straight into the database (test arrangement, not the API)."""
+    product_id = str(uuid.uuid4())
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            """
+            INSERT INTO products (id, sku, name, description, price_currency, price_amount,
+                                  stock, create_time, update_time)
+            VALUES (%s, %s, 'Test product', '', %s, %s, %s, now(), now())
+            """,
+            (product_id, sku or f"SKU-{product_id[:8]}", currency, Decimal(price), stock),
+        )
+    return product_id
+
+
+def table_snapshot(database_url: str) -> dict[str, list[tuple[object, ...]]]:
+    """Every row of every table, to prove a refused request changed nothing."""
+    tables = ("products", "orders", "order_lines", "stock_adjustments")
+    with psycopg.connect(database_url) as conn:
+        return {
+            table: conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()  # noqa: S608
+            for table in tables
+        }
+
+
+def stock_of(database_url: str, product_id: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT stock FROM products WHERE id = %s", (product_id,)).fetchone()
+    assert row is not None
+    stock: int = row[0]
+    return stock
