@@ -123,7 +123,7 @@ def table_snapshot(database_url: str) -> dict[str, list[tuple[object, ...]]]:
     tables = ("products", "orders", "order_lines", "stock_adjustments")
     with psycopg.connect(database_url) as conn:
         return {
-            table: conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()  # noqa: S608
+            table: conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
             for table in tables
         }
 

@@ -1,0 +1,94 @@
+"""PostgreSQL goes away mid-flight: calls get UNAVAILABLE, health says NOT_SERVING, and the
+same server process serves again once the database is back, without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+from marketplace.order.v1 import order_pb2, order_pb2_grpc
+
+from server.devstack import EmbeddedPostgres, start_server, stop_process, wait_for_grpc
+from tests.conftest import Tokens, create_database, free_port, insert_product
+from tests.e2e.conftest import bearer, server_env
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[tuple[EmbeddedPostgres, str]]:
+    """A PostgreSQL of this test's own, since stopping the shared one would break others."""
+    with tempfile.TemporaryDirectory(prefix="marketplace-outage-") as scratch:
+        postgres = EmbeddedPostgres(Path(scratch) / "pgdata", delete_on_exit=True)
+        try:
+            yield postgres, create_database(postgres.url)
+        finally:
+            postgres.start()  # leave it running so cleanup can stop and delete it
+
+
+async def _eventually(check: object, within: float = 20) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        if await check():  # type: ignore[operator]
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.1)
+
+
+async def test_server_survives_a_database_restart(
+    own_postgres: tuple[EmbeddedPostgres, str], tmp_path: Path, tokens: Tokens
+) -> None:
+    postgres, database_url = own_postgres
+    product_id = insert_product(database_url, stock=5)
+    port = free_port()
+    with (tmp_path / "server.log").open("wb") as log:
+        server = start_server(server_env(database_url, port), log=log)
+    try:
+        wait_for_grpc(port, server)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            orders = order_pb2_grpc.OrderServiceStub(channel)
+            request = catalog_pb2.GetProductRequest(id=product_id)
+            assert (await catalog.GetProduct(request, timeout=5)).product.stock == 5
+
+            postgres.stop()
+
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await catalog.GetProduct(request, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            order = order_pb2.CreateOrderRequest(
+                request_id="outage-1",
+                items=[order_pb2.OrderItem(product_id=product_id, quantity=1)],
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await orders.CreateOrder(order, metadata=bearer(tokens.customer()), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+            async def not_serving() -> bool:
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                return bool(reply.status == health_pb2.HealthCheckResponse.NOT_SERVING)
+
+            await _eventually(not_serving)
+
+            postgres.start()
+
+            async def serving_again() -> bool:
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+            await _eventually(serving_again)
+            placed = await orders.CreateOrder(order, metadata=bearer(tokens.customer()), timeout=10)
+            assert placed.order.status == order_pb2.ORDER_STATUS_PENDING_PAYMENT
+            assert (await catalog.GetProduct(request, timeout=5)).product.stock == 4
+        assert server.poll() is None, "the same process must still be serving"
+    finally:
+        assert stop_process(server) == 0

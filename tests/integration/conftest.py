@@ -1,0 +1,36 @@
+"""Use cases against a real PostgreSQL, without gRPC."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from server.db.engine import create_engine
+from server.services.catalog import Catalog
+from server.services.orders import Orders
+
+
+@pytest.fixture(scope="session")
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(
+        database_url,
+        pool_size=10,
+        max_overflow=5,
+        pool_timeout_seconds=10,
+        connect_timeout_seconds=3,
+        statement_timeout_ms=10_000,
+    )
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def orders(engine: AsyncEngine) -> Orders:
+    return Orders(engine)
+
+
+@pytest.fixture
+def catalog(engine: AsyncEngine) -> Catalog:
+    return Catalog(engine)

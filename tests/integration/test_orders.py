@@ -1,0 +1,195 @@
+"""The order + stock transaction on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import psycopg
+import pytest
+
+from server.domain.errors import FailedPrecondition, NotFound, OutOfStock, RequestIdReused
+from server.domain.identity import Principal, Role
+from server.domain.orders import OrderStatus, order_request
+from server.services.orders import Orders
+from tests.conftest import insert_product, stock_of, table_snapshot
+
+pytestmark = pytest.mark.integration
+
+
+def customer(name: str | None = None) -> Principal:
+    return Principal(name or f"cust-{uuid.uuid4().hex[:8]}", frozenset({Role.CUSTOMER}))
+
+
+ADMIN = Principal("root", frozenset({Role.ADMIN}))
+
+
+async def test_order_decrements_every_line_and_captures_prices(
+    orders: Orders, database_url: str
+) -> None:
+    mug = insert_product(database_url, stock=10, price="12.50")
+    tee = insert_product(database_url, stock=5, price="19.99")
+    buyer = customer()
+    order = await orders.place_order(buyer.subject, order_request("r-1", [(mug, 2), (tee, 1)]))
+    assert order.status is OrderStatus.PENDING_PAYMENT
+    assert [(line.product_id, line.quantity) for line in order.lines] == [(mug, 2), (tee, 1)]
+    assert str(order.total.amount.normalize()) == "44.99"
+    assert order.total.currency == "USD"
+    assert stock_of(database_url, mug) == 8
+    assert stock_of(database_url, tee) == 4
+
+
+async def test_a_short_line_rolls_back_the_whole_order_and_reports_every_short_line(
+    orders: Orders, database_url: str
+) -> None:
+    plenty = insert_product(database_url, stock=100)
+    scarce = insert_product(database_url, stock=1)
+    empty = insert_product(database_url, stock=0)
+    before = table_snapshot(database_url)
+    with pytest.raises(OutOfStock) as refused:
+        await orders.place_order(
+            customer().subject,
+            order_request("r-short", [(plenty, 5), (scarce, 2), (empty, 1)]),
+        )
+    shortages = {(s.product_id, s.requested, s.available) for s in refused.value.shortages}
+    assert shortages == {(scarce, 2, 1), (empty, 1, 0)}
+    assert refused.value.reason == "OUT_OF_STOCK"
+    assert table_snapshot(database_url) == before
+
+
+async def test_an_unknown_product_writes_nothing(orders: Orders, database_url: str) -> None:
+    known = insert_product(database_url, stock=3)
+    unknown = str(uuid.uuid4())
+    before = table_snapshot(database_url)
+    with pytest.raises(NotFound):
+        await orders.place_order(
+            customer().subject, order_request("r-unknown", [(known, 1), (unknown, 1)])
+        )
+    assert table_snapshot(database_url) == before
+
+
+async def test_mixed_currencies_are_refused_and_write_nothing(
+    orders: Orders, database_url: str
+) -> None:
+    dollars = insert_product(database_url, stock=3, currency="USD")
+    euros = insert_product(database_url, stock=3, currency="EUR")
+    before = table_snapshot(database_url)
+    with pytest.raises(FailedPrecondition) as refused:
+        await orders.place_order(
+            customer().subject, order_request("r-fx", [(dollars, 1), (euros, 1)])
+        )
+    assert refused.value.reason == "MIXED_CURRENCIES"
+    assert table_snapshot(database_url) == before
+
+
+async def test_a_retry_returns_the_same_order_and_moves_stock_once(
+    orders: Orders, database_url: str
+) -> None:
+    product = insert_product(database_url, stock=1)
+    buyer = customer()
+    first = await orders.place_order(buyer.subject, order_request("same", [(product, 1)]))
+    # The stock is gone now, yet the retry must still succeed with the original order.
+    again = await orders.place_order(buyer.subject, order_request("same", [(product, 1)]))
+    assert again.id == first.id
+    assert stock_of(database_url, product) == 0
+
+
+async def test_a_request_id_reused_with_other_lines_is_refused(
+    orders: Orders, database_url: str
+) -> None:
+    product = insert_product(database_url, stock=10)
+    buyer = customer()
+    await orders.place_order(buyer.subject, order_request("reuse", [(product, 1)]))
+    with pytest.raises(RequestIdReused):
+        await orders.place_order(buyer.subject, order_request("reuse", [(product, 2)]))
+    assert stock_of(database_url, product) == 9
+
+
+async def test_request_ids_are_scoped_per_customer(orders: Orders, database_url: str) -> None:
+    product = insert_product(database_url, stock=10)
+    one = await orders.place_order(customer().subject, order_request("shared", [(product, 1)]))
+    two = await orders.place_order(customer().subject, order_request("shared", [(product, 1)]))
+    assert one.id != two.id
+    assert stock_of(database_url, product) == 8
+
+
+async def test_cancel_restocks_once_and_is_idempotent(orders: Orders, database_url: str) -> None:
+    product = insert_product(database_url, stock=10)
+    buyer = customer()
+    order = await orders.place_order(buyer.subject, order_request("c-1", [(product, 4)]))
+    cancelled = await orders.cancel_order(buyer, order.id, "cancel-1")
+    assert cancelled.status is OrderStatus.CANCELLED
+    assert stock_of(database_url, product) == 10
+    again = await orders.cancel_order(buyer, order.id, "cancel-2")
+    assert again.status is OrderStatus.CANCELLED
+    assert again.update_time == cancelled.update_time
+    assert stock_of(database_url, product) == 10
+
+
+async def test_concurrent_cancels_release_stock_exactly_once(
+    orders: Orders, database_url: str
+) -> None:
+    product = insert_product(database_url, stock=10)
+    buyer = customer()
+    order = await orders.place_order(buyer.subject, order_request("cc", [(product, 3)]))
+    results = await asyncio.gather(*(orders.cancel_order(buyer, order.id, "") for _ in range(10)))
+    assert {r.status for r in results} == {OrderStatus.CANCELLED}
+    assert stock_of(database_url, product) == 10
+
+
+async def test_only_pending_orders_can_be_cancelled(orders: Orders, database_url: str) -> None:
+    product = insert_product(database_url, stock=10)
+    buyer = customer()
+    order = await orders.place_order(buyer.subject, order_request("paid", [(product, 1)]))
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE orders SET status = 'PAID' WHERE id = %s", (order.id,))
+    with pytest.raises(FailedPrecondition) as refused:
+        await orders.cancel_order(buyer, order.id, "")
+    assert refused.value.reason == "ORDER_NOT_CANCELLABLE"
+    assert stock_of(database_url, product) == 9
+
+
+async def test_other_customers_orders_are_not_found(orders: Orders, database_url: str) -> None:
+    product = insert_product(database_url, stock=10)
+    owner, stranger = customer(), customer()
+    order = await orders.place_order(owner.subject, order_request("mine", [(product, 1)]))
+    with pytest.raises(NotFound):
+        await orders.get_order(stranger, order.id)
+    with pytest.raises(NotFound):
+        await orders.cancel_order(stranger, order.id, "")
+    assert (await orders.get_order(ADMIN, order.id)).id == order.id
+    assert stock_of(database_url, product) == 9
+
+
+async def test_list_orders_pages_newest_first_within_the_callers_scope(
+    orders: Orders, database_url: str
+) -> None:
+    product = insert_product(database_url, stock=100)
+    buyer, other = customer(), customer()
+    placed = [
+        await orders.place_order(buyer.subject, order_request(f"l-{i}", [(product, 1)]))
+        for i in range(7)
+    ]
+    await orders.place_order(other.subject, order_request("other", [(product, 1)]))
+    seen: list[str] = []
+    token = ""
+    while True:
+        page, token = await orders.list_orders(buyer, 3, token)
+        assert len(page) <= 3
+        seen += [o.id for o in page]
+        if not token:
+            break
+    assert seen == [o.id for o in reversed(placed)]
+    _, admin_token = await orders.list_orders(ADMIN, 1, "")
+    with pytest.raises(Exception, match="page_token"):
+        await orders.list_orders(buyer, 1, admin_token)
+
+
+def test_the_schema_refuses_negative_stock(database_url: str) -> None:
+    product = insert_product(database_url, stock=1)
+    with (
+        pytest.raises(psycopg.errors.CheckViolation),
+        psycopg.connect(database_url) as conn,
+    ):
+        conn.execute("UPDATE products SET stock = stock - 2 WHERE id = %s", (product,))
+    assert stock_of(database_url, product) == 1
