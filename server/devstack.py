@@ -51,9 +51,7 @@ class EmbeddedPostgres:
         from pgserver.postgres_server import get_server
 
         data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = get_server(
-            data_dir, cleanup_mode="delete" if delete_on_exit else "stop"
-        )
+        self._server = get_server(data_dir, cleanup_mode="delete" if delete_on_exit else "stop")
         self.data_dir = data_dir
 
     @property
@@ -200,10 +198,23 @@ def database() -> Iterator[str]:
         yield url
         return
     postgres = EmbeddedPostgres(DATA_DIR / "pgdata")
-    yield postgres.url
+    try:
+        yield postgres.url
+    finally:
+        # pgserver shares one server between processes and stops it only when the last one
+        # exits cleanly; make run owns .data/pgdata, so it stops it itself.
+        with contextlib.suppress(subprocess.CalledProcessError):
+            postgres.stop()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def run() -> int:
+    # Ctrl-C and `kill` both stop the whole stack, even where SIGINT was inherited ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     grpc_port = int(os.environ.get("GRPC_PORT", "50051"))
     http_port = int(os.environ.get("HTTP_PORT", "8080"))
     admin_port = int(os.environ.get("ENVOY_ADMIN_PORT", "9901"))
