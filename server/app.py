@@ -10,10 +10,10 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
-from marketplace.order.v1 import order_pb2, order_pb2_grpc
 from prometheus_client import start_http_server
 
+from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+from marketplace.order.v1 import order_pb2, order_pb2_grpc
 from server.api.auth import TokenVerifier
 from server.api.catalog import CatalogServicer
 from server.api.health import DatabaseHealth

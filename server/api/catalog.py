@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 
+from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from server.api import convert
 from server.api.context import current_principal
 from server.domain import catalog as rules

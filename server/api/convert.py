@@ -6,9 +6,9 @@ from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.type import money_pb2
+
 from marketplace.catalog.v1 import catalog_pb2
 from marketplace.order.v1 import order_pb2
-
 from server.domain.catalog import PriceInput, Product
 from server.domain.money import Money
 from server.domain.orders import Order, OrderStatus

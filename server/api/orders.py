@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from marketplace.order.v1 import order_pb2, order_pb2_grpc
 
+from marketplace.order.v1 import order_pb2, order_pb2_grpc
 from server.api import convert
 from server.api.context import current_principal
 from server.domain import orders as rules

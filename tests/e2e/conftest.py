@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+
 from marketplace.catalog.v1 import catalog_pb2_grpc
 from marketplace.order.v1 import order_pb2_grpc
-
 from server.devstack import (
     render_envoy_config,
     start_envoy,

@@ -11,8 +11,8 @@ from collections import Counter
 import grpc
 import psycopg
 import pytest
-from marketplace.order.v1 import order_pb2, order_pb2_grpc
 
+from marketplace.order.v1 import order_pb2, order_pb2_grpc
 from tests.conftest import Tokens, insert_product, stock_of
 from tests.e2e.conftest import Stack, bearer
 

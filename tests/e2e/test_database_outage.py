@@ -12,9 +12,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from marketplace.order.v1 import order_pb2, order_pb2_grpc
-
 from server.devstack import EmbeddedPostgres, start_server, stop_process, wait_for_grpc
 from tests.conftest import Tokens, create_database, free_port, insert_product
 from tests.e2e.conftest import bearer, server_env
