@@ -10,7 +10,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from server.db.transactions import retrying_transaction, sqlstate
-from server.domain.catalog import Product, ProductChanges, ProductDraft, StockAdjustment
+from server.domain.catalog import (
+    SKU_PATTERN,
+    Product,
+    ProductChanges,
+    ProductDraft,
+    StockAdjustment,
+)
 from server.domain.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -18,7 +24,7 @@ from server.domain.errors import (
     PreconditionViolation,
     RequestIdReused,
 )
-from server.domain.pagination import decode_page_token, encode_page_token
+from server.domain.pagination import decode_page_token, encode_page_token, invalid_page_token
 from server.services.rows import PRODUCT_COLUMNS, product_from_row
 
 UNIQUE_VIOLATION = "23505"
@@ -76,7 +82,9 @@ class Catalog:
 
     async def list_products(self, page_size: int, page_token: str) -> tuple[list[Product], str]:
         position = decode_page_token(page_token, kind="products", scope="*")
-        after = str(position.get("sku", "")) if position else ""
+        after = position.get("sku") if position else ""
+        if not isinstance(after, str) or (after and not SKU_PATTERN.fullmatch(after)):
+            raise invalid_page_token()
         async with self._engine.connect() as conn:
             result = await conn.execute(_LIST_PRODUCTS, {"after": after, "limit": page_size + 1})
             rows = result.all()

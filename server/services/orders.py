@@ -223,13 +223,13 @@ class Orders:
         scope = "*" if principal.is_admin else principal.subject
         position = decode_page_token(page_token, kind="orders", scope=scope)
         params: dict[str, Any] = {"limit": page_size + 1}
-        try:
-            params["before_time"] = (
-                datetime.fromisoformat(position["t"]) if position else _FAR_FUTURE
-            )
-            params["before_id"] = uuid.UUID(position["id"]) if position else _MAX_UUID
-        except (KeyError, TypeError, ValueError):
-            raise invalid_page_token() from None
+        params["before_time"], params["before_id"] = _FAR_FUTURE, _MAX_UUID
+        if position is not None:
+            try:
+                params["before_time"] = datetime.fromisoformat(str(position["t"]))
+                params["before_id"] = uuid.UUID(str(position["id"]))
+            except (KeyError, ValueError):
+                raise invalid_page_token() from None
         async with self._engine.connect() as conn:
             if principal.is_admin:
                 rows = (await conn.execute(_LIST_ALL, params)).all()

@@ -1,0 +1,244 @@
+"""The async Marketplace client: one method per RPC, plain Python arguments."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from decimal import Decimal
+from types import TracebackType
+from typing import Generic, NamedTuple, Self, TypeVar
+
+import grpc
+from google.protobuf import field_mask_pb2
+
+from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+from marketplace.order.v1 import order_pb2, order_pb2_grpc
+from marketplace_client.errors import from_rpc_error
+from marketplace_client.money import to_money
+from marketplace_client.retry import RetryPolicy
+
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
+ItemT = TypeVar("ItemT")
+
+TokenSource = str | Callable[[], str]
+
+DEFAULT_TIMEOUT_SECONDS = 10.0
+
+
+class Page(NamedTuple, Generic[ItemT]):
+    """One page of a listing; `next_page_token` is empty on the last page."""
+
+    items: list[ItemT]
+    next_page_token: str
+
+
+class MarketplaceClient:
+    """Async client for CatalogService and OrderService.
+
+    Give it a target (``"host:port"``) to own a channel, or an existing
+    ``grpc.aio.Channel`` it will leave open. Failed calls raise
+    :class:`~marketplace_client.errors.MarketplaceError` subclasses.
+    """
+
+    def __init__(
+        self,
+        target: str | grpc.aio.Channel,
+        *,
+        token: TokenSource | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT_SECONDS,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        if isinstance(target, str):
+            self._channel = (
+                grpc.aio.secure_channel(target, credentials)
+                if credentials is not None
+                else grpc.aio.insecure_channel(target)
+            )
+            self._owns_channel = True
+        else:
+            self._channel = target
+            self._owns_channel = False
+        self._token = token
+        self._timeout = timeout
+        self._retry = retry or RetryPolicy()
+        self._catalog = catalog_pb2_grpc.CatalogServiceStub(self._channel)
+        self._orders = order_pb2_grpc.OrderServiceStub(self._channel)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Closes the channel if this client created it."""
+        if self._owns_channel:
+            await self._channel.close()
+
+    # Catalog
+
+    async def list_products_page(
+        self, page_size: int = 0, page_token: str = ""
+    ) -> Page[catalog_pb2.Product]:
+        """One page of products ordered by SKU (`page_size` 0 means the server default)."""
+        request = catalog_pb2.ListProductsRequest(page_size=page_size, page_token=page_token)
+        response = await self._call(self._catalog.ListProducts, request)
+        return Page(list(response.products), response.next_page_token)
+
+    def list_products(self, page_size: int = 0) -> AsyncIterator[catalog_pb2.Product]:
+        """Every product ordered by SKU, fetching pages as the iteration needs them."""
+        return _follow(self.list_products_page, page_size)
+
+    async def get_product(self, product_id: str) -> catalog_pb2.Product:
+        request = catalog_pb2.GetProductRequest(id=product_id)
+        return (await self._call(self._catalog.GetProduct, request)).product
+
+    async def create_product(
+        self,
+        *,
+        sku: str,
+        name: str,
+        price: Decimal | str,
+        currency: str,
+        description: str = "",
+        stock: int = 0,
+    ) -> catalog_pb2.Product:
+        """Creates a product (admin only); a taken SKU raises AlreadyExistsError."""
+        product = catalog_pb2.Product(
+            sku=sku,
+            name=name,
+            description=description,
+            price=to_money(price, currency),
+            stock=stock,
+        )
+        request = catalog_pb2.CreateProductRequest(product=product)
+        return (await self._call(self._catalog.CreateProduct, request)).product
+
+    async def update_product(
+        self,
+        product_id: str,
+        *,
+        sku: str | None = None,
+        name: str | None = None,
+        description: str | None = None,
+        price: Decimal | str | None = None,
+        currency: str | None = None,
+    ) -> catalog_pb2.Product:
+        """Changes only the given fields (admin only); `price` and `currency` go together."""
+        if (price is None) != (currency is None):
+            raise ValueError("price and currency must be given together")
+        product = catalog_pb2.Product(id=product_id)
+        paths: list[str] = []
+        if sku is not None:
+            product.sku = sku
+            paths.append("sku")
+        if name is not None:
+            product.name = name
+            paths.append("name")
+        if description is not None:
+            product.description = description
+            paths.append("description")
+        if price is not None and currency is not None:
+            product.price.CopyFrom(to_money(price, currency))
+            paths.append("price")
+        if not paths:
+            # An empty mask means "every populated field" (AIP-134), which here is none.
+            raise ValueError("give at least one field to update")
+        request = catalog_pb2.UpdateProductRequest(
+            product=product, update_mask=field_mask_pb2.FieldMask(paths=paths)
+        )
+        return (await self._call(self._catalog.UpdateProduct, request)).product
+
+    async def adjust_stock(
+        self, product_id: str, delta: int, reason: str, request_id: str | None = None
+    ) -> catalog_pb2.Product:
+        """Adds `delta` units (negative removes; admin only). Idempotent by `request_id`."""
+        request = catalog_pb2.AdjustStockRequest(
+            id=product_id, delta=delta, reason=reason, request_id=request_id or _new_request_id()
+        )
+        return (await self._call(self._catalog.AdjustStock, request)).product
+
+    # Orders
+
+    async def create_order(
+        self, items: Sequence[tuple[str, int]], request_id: str | None = None
+    ) -> order_pb2.Order:
+        """Places an order of (product_id, quantity) lines. Idempotent by `request_id`."""
+        request = order_pb2.CreateOrderRequest(
+            request_id=request_id or _new_request_id(),
+            items=[
+                order_pb2.OrderItem(product_id=product_id, quantity=quantity)
+                for product_id, quantity in items
+            ],
+        )
+        return (await self._call(self._orders.CreateOrder, request)).order
+
+    async def get_order(self, order_id: str) -> order_pb2.Order:
+        request = order_pb2.GetOrderRequest(id=order_id)
+        return (await self._call(self._orders.GetOrder, request)).order
+
+    async def list_orders_page(
+        self, page_size: int = 0, page_token: str = ""
+    ) -> Page[order_pb2.Order]:
+        """One page of the caller's orders (all orders for an admin), newest first."""
+        request = order_pb2.ListOrdersRequest(page_size=page_size, page_token=page_token)
+        response = await self._call(self._orders.ListOrders, request)
+        return Page(list(response.orders), response.next_page_token)
+
+    def list_orders(self, page_size: int = 0) -> AsyncIterator[order_pb2.Order]:
+        """Every order the caller may see, newest first, fetching pages as needed."""
+        return _follow(self.list_orders_page, page_size)
+
+    async def cancel_order(self, order_id: str, request_id: str | None = None) -> order_pb2.Order:
+        """Cancels a pending order; cancelling a cancelled order returns it unchanged."""
+        request = order_pb2.CancelOrderRequest(
+            id=order_id, request_id=request_id or _new_request_id()
+        )
+        return (await self._call(self._orders.CancelOrder, request)).order
+
+    async def _call(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        request: RequestT,
+    ) -> ResponseT:
+        # The request is built once by the caller, so every attempt carries the same
+        # request_id and the server applies a mutation at most once.
+        async for attempt in self._retry.retrying():
+            with attempt:
+                try:
+                    return await method(request, timeout=self._timeout, metadata=self._metadata())
+                except grpc.aio.AioRpcError as error:
+                    raise from_rpc_error(error) from error
+        raise AssertionError("unreachable: the retry policy re-raises the last error")
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        # Read per attempt so a callable token source can refresh an expiring token.
+        if self._token is None:
+            return ()
+        token = self._token() if callable(self._token) else self._token
+        return (("authorization", f"Bearer {token}"),)
+
+
+async def _follow(
+    fetch: Callable[[int, str], Awaitable[Page[ItemT]]], page_size: int
+) -> AsyncIterator[ItemT]:
+    """Follows next_page_token (AIP-158) until the last page."""
+    token = ""
+    while True:
+        page = await fetch(page_size, token)
+        for item in page.items:
+            yield item
+        if not page.next_page_token:
+            return
+        token = page.next_page_token
+
+
+def _new_request_id() -> str:
+    return str(uuid.uuid4())
