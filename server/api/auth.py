@@ -8,12 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from server.domain.errors import Unauthenticated
 from server.domain.identity import Principal, Role
 
 _MAX_SUBJECT_LENGTH = 255
-_ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
+# RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output.
+_MIN_SECRET_BYTES = 32
+_RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
+_EC_ALGORITHMS = ("ES256", "ES384", "ES512")
+_ASYMMETRIC_ALGORITHMS = _RSA_ALGORITHMS + _EC_ALGORITHMS
 
 
 class TokenVerifier:
@@ -39,12 +46,30 @@ class TokenVerifier:
         self._jwks: jwt.PyJWKSet | None = None
         self._key: Any
         self._algorithms: Sequence[str]
+        # Keys are loaded here so a bad configuration stops the server at startup instead
+        # of failing every caller with UNAUTHENTICATED.
         if secret is not None:
+            if len(secret.encode()) < _MIN_SECRET_BYTES:
+                raise ValueError(f"the HS256 secret must be at least {_MIN_SECRET_BYTES} bytes")
             self._key, self._algorithms = secret, ("HS256",)
         elif public_key_file is not None:
-            self._key, self._algorithms = public_key_file.read_text(), _ASYMMETRIC_ALGORITHMS
+            try:
+                self._key = load_pem_public_key(public_key_file.read_bytes())
+            except ValueError as error:
+                raise ValueError(f"cannot load the public key {public_key_file}: {error}") from None
+            # The key's type fixes the algorithm family, so an RSA key is never asked to
+            # check an ECDSA signature (pyjwt would raise TypeError, not a token error).
+            if isinstance(self._key, RSAPublicKey):
+                self._algorithms = _RSA_ALGORITHMS
+            elif isinstance(self._key, EllipticCurvePublicKey):
+                self._algorithms = _EC_ALGORITHMS
+            else:
+                raise ValueError(f"{public_key_file} is neither an RSA nor an EC public key")
         elif jwks_file is not None:
-            self._jwks = jwt.PyJWKSet.from_dict(json.loads(jwks_file.read_text()))
+            try:
+                self._jwks = jwt.PyJWKSet.from_dict(json.loads(jwks_file.read_text()))
+            except (ValueError, jwt.PyJWTError) as error:
+                raise ValueError(f"cannot load the JWKS {jwks_file}: {error}") from None
             self._key, self._algorithms = None, _ASYMMETRIC_ALGORITHMS
         else:
             raise ValueError("no verification key configured")
@@ -78,7 +103,9 @@ class TokenVerifier:
             raise Unauthenticated(f"the token is not valid: {error}") from None
         for key in self._jwks.keys:
             if key.key_id == kid:
-                return key.key
+                # The PyJWK itself, not its bare key: pyjwt then insists the token's alg
+                # matches the key's, instead of failing with a TypeError.
+                return key
         raise Unauthenticated("the token is signed by an unknown key", reason="UNKNOWN_KEY")
 
 

@@ -21,6 +21,10 @@ from server.domain.errors import (
 )
 
 ERROR_DOMAIN = "marketplace"
+# Details travel in a trailer, and gRPC clients refuse trailers over 8 KiB by default; a
+# 100-line order can have hundreds of problems, so the details list the first ones and the
+# ErrorInfo says how many there are in all.
+MAX_LISTED_VIOLATIONS = 25
 
 
 def _pack(message: object) -> any_pb2.Any:
@@ -46,15 +50,17 @@ def domain_error_status(error: DomainError) -> grpc.Status:
                 error_details_pb2.BadRequest.FieldViolation(
                     field=v.field, description=v.description
                 )
-                for v in error.violations
+                for v in error.violations[:MAX_LISTED_VIOLATIONS]
             ]
         )
-        return _status(code_pb2.INVALID_ARGUMENT, error.message, bad_request)
+        info = _error_info("INVALID_ARGUMENT", {"violationCount": str(len(error.violations))})
+        return _status(code_pb2.INVALID_ARGUMENT, error.message, info, bad_request)
     if isinstance(error, NotFound):
         resource = error_details_pb2.ResourceInfo(
             resource_type=error.resource_type, resource_name=error.resource_id
         )
-        return _status(code_pb2.NOT_FOUND, error.message, resource)
+        info = _error_info("NOT_FOUND", {"resourceType": error.resource_type})
+        return _status(code_pb2.NOT_FOUND, error.message, info, resource)
     if isinstance(error, AlreadyExists):
         resource = error_details_pb2.ResourceInfo(
             resource_type=error.resource_type, resource_name=error.key
@@ -68,7 +74,7 @@ def domain_error_status(error: DomainError) -> grpc.Status:
                 error_details_pb2.PreconditionFailure.Violation(
                     type=v.type, subject=v.subject, description=v.description
                 )
-                for v in error.violations
+                for v in error.violations[:MAX_LISTED_VIOLATIONS]
             ]
         )
         if error.violations:
@@ -105,4 +111,5 @@ def infrastructure_error_status(error: BaseException) -> grpc.Status | None:
 
 
 def internal_status(request_id: str) -> grpc.Status:
-    return _status(code_pb2.INTERNAL, f"internal error (request id {request_id})")
+    info = _error_info("INTERNAL", {"requestId": request_id})
+    return _status(code_pb2.INTERNAL, f"internal error (request id {request_id})", info)

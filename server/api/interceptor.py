@@ -11,11 +11,12 @@ from typing import Any, cast
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError
 
 from server.api.auth import TokenVerifier
 from server.api.context import bind_principal
 from server.api.errors import domain_error_status, infrastructure_error_status, internal_status
-from server.domain.errors import DomainError
+from server.domain.errors import DomainError, FieldViolation, InvalidArgument
 from server.domain.identity import Access, Principal, authorize
 from server.observability import Metrics
 
@@ -23,6 +24,17 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _log = structlog.get_logger("marketplace.rpc")
 
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+
+def _parse(payload: Any, deserialize: Callable[[bytes], Any] | None) -> Any:
+    if deserialize is None:
+        return payload
+    try:
+        return deserialize(payload)
+    except DecodeError:
+        raise InvalidArgument(
+            [FieldViolation("(request)", "is not a valid protobuf message for this method")]
+        ) from None
 
 
 class RequestContextInterceptor(grpc.aio.ServerInterceptor):
@@ -55,11 +67,12 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             method=method,
             access=self._policies.get(method, Access.AUTHENTICATED),
             metadata=metadata,
+            deserialize=handler.request_deserializer,
         )
+        # The request is parsed inside `behavior`, so bytes that are not a valid message
+        # become INVALID_ARGUMENT instead of grpc's UNKNOWN.
         return grpc.unary_unary_rpc_method_handler(
-            behavior,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+            behavior, request_deserializer=None, response_serializer=handler.response_serializer
         )
 
     def _wrap(
@@ -69,8 +82,9 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         method: str,
         access: Access,
         metadata: Mapping[str, str | bytes],
+        deserialize: Callable[[bytes], Any] | None,
     ) -> UnaryBehavior:
-        async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def behavior(payload: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             supplied = metadata.get("x-request-id")
             request_id = (
                 supplied
@@ -88,6 +102,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                 bind_principal(principal)
                 if principal is not None:
                     structlog.contextvars.bind_contextvars(caller=principal.subject)
+                request = _parse(payload, deserialize)
                 response = await inner(request, context)
             except DomainError as error:
                 failure = domain_error_status(error)

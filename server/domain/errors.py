@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,9 @@ class DomainError(Exception):
 
 class InvalidArgument(DomainError):
     def __init__(self, violations: Sequence[FieldViolation]) -> None:
-        summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
-        super().__init__(f"invalid request: {summary}")
+        first = violations[0]
+        more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
+        super().__init__(f"invalid request: {first.field}: {first.description}{more}")
         self.violations = tuple(violations)
 
 
@@ -46,13 +47,6 @@ class AlreadyExists(DomainError):
         super().__init__(message)
         self.resource_type = resource_type
         self.key = key
-
-
-@dataclass
-class _PreconditionDetails:
-    reason: str
-    metadata: Mapping[str, str] = field(default_factory=dict)
-    violations: Sequence[PreconditionViolation] = ()
 
 
 class FailedPrecondition(DomainError):
@@ -89,6 +83,7 @@ class OutOfStock(FailedPrecondition):
                 "productId": first.product_id,
                 "requested": str(first.requested),
                 "available": str(first.available),
+                "shortLines": str(len(shortages)),
             },
             violations=[
                 PreconditionViolation(

@@ -31,7 +31,7 @@ class Violations:
 def check_text(
     violations: Violations, field: str, value: str, *, min_len: int, max_len: int
 ) -> None:
-    if len(value) < min_len:
+    if len(value.strip()) < min_len:
         violations.add(field, "is required" if min_len == 1 else f"needs {min_len}+ characters")
     elif len(value) > max_len:
         violations.add(field, f"must be at most {max_len:,} characters (got {len(value):,})")
