@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     jwt_audience: str | None = Field(None, validation_alias=_env("MARKETPLACE_JWT_AUDIENCE"))
     jwt_leeway_seconds: int = Field(30, ge=0, validation_alias=_env("MARKETPLACE_JWT_LEEWAY"))
 
+    # Group commit for CreateOrder: at most this many orders per transaction, and this many
+    # transactions in flight per process.
+    order_batch_max: int = Field(128, ge=1, validation_alias=_env("ORDER_BATCH_MAX"))
+    order_batch_runners: int = Field(4, ge=1, validation_alias=_env("ORDER_BATCH_RUNNERS"))
+
     shutdown_grace_seconds: float = Field(10.0, ge=0, validation_alias=_env("SHUTDOWN_GRACE"))
     max_concurrent_rpcs: int = Field(1000, ge=1, validation_alias=_env("MAX_CONCURRENT_RPCS"))
     log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"))

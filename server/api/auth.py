@@ -55,7 +55,7 @@ class TokenVerifier:
         elif public_key_file is not None:
             try:
                 self._key = load_pem_public_key(public_key_file.read_bytes())
-            except ValueError as error:
+            except (OSError, ValueError) as error:
                 raise ValueError(f"cannot load the public key {public_key_file}: {error}") from None
             # The key's type fixes the algorithm family, so an RSA key is never asked to
             # check an ECDSA signature (pyjwt would raise TypeError, not a token error).
@@ -68,7 +68,7 @@ class TokenVerifier:
         elif jwks_file is not None:
             try:
                 self._jwks = jwt.PyJWKSet.from_dict(json.loads(jwks_file.read_text()))
-            except (ValueError, jwt.PyJWTError) as error:
+            except (OSError, ValueError, jwt.PyJWTError) as error:
                 raise ValueError(f"cannot load the JWKS {jwks_file}: {error}") from None
             self._key, self._algorithms = None, _ASYMMETRIC_ALGORITHMS
         else:

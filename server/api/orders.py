@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -10,17 +11,22 @@ from marketplace.order.v1 import order_pb2, order_pb2_grpc
 from server.api import convert
 from server.api.context import current_principal
 from server.domain import orders as rules
+from server.domain.orders import Order, OrderRequest
 from server.domain.pagination import page_size
 from server.domain.validation import Violations, check_request_id, parse_resource_id
 from server.observability import Metrics
 from server.services.orders import Orders
 
+# Places one customer's order; in the server this is the group committer's submit.
+PlaceOrder = Callable[[tuple[str, OrderRequest]], Awaitable[Order]]
+
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class OrderServicer(order_pb2_grpc.OrderServiceServicer):
-    def __init__(self, orders: Orders, metrics: Metrics) -> None:
+    def __init__(self, orders: Orders, place_order: PlaceOrder, metrics: Metrics) -> None:
         self._orders = orders
+        self._place_order = place_order
         self._metrics = metrics
 
     async def CreateOrder(
@@ -29,7 +35,7 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
         order_request = rules.order_request(
             request.request_id, [(item.product_id, item.quantity) for item in request.items]
         )
-        order = await self._orders.place_order(current_principal().subject, order_request)
+        order = await self._place_order((current_principal().subject, order_request))
         self._metrics.orders_placed.inc()
         return order_pb2.CreateOrderResponse(order=convert.order(order))
 

@@ -27,15 +27,20 @@ def is_retryable_conflict(error: BaseException) -> bool:
     return sqlstate(error) in RETRYABLE_SQLSTATES
 
 
-def retrying_transaction() -> AsyncRetrying:
+def retrying_transaction(extra: type[Exception] | None = None) -> AsyncRetrying:
     """Wraps one unit of work: `async for attempt in retrying_transaction(): with attempt:`.
 
+    `extra` names one more exception type that means "lost a race, run again".
     The attempts are bounded so a pathological conflict surfaces as ABORTED (retryable
     by the client) rather than spinning forever.
     """
     return AsyncRetrying(
         stop=stop_after_attempt(MAX_ATTEMPTS),
         wait=wait_random_exponential(multiplier=0.005, max=0.2),
-        retry=retry_if_exception(is_retryable_conflict),
+        retry=retry_if_exception(
+            lambda error: (
+                is_retryable_conflict(error) or (extra is not None and isinstance(error, extra))
+            )
+        ),
         reraise=True,
     )

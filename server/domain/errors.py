@@ -29,6 +29,8 @@ class DomainError(Exception):
 
 class InvalidArgument(DomainError):
     def __init__(self, violations: Sequence[FieldViolation]) -> None:
+        if not violations:
+            raise ValueError("InvalidArgument needs at least one violation")
         first = violations[0]
         more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
         super().__init__(f"invalid request: {first.field}: {first.description}{more}")

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from server.domain.errors import FailedPrecondition, PreconditionViolation
+from server.domain.errors import (
+    DomainError,
+    FailedPrecondition,
+    NotFound,
+    OutOfStock,
+    PreconditionViolation,
+    StockShortage,
+)
 from server.domain.money import Money
 from server.domain.validation import Violations, check_request_id, check_resource_id
 
@@ -108,6 +115,69 @@ def order_total(lines: Sequence[OrderLine]) -> Money:
     for line in lines:
         total = total.plus(line.line_total)
     return total
+
+
+@dataclass(frozen=True, slots=True)
+class ProductStock:
+    """What an order needs to know of a product whose row it has locked."""
+
+    sku: str
+    price: Money
+    stock: int
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """An order that fits: its priced lines (in request order) and its total."""
+
+    lines: tuple[OrderLine, ...]
+    total: Money
+
+
+def allocate(
+    requests: Sequence[OrderRequest], products: Mapping[str, ProductStock]
+) -> tuple[list[Allocation | DomainError], dict[str, int]]:
+    """Decides, in arrival order, which of several orders the locked stock can fill.
+
+    Each order is all or nothing: it takes every line or none, so one short order never
+    takes stock from a later one that fits. Returns one outcome per request and the units
+    taken per product.
+    """
+    remaining = {product_id: product.stock for product_id, product in products.items()}
+    taken: dict[str, int] = {}
+    outcomes: list[Allocation | DomainError] = []
+    for request in requests:
+        unknown = [line.product_id for line in request.lines if line.product_id not in products]
+        if unknown:
+            outcomes.append(NotFound("product", unknown[0]))
+            continue
+        shortages = [
+            StockShortage(line.product_id, line.quantity, remaining[line.product_id])
+            for line in request.lines_in_lock_order()
+            if remaining[line.product_id] < line.quantity
+        ]
+        if shortages:
+            outcomes.append(OutOfStock(shortages))
+            continue
+        lines = tuple(
+            OrderLine(
+                line.product_id,
+                products[line.product_id].sku,
+                line.quantity,
+                products[line.product_id].price,
+            )
+            for line in request.lines
+        )
+        try:
+            total = order_total(lines)
+        except FailedPrecondition as error:
+            outcomes.append(error)
+            continue
+        for line in request.lines:
+            remaining[line.product_id] -= line.quantity
+            taken[line.product_id] = taken.get(line.product_id, 0) + line.quantity
+        outcomes.append(Allocation(lines, total))
+    return outcomes, taken
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,58 +9,84 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from server.db.transactions import retrying_transaction
-from server.domain.errors import NotFound, OutOfStock, RequestIdReused, StockShortage
+from server.db.transactions import is_retryable_conflict, retrying_transaction
+from server.domain.errors import DomainError, NotFound, RequestIdReused
 from server.domain.identity import Principal
 from server.domain.money import Money
 from server.domain.orders import (
+    Allocation,
     Order,
-    OrderLine,
     OrderRequest,
+    OrderStatus,
+    ProductStock,
+    allocate,
     must_release_stock_on_cancel,
-    order_total,
 )
 from server.domain.pagination import decode_page_token, encode_page_token, invalid_page_token
 from server.services.rows import LINE_COLUMNS, ORDER_COLUMNS, order_from_rows
 
-# The order row is inserted first, with its total filled in at the end of the same
-# transaction. Inserting it first makes the unique (customer_id, request_id) key the
-# arbiter of retries: a concurrent copy of the request blocks on that key until the first
-# transaction ends, then sees its order, and never touches stock.
-_CLAIM_ORDER = text(
+# The order + stock transaction, for a batch of orders (a single order is a batch of one).
+# Five round trips whatever the batch size: BEGIN, lock, look up retries, write, COMMIT.
+#
+# 1. Lock every product of the batch in ascending id order, in one statement: all writers
+#    lock rows in the same global order, so two transactions never wait on each other in a
+#    cycle, and the stock read here cannot change until commit.
+_LOCK_PRODUCTS = text(
     """
-    INSERT INTO orders (id, customer_id, request_id, request_fingerprint, status,
-                        currency, total, create_time, update_time)
-    VALUES (:id, :customer_id, :request_id, :fingerprint, 'PENDING_PAYMENT',
-            'XXX', 0, now(), now())
-    ON CONFLICT (customer_id, request_id) DO NOTHING
-    RETURNING id
-    """
-)
-_FIND_BY_REQUEST_ID = text(
-    "SELECT id, request_fingerprint FROM orders"
-    " WHERE customer_id = :customer_id AND request_id = :request_id"
-)
-# The conditional decrement: it takes the row lock and checks stock in one statement, so
-# stock can never go below zero whatever runs concurrently (and CHECK (stock >= 0) backs it).
-_RESERVE_STOCK = text(
-    """
-    UPDATE products SET stock = stock - :quantity, update_time = now()
-     WHERE id = :product_id AND stock >= :quantity
-    RETURNING sku, price_currency, price_amount
+    SELECT id, stock, sku, price_currency, price_amount
+      FROM products WHERE id = ANY(CAST(:ids AS uuid[]))
+     ORDER BY id
+       FOR UPDATE
     """
 )
-_STOCK_LEVEL = text("SELECT stock FROM products WHERE id = :product_id")
-_INSERT_LINE = text(
+# 2. Which request ids were seen before (AIP-155): those are answered from the stored order.
+_FIND_BY_REQUEST_IDS = text(
     """
-    INSERT INTO order_lines (order_id, line_no, product_id, sku, quantity, unit_price, currency)
-    VALUES (:order_id, :line_no, :product_id, :sku, :quantity, :unit_price, :currency)
+    SELECT o.id, o.customer_id, o.request_id, o.request_fingerprint
+      FROM orders o
+      JOIN unnest(CAST(:customers AS text[]), CAST(:request_ids AS text[]))
+           AS r(customer_id, request_id) USING (customer_id, request_id)
     """
 )
-_FINISH_ORDER = text("UPDATE orders SET currency = :currency, total = :total WHERE id = :id")
+# 3. Write the orders that fit, their stock decrements (one per product, summed over the
+#    batch) and their lines in one statement. The unique (customer_id, request_id) key is the
+#    arbiter of a retry racing in another transaction: if it wins, fewer orders come back
+#    and the whole transaction is retried, finding the winner's order in step 2.
+#    CHECK (stock >= 0) backs the decision made on the locked rows.
+_WRITE_ORDERS = text(
+    """
+    WITH new_orders AS (
+        INSERT INTO orders (id, customer_id, request_id, request_fingerprint, status,
+                            currency, total, create_time, update_time)
+        SELECT o.id, o.customer_id, o.request_id, o.fingerprint, 'PENDING_PAYMENT',
+               o.currency, o.total, now(), now()
+          FROM unnest(CAST(:order_ids AS uuid[]), CAST(:customers AS text[]),
+                      CAST(:request_ids AS text[]), CAST(:fingerprints AS text[]),
+                      CAST(:currencies AS text[]), CAST(:totals AS numeric[]))
+               AS o(id, customer_id, request_id, fingerprint, currency, total)
+        ON CONFLICT (customer_id, request_id) DO NOTHING
+        RETURNING id, create_time
+    ), stock AS (
+        UPDATE products p SET stock = p.stock - d.quantity, update_time = now()
+          FROM unnest(CAST(:product_ids AS uuid[]), CAST(:quantities AS bigint[]))
+               AS d(id, quantity)
+         WHERE p.id = d.id
+    ), lines AS (
+        INSERT INTO order_lines (order_id, line_no, product_id, sku, quantity, unit_price,
+                                 currency)
+        SELECT * FROM unnest(CAST(:line_order_ids AS uuid[]), CAST(:line_numbers AS int[]),
+                             CAST(:line_product_ids AS uuid[]), CAST(:line_skus AS text[]),
+                             CAST(:line_quantities AS int[]), CAST(:line_prices AS numeric[]),
+                             CAST(:line_currencies AS text[]))
+    )
+    SELECT id, create_time FROM new_orders
+    """
+)
 _GET_ORDER = text(f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = :id")
+_GET_ORDERS = text(f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = ANY(CAST(:ids AS uuid[]))")
 _LOCK_ORDER = text(f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = :id FOR UPDATE")
 _LINES_OF = text(
     f"SELECT {LINE_COLUMNS} FROM order_lines WHERE order_id = ANY(:order_ids)"
@@ -93,104 +119,177 @@ _FAR_FUTURE = datetime.fromisoformat("9999-12-31T00:00:00+00:00")
 _MAX_UUID = uuid.UUID(int=(1 << 128) - 1)
 
 
+class _RequestIdRace(Exception):
+    """Another transaction committed one of this batch's request ids first; run again."""
+
+
+def _is_connection_error(error: DBAPIError) -> bool:
+    return error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
+
+
 class Orders:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
 
     async def place_order(self, customer_id: str, request: OrderRequest) -> Order:
-        """Creates the order and decrements stock for every line, all or nothing.
+        """One order on its own; see place_orders."""
+        [outcome] = await self.place_orders([(customer_id, request)])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
-        Returns the existing order when this customer already sent this request_id with the
-        same lines; raises RequestIdReused for different lines, NotFound for an unknown
-        product, OutOfStock listing every short line.
+    async def place_orders(
+        self, batch: Sequence[tuple[str, OrderRequest]]
+    ) -> list[Order | DomainError]:
+        """Places several customers' orders in one transaction, each all or nothing.
+
+        Every order gets its own outcome: the order (the stored one when its customer sent
+        this request_id before with the same lines), or RequestIdReused, NotFound for an
+        unknown product, OutOfStock listing every short line, MIXED_CURRENCIES.
         """
-        async for attempt in retrying_transaction():
-            with attempt:
-                async with self._engine.begin() as conn:
-                    order_id = await self._claim_request_id(conn, customer_id, request)
-                    if order_id is None:
-                        return await self._replay(conn, customer_id, request)
-                    await self._reserve_lines(conn, order_id, request)
-                    return await self._load(conn, order_id)
+        try:
+            async for attempt in retrying_transaction(extra=_RequestIdRace):
+                with attempt:
+                    async with self._engine.begin() as conn:
+                        return await self._place_batch(conn, batch)
+        except DBAPIError as error:
+            if len(batch) == 1 or is_retryable_conflict(error) or _is_connection_error(error):
+                raise
+            # Something in one order broke the statement for all; isolate it.
+            outcomes: list[Order | DomainError] = []
+            for single in batch:
+                try:
+                    outcomes.append(await self.place_order(*single))
+                except DomainError as failure:
+                    outcomes.append(failure)
+            return outcomes
         raise AssertionError("unreachable: retrying_transaction re-raises")
 
-    async def _claim_request_id(
-        self, conn: AsyncConnection, customer_id: str, request: OrderRequest
-    ) -> uuid.UUID | None:
-        order_id = uuid.uuid4()
-        claimed = await conn.execute(
-            _CLAIM_ORDER,
-            {
-                "id": order_id,
-                "customer_id": customer_id,
-                "request_id": request.request_id,
-                "fingerprint": request.fingerprint(),
-            },
-        )
-        return order_id if claimed.first() is not None else None
-
-    async def _replay(
-        self, conn: AsyncConnection, customer_id: str, request: OrderRequest
-    ) -> Order:
-        previous = (
-            await conn.execute(
-                _FIND_BY_REQUEST_ID,
-                {"customer_id": customer_id, "request_id": request.request_id},
-            )
-        ).one()
-        if previous.request_fingerprint != request.fingerprint():
-            raise RequestIdReused(request.request_id)
-        return await self._load(conn, previous.id)
-
-    async def _reserve_lines(
-        self, conn: AsyncConnection, order_id: uuid.UUID, request: OrderRequest
-    ) -> None:
-        reserved: dict[str, OrderLine] = {}
-        missing: list[str] = []
-        shortages: list[StockShortage] = []
-        for line in request.lines_in_lock_order():
-            product_id = uuid.UUID(line.product_id)
-            params = {"product_id": product_id, "quantity": line.quantity}
-            row = (await conn.execute(_RESERVE_STOCK, params)).first()
-            if row is not None:
-                reserved[line.product_id] = OrderLine(
-                    line.product_id,
-                    row.sku,
-                    line.quantity,
-                    Money(row.price_currency, row.price_amount),
-                )
-                continue
-            # Keep going so the caller learns about every short line at once; raising
-            # below rolls back the decrements already made.
-            level = (await conn.execute(_STOCK_LEVEL, {"product_id": product_id})).first()
-            if level is None:
-                missing.append(line.product_id)
+    async def _place_batch(
+        self, conn: AsyncConnection, batch: Sequence[tuple[str, OrderRequest]]
+    ) -> list[Order | DomainError]:
+        outcomes: list[Order | DomainError | None] = [None] * len(batch)
+        # Copies of one request inside the batch share the first copy's outcome.
+        first_of: dict[tuple[str, str], int] = {}
+        copies: dict[int, int] = {}
+        for index, (customer_id, request) in enumerate(batch):
+            key = (customer_id, request.request_id)
+            if key in first_of:
+                original = batch[first_of[key]][1]
+                if original.fingerprint() == request.fingerprint():
+                    copies[index] = first_of[key]
+                else:
+                    outcomes[index] = RequestIdReused(request.request_id)
             else:
-                shortages.append(StockShortage(line.product_id, line.quantity, level.stock))
-        if missing:
-            raise NotFound("product", missing[0])
-        if shortages:
-            raise OutOfStock(shortages)
-        lines = [reserved[line.product_id] for line in request.lines]
-        total = order_total(lines)
-        await conn.execute(
-            _INSERT_LINE,
-            [
+                first_of[key] = index
+
+        product_ids = sorted({line.product_id for _, request in batch for line in request.lines})
+        locked = (
+            await conn.execute(_LOCK_PRODUCTS, {"ids": [uuid.UUID(p) for p in product_ids]})
+        ).all()
+        products = {
+            str(row.id): ProductStock(
+                row.sku, Money(row.price_currency, row.price_amount), row.stock
+            )
+            for row in locked
+        }
+
+        firsts = sorted(first_of.values())
+        seen = (
+            await conn.execute(
+                _FIND_BY_REQUEST_IDS,
                 {
-                    "order_id": order_id,
-                    "line_no": number,
-                    "product_id": uuid.UUID(line.product_id),
-                    "sku": line.sku,
-                    "quantity": line.quantity,
-                    "unit_price": line.unit_price.amount,
-                    "currency": line.unit_price.currency,
-                }
-                for number, line in enumerate(lines, start=1)
-            ],
-        )
-        await conn.execute(
-            _FINISH_ORDER, {"id": order_id, "currency": total.currency, "total": total.amount}
-        )
+                    "customers": [batch[i][0] for i in firsts],
+                    "request_ids": [batch[i][1].request_id for i in firsts],
+                },
+            )
+        ).all()
+        replays: dict[int, uuid.UUID] = {}
+        for row in seen:
+            index = first_of[(row.customer_id, row.request_id)]
+            if row.request_fingerprint == batch[index][1].fingerprint():
+                replays[index] = row.id
+            else:
+                outcomes[index] = RequestIdReused(row.request_id)
+
+        fresh = [i for i in firsts if i not in replays and outcomes[i] is None]
+        allocations, taken = allocate([batch[i][1] for i in fresh], products)
+        accepted: list[tuple[int, uuid.UUID, Allocation]] = []
+        for index, allocation in zip(fresh, allocations, strict=True):
+            if isinstance(allocation, Allocation):
+                accepted.append((index, uuid.uuid4(), allocation))
+            else:
+                outcomes[index] = allocation
+
+        if accepted:
+            created = await self._write(conn, batch, accepted, taken)
+            for index, order_id, allocation in accepted:
+                customer_id = batch[index][0]
+                moment = created[order_id]
+                outcomes[index] = Order(
+                    id=str(order_id),
+                    customer_id=customer_id,
+                    status=OrderStatus.PENDING_PAYMENT,
+                    lines=allocation.lines,
+                    total=allocation.total,
+                    create_time=moment,
+                    update_time=moment,
+                )
+        if replays:
+            stored = await self._load_many(conn, list(replays.values()))
+            for index, order_id in replays.items():
+                outcomes[index] = stored[order_id]
+        for index, first_index in copies.items():
+            outcomes[index] = outcomes[first_index]
+
+        results: list[Order | DomainError] = []
+        for outcome in outcomes:
+            assert outcome is not None
+            results.append(outcome)
+        return results
+
+    async def _write(
+        self,
+        conn: AsyncConnection,
+        batch: Sequence[tuple[str, OrderRequest]],
+        accepted: Sequence[tuple[int, uuid.UUID, Allocation]],
+        taken: dict[str, int],
+    ) -> dict[uuid.UUID, datetime]:
+        lines = [
+            (order_id, number, line)
+            for _, order_id, allocation in accepted
+            for number, line in enumerate(allocation.lines, start=1)
+        ]
+        params: dict[str, Any] = {
+            "order_ids": [order_id for _, order_id, _ in accepted],
+            "customers": [batch[index][0] for index, _, _ in accepted],
+            "request_ids": [batch[index][1].request_id for index, _, _ in accepted],
+            "fingerprints": [batch[index][1].fingerprint() for index, _, _ in accepted],
+            "currencies": [allocation.total.currency for _, _, allocation in accepted],
+            "totals": [allocation.total.amount for _, _, allocation in accepted],
+            "product_ids": [uuid.UUID(p) for p in sorted(taken)],
+            "quantities": [taken[p] for p in sorted(taken)],
+            "line_order_ids": [order_id for order_id, _, _ in lines],
+            "line_numbers": [number for _, number, _ in lines],
+            "line_product_ids": [uuid.UUID(line.product_id) for _, _, line in lines],
+            "line_skus": [line.sku for _, _, line in lines],
+            "line_quantities": [line.quantity for _, _, line in lines],
+            "line_prices": [line.unit_price.amount for _, _, line in lines],
+            "line_currencies": [line.unit_price.currency for _, _, line in lines],
+        }
+        created = {row.id: row.create_time for row in await conn.execute(_WRITE_ORDERS, params)}
+        if len(created) != len(accepted):
+            raise _RequestIdRace
+        return created
+
+    async def _load_many(
+        self, conn: AsyncConnection, order_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, Order]:
+        rows = (await conn.execute(_GET_ORDERS, {"ids": list(order_ids)})).all()
+        return {
+            row.id: order
+            for row, order in zip(rows, await self._with_lines(conn, rows), strict=True)
+        }
 
     async def get_order(self, principal: Principal, order_id: str) -> Order:
         async with self._engine.connect() as conn:
