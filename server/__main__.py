@@ -1,5 +1,5 @@
-"""`python -m server`: run one gRPC server process."""
+"""`python -m server`: the gRPC server, as SERVER_WORKERS processes (default: one per core)."""
 
-from server.app import main
+from server.supervisor import main
 
 main()

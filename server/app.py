@@ -51,10 +51,12 @@ ACCESS_POLICIES: dict[str, Access] = {
 _log = structlog.get_logger("marketplace.server")
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
+    """Runs one server process; `reuse_port` when it is one of several sharing the port."""
     configure_logging(settings.log_level, settings.log_format)
     metrics = Metrics.create()
-    if settings.metrics_port:
+    # With several workers the supervisor serves /metrics for all of them.
+    if settings.metrics_port and not reuse_port:
         start_http_server(settings.metrics_port, addr=settings.grpc_host, registry=metrics.registry)
     engine = create_engine(
         settings.database_url,
@@ -77,8 +79,9 @@ async def serve(settings: Settings) -> None:
             RequestContextInterceptor(verifier=verifier, policies=ACCESS_POLICIES, metrics=metrics)
         ],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-        # A second server on a taken port must fail, not silently share it.
-        options=[("grpc.so_reuseport", 0)],
+        # Alone, a second server on a taken port must fail, not silently share it; as a
+        # worker, sharing the port with its siblings is the point.
+        options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
     )
     catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogServicer(Catalog(engine)), server)
     orders = Orders(engine)
@@ -129,6 +132,5 @@ async def serve(settings: Settings) -> None:
     _log.info("stopped")
 
 
-def main() -> None:
-    settings = Settings()  # type: ignore[call-arg]  # fields come from the environment
-    asyncio.run(serve(settings))
+def main(settings: Settings, *, reuse_port: bool) -> None:
+    asyncio.run(serve(settings, reuse_port=reuse_port))

@@ -19,6 +19,8 @@ class Settings(BaseSettings):
     database_url: str = Field(validation_alias=_env("DATABASE_URL"))
     grpc_host: str = Field("127.0.0.1", validation_alias=_env("GRPC_HOST"))
     grpc_port: int = Field(50051, validation_alias=_env("GRPC_PORT"))
+    # Server processes sharing the port; 0 means one per core.
+    server_workers: int = Field(0, ge=0, validation_alias=_env("SERVER_WORKERS"))
     # 0 turns the Prometheus endpoint off.
     metrics_port: int = Field(9464, validation_alias=_env("METRICS_PORT"))
 

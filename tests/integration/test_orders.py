@@ -193,3 +193,31 @@ def test_the_schema_refuses_negative_stock(database_url: str) -> None:
     ):
         conn.execute("UPDATE products SET stock = stock - 2 WHERE id = %s", (product,))
     assert stock_of(database_url, product) == 1
+
+
+async def test_a_batch_fills_orders_in_arrival_order_each_all_or_nothing(
+    orders: Orders, database_url: str
+) -> None:
+    hot = insert_product(database_url, stock=3)
+    other = insert_product(database_url, stock=10)
+    buyers = [customer() for _ in range(5)]
+    batch = [
+        (buyers[0].subject, order_request("b0", [(hot, 2)])),
+        (buyers[1].subject, order_request("b1", [(hot, 2), (other, 1)])),  # short on hot
+        (buyers[2].subject, order_request("b2", [(other, 4), (hot, 1)])),
+        (buyers[2].subject, order_request("b2", [(other, 4), (hot, 1)])),  # copy in batch
+        (buyers[3].subject, order_request("b2", [(other, 1)])),  # same id, other customer
+        (buyers[4].subject, order_request("b4", [(hot, 1)])),  # nothing left
+    ]
+    outcomes = await orders.place_orders(batch)
+    kinds = [type(o).__name__ for o in outcomes]
+    assert kinds == ["Order", "OutOfStock", "Order", "Order", "Order", "OutOfStock"]
+    assert outcomes[2] == outcomes[3]
+    assert stock_of(database_url, hot) == 0
+    assert stock_of(database_url, other) == 5
+    replay = await orders.place_orders(batch[:1] + batch[2:3])
+    assert [getattr(o, "id", None) for o in replay] == [
+        getattr(outcomes[0], "id", None),
+        getattr(outcomes[2], "id", None),
+    ]
+    assert stock_of(database_url, hot) == 0

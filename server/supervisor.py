@@ -1,0 +1,110 @@
+"""SERVER_WORKERS=N: N server processes share the gRPC port through SO_REUSEPORT (the
+pattern of grpc's multiprocessing example), under one supervisor that starts them,
+restarts one that dies, and passes SIGTERM on so each drains its in-flight calls.
+
+Python runs one core per process, so this is how one machine's cores all serve. Every
+worker is a complete server (own pool, own health task): nothing is shared but the port and
+the database, which is also how replicas on several machines behave.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+
+import structlog
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from server.observability import configure_logging
+from server.settings import Settings
+
+WORKER_ENV = "MARKETPLACE_WORKER_INDEX"
+_RESTART_BACKOFF_SECONDS = 1.0
+_log = structlog.get_logger("marketplace.supervisor")
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    """Without SO_REUSEPORT, so a stale server holding the port is noticed, not joined."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, workers: int) -> None:
+        self._settings = settings
+        self._workers = workers
+        self._processes: dict[int, subprocess.Popen[bytes]] = {}
+        self._stopping = False
+        self._metrics_dir = Path(tempfile.mkdtemp(prefix="marketplace-metrics-"))
+
+    def _spawn(self, index: int) -> None:
+        env = {
+            **os.environ,
+            WORKER_ENV: str(index),
+            "PROMETHEUS_MULTIPROC_DIR": str(self._metrics_dir),
+        }
+        self._processes[index] = subprocess.Popen([sys.executable, "-m", "server"], env=env)
+        _log.info("worker started", worker=index, pid=self._processes[index].pid)
+
+    def _forward(self, signum: int, frame: FrameType | None) -> None:
+        self._stopping = True
+        for process in self._processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+
+    def run(self) -> int:
+        settings = self._settings
+        if not _port_is_free(settings.grpc_host, settings.grpc_port):
+            _log.error("port in use", address=f"{settings.grpc_host}:{settings.grpc_port}")
+            return 1
+        signal.signal(signal.SIGTERM, self._forward)
+        signal.signal(signal.SIGINT, self._forward)
+        if settings.metrics_port:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=str(self._metrics_dir))  # type: ignore[no-untyped-call]
+            start_http_server(settings.metrics_port, addr=settings.grpc_host, registry=registry)
+        for index in range(self._workers):
+            self._spawn(index)
+        failed = False
+        while self._processes:
+            time.sleep(0.2)
+            for index, process in list(self._processes.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                mark_process_dead(process.pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
+                del self._processes[index]
+                if self._stopping:
+                    # -SIGTERM: stopped while still starting up, before it could serve.
+                    failed = failed or code not in (0, -signal.SIGTERM)
+                    continue
+                _log.error("worker died; restarting", worker=index, exit_code=code)
+                time.sleep(_RESTART_BACKOFF_SECONDS)
+                if not self._stopping:
+                    self._spawn(index)
+        _log.info("all workers stopped")
+        return 1 if failed else 0
+
+
+def main() -> None:
+    settings = Settings()  # type: ignore[call-arg]  # fields come from the environment
+    workers = settings.server_workers or os.cpu_count() or 1
+    if os.environ.get(WORKER_ENV) is not None or workers == 1:
+        from server.app import main as serve_one
+
+        serve_one(settings, reuse_port=os.environ.get(WORKER_ENV) is not None)
+        return
+    configure_logging(settings.log_level, settings.log_format)
+    raise SystemExit(Supervisor(settings, workers).run())
