@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from server.domain.identity import Principal, Role
 _MAX_SUBJECT_LENGTH = 255
 # RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output.
 _MIN_SECRET_BYTES = 32
+# Verified tokens remembered per process (oldest evicted first).
+_CACHE_SIZE = 10_000
 _RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
 _EC_ALGORITHMS = ("ES256", "ES384", "ES512")
 _ASYMMETRIC_ALGORITHMS = _RSA_ALGORITHMS + _EC_ALGORITHMS
@@ -44,6 +47,7 @@ class TokenVerifier:
         self._audience = audience
         self._leeway = leeway_seconds
         self._jwks: jwt.PyJWKSet | None = None
+        self._cache: dict[str, tuple[Principal, float]] = {}
         self._key: Any
         self._algorithms: Sequence[str]
         # Keys are loaded here so a bad configuration stops the server at startup instead
@@ -75,6 +79,22 @@ class TokenVerifier:
             raise ValueError("no verification key configured")
 
     def verify(self, authorization: str) -> Principal:
+        """Verifies once per distinct token, then answers from a cache until it expires:
+        the same customer's token arrives with every call of a session, and a signature
+        check costs more than the rest of a cheap RPC."""
+        cached = self._cache.get(authorization)
+        if cached is not None:
+            principal, expires_at = cached
+            if time.time() < expires_at + self._leeway:
+                return principal
+            del self._cache[authorization]
+        principal, expires_at = self._verify(authorization)
+        if len(self._cache) >= _CACHE_SIZE:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[authorization] = (principal, expires_at)
+        return principal
+
+    def _verify(self, authorization: str) -> tuple[Principal, float]:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("authorization must be 'Bearer <token>'", reason="MISSING_TOKEN")
@@ -92,7 +112,10 @@ class TokenVerifier:
             raise Unauthenticated("the token has expired", reason="TOKEN_EXPIRED") from None
         except jwt.PyJWTError as error:
             raise Unauthenticated(f"the token is not valid: {error}") from None
-        return _principal(claims)
+        expires_at = claims["exp"]
+        if not isinstance(expires_at, int | float):
+            raise Unauthenticated("the token's exp must be a number")
+        return _principal(claims), float(expires_at)
 
     def _key_for(self, token: str) -> Any:
         if self._jwks is None:
@@ -129,8 +152,6 @@ def issue_development_token(
     secret: str, subject: str, roles: Sequence[str], *, lifetime_seconds: int
 ) -> str:
     """A token for `make token` and the tests; production tokens come from an identity provider."""
-    import time
-
     now = int(time.time())
     payload = {"sub": subject, "roles": list(roles), "iat": now, "exp": now + lifetime_seconds}
     return jwt.encode(payload, secret, algorithm="HS256")

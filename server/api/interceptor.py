@@ -48,6 +48,8 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         self._verifier = verifier
         self._policies = policies
         self._metrics = metrics
+        # Wrapping is per method, not per call: grpc hands us the same handler each time.
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -56,24 +58,26 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         ],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method: str = handler_call_details.method
+        if (wrapped := self._wrapped.get(method)) is not None:
+            return wrapped
         handler = await continuation(handler_call_details)
         # Streaming RPCs are only health Watch and reflection, both public by design.
         if handler is None or handler.unary_unary is None:
             return handler
-        method: str = handler_call_details.method
-        metadata = dict(handler_call_details.invocation_metadata or ())
         behavior = self._wrap(
             cast(UnaryBehavior, handler.unary_unary),
             method=method,
             access=self._policies.get(method, Access.AUTHENTICATED),
-            metadata=metadata,
             deserialize=handler.request_deserializer,
         )
         # The request is parsed inside `behavior`, so bytes that are not a valid message
         # become INVALID_ARGUMENT instead of grpc's UNKNOWN.
-        return grpc.unary_unary_rpc_method_handler(
+        wrapped = grpc.unary_unary_rpc_method_handler(
             behavior, request_deserializer=None, response_serializer=handler.response_serializer
         )
+        self._wrapped[method] = wrapped
+        return wrapped
 
     def _wrap(
         self,
@@ -81,10 +85,10 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         *,
         method: str,
         access: Access,
-        metadata: Mapping[str, str | bytes],
         deserialize: Callable[[bytes], Any] | None,
     ) -> UnaryBehavior:
         async def behavior(payload: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            metadata = dict(context.invocation_metadata() or ())
             supplied = metadata.get("x-request-id")
             request_id = (
                 supplied

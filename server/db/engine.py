@@ -34,9 +34,10 @@ def create_engine(
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_timeout=pool_timeout_seconds,
-        # A connection that died with a database restart is replaced before use, which is
-        # what lets the server recover on its own when PostgreSQL comes back.
-        pool_pre_ping=True,
+        # No pre-ping: it would cost a round trip per checkout. A connection that died with
+        # a database restart fails once (UNAVAILABLE, retryable); SQLAlchemy then recognises
+        # the disconnect and discards every pooled connection, so the pool heals itself.
+        pool_pre_ping=False,
         connect_args={
             "connect_timeout": connect_timeout_seconds,
             "options": f"-c statement_timeout={statement_timeout_ms}",

@@ -1,0 +1,283 @@
+"""The system under test: PostgreSQL with a throwaway seeded database, the server process(es),
+Envoy, and the CPU accounting of every process tree involved."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from sqlalchemy.engine import make_url
+
+from server.db.engine import upgrade_schema
+from server.devstack import (
+    EmbeddedPostgres,
+    render_envoy_config,
+    start_envoy,
+    start_server,
+    stop_process,
+    wait_for_envoy,
+    wait_for_grpc,
+)
+from tests.bench.config import (
+    CURRENCY,
+    HOT_PRODUCT_N,
+    INITIAL_STOCK,
+    PRODUCT_COUNT,
+    product_id,
+    product_price,
+    product_sku,
+)
+
+# pgbench opens up to 256 connections while each server process keeps its pool open.
+EMBEDDED_MAX_CONNECTIONS = 500
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+# --- CPU accounting -------------------------------------------------------------------------
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and all its descendants, including descendants that
+    have exited and been reaped (their time is in their parent's children_* counters)."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            times = process.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def tree_rss_mb(pid: int) -> list[float]:
+    """Resident memory of each process in the tree, in MiB."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    sizes = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            sizes.append(process.memory_info().rss / 2**20)
+    return sizes
+
+
+def wait_with_rusage(process: subprocess.Popen[bytes], timeout: float) -> float:
+    """Waits for a child and returns the CPU seconds it (and its reaped children) used."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid == process.pid:
+            process.returncode = os.waitstatus_to_exitcode(status)
+            return usage.ru_utime + usage.ru_stime
+        if time.monotonic() > deadline:
+            process.kill()
+            _, status, usage = os.wait4(process.pid, 0)
+            process.returncode = os.waitstatus_to_exitcode(status)
+            raise TimeoutError(f"{process.args!r} did not finish in {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+# --- PostgreSQL -----------------------------------------------------------------------------
+
+
+@dataclass
+class Database:
+    """The throwaway benchmark database and how to reach it."""
+
+    url: str
+    postmaster_pid: int | None  # None when PostgreSQL is not on this machine
+    max_connections: int
+
+    def pgbench_connection(self) -> tuple[list[str], dict[str, str]]:
+        """pgbench's -h/-p/-U/-d arguments and environment for this database."""
+        params = conninfo_to_dict(make_url(self.url).render_as_string(hide_password=False))
+        args: list[str] = []
+        env: dict[str, str] = {}
+        if host := params.get("host"):
+            args += ["-h", str(host)]
+        if port := params.get("port"):
+            args += ["-p", str(port)]
+        args += ["-U", str(params.get("user") or "postgres"), "-d", str(params["dbname"])]
+        if password := params.get("password"):
+            env["PGPASSWORD"] = str(password)
+        return args, env
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.url, autocommit=True)
+
+
+def _local_postmaster(url: str) -> int | None:
+    """The postmaster's pid when PostgreSQL runs on this machine: the parent of our backend,
+    confirmed by its working directory being the data directory."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT pg_backend_pid(), current_setting('data_directory')").fetchone()
+    assert row is not None
+    backend_pid, data_directory = row
+    with contextlib.suppress(psutil.Error):
+        postmaster = psutil.Process(backend_pid).parent()
+        if postmaster is not None and Path(postmaster.cwd()).resolve() == Path(data_directory):
+            return postmaster.pid
+    return None
+
+
+def _seed(url: str) -> None:
+    with psycopg.connect(url) as conn:
+        with conn.cursor().copy(
+            "COPY products (id, sku, name, description, price_currency, price_amount, stock)"
+            " FROM STDIN"
+        ) as copy:
+            for n in range(1, HOT_PRODUCT_N + 1):
+                name = "Flash-sale product" if n == HOT_PRODUCT_N else f"Bench product {n}"
+                copy.write_row(
+                    (product_id(n), product_sku(n), name, "", CURRENCY, product_price(n),
+                     INITIAL_STOCK)
+                )  # fmt: skip
+        conn.execute("ANALYZE")
+
+
+@contextlib.contextmanager
+def bench_database(scratch: Path, server_url: str | None) -> Iterator[Database]:
+    """A new database with migrations and the seeded catalog, dropped afterwards; on an
+    embedded PostgreSQL (deleted afterwards) unless `server_url` is given."""
+    with contextlib.ExitStack() as stack:
+        if server_url is None:
+            postgres = EmbeddedPostgres(scratch / "pgdata", delete_on_exit=True)
+            stack.callback(postgres.close)
+            with psycopg.connect(postgres.url, autocommit=True) as conn:
+                conn.execute(f"ALTER SYSTEM SET max_connections = {EMBEDDED_MAX_CONNECTIONS}")
+            postgres.stop()
+            postgres.start()
+            server_url = postgres.url
+        name = f"marketplace_bench_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+            max_connections = int(conn.execute("SHOW max_connections").fetchone()[0])  # type: ignore[index]
+
+        def drop() -> None:
+            with psycopg.connect(server_url, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+        stack.callback(drop)
+        url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+        with contextlib.redirect_stdout(io.StringIO()):
+            upgrade_schema(url)
+        _seed(url)
+        yield Database(url, _local_postmaster(url), max_connections)
+
+
+# --- the server and Envoy -------------------------------------------------------------------
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[bytes]
+    grpc_port: int
+    workers: int
+    log_path: Path
+    _log: IO[bytes] = field(repr=False)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def stop(self) -> None:
+        """SIGTERM to the server (its supervisor stops its workers); whatever of the tree
+        outlives it is killed."""
+        try:
+            descendants = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            descendants = []
+        try:
+            stop_process(self.process, timeout=20)
+        finally:
+            for child in descendants:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.send_signal(signal.SIGKILL)
+            self._log.close()
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def start_bench_server(
+    database: Database,
+    *,
+    secret: str,
+    workers: int,
+    pool_size: int,
+    max_overflow: int,
+    log_path: Path,
+) -> ServerProcess:
+    env: Mapping[str, str] = {
+        "DATABASE_URL": database.url,
+        "MARKETPLACE_JWT_SECRET": secret,
+        "GRPC_PORT": str(port := free_port()),
+        "METRICS_PORT": "0",
+        "LOG_LEVEL": "WARNING",
+        "SERVER_WORKERS": str(workers),
+        "DB_POOL_SIZE": str(pool_size),
+        "DB_MAX_OVERFLOW": str(max_overflow),
+    }
+    log = log_path.open("ab")
+    server = ServerProcess(start_server(env, log=log), port, workers, log_path, log)
+    try:
+        wait_for_grpc(port, server.process, timeout=60)
+    except BaseException:
+        server.stop()
+        raise
+    if workers > 1:
+        time.sleep(1.0)  # health answers as soon as one worker listens; let the rest start
+    return server
+
+
+@dataclass
+class EnvoyProcess:
+    process: subprocess.Popen[bytes]
+    http_port: int
+    _log: IO[bytes] = field(repr=False)
+
+    def stop(self) -> None:
+        try:
+            stop_process(self.process)
+        finally:
+            self._log.close()
+
+
+def start_bench_envoy(grpc_port: int, scratch: Path) -> EnvoyProcess:
+    http_port, admin_port = free_port(), free_port()
+    config = scratch / "envoy.yaml"
+    config.write_text(
+        render_envoy_config(http_port=http_port, grpc_port=grpc_port, admin_port=admin_port)
+    )
+    log = (scratch / "envoy.log").open("ab")
+    envoy = EnvoyProcess(start_envoy(config, log=log), http_port, log)
+    try:
+        wait_for_envoy(admin_port, envoy.process)
+    except BaseException:
+        envoy.stop()
+        raise
+    return envoy
