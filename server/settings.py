@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     order_batch_max: int = Field(128, ge=1, validation_alias=_env("ORDER_BATCH_MAX"))
     order_batch_runners: int = Field(4, ge=1, validation_alias=_env("ORDER_BATCH_RUNNERS"))
 
+    event_loop: Literal["uvloop", "asyncio"] = Field("uvloop", validation_alias=_env("EVENT_LOOP"))
+
     shutdown_grace_seconds: float = Field(10.0, ge=0, validation_alias=_env("SHUTDOWN_GRACE"))
     max_concurrent_rpcs: int = Field(1000, ge=1, validation_alias=_env("MAX_CONCURRENT_RPCS"))
     log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 PRODUCT_COUNT = 10_000
 # The flash-sale product: one more id after the 10,000 spread products.
 HOT_PRODUCT_N = PRODUCT_COUNT + 1
+REPO_ROOT = Path(__file__).resolve().parents[2]
 INITIAL_STOCK = 1_000_000_000
 CURRENCY = "USD"
 JWT_SECRET_BYTES = 48
@@ -65,12 +67,8 @@ class BenchConfig:
     database_url: str | None = field(
         default_factory=lambda: os.environ.get("BENCH_DATABASE_URL") or None
     )
-    generator_processes: int = field(
-        default_factory=lambda: _int("BENCH_GENERATOR_PROCESSES", 2)
-    )
-    channels_per_process: int = field(
-        default_factory=lambda: _int("BENCH_CHANNELS_PER_PROCESS", 4)
-    )
+    generator_processes: int = field(default_factory=lambda: _int("BENCH_GENERATOR_PROCESSES", 2))
+    channels_per_process: int = field(default_factory=lambda: _int("BENCH_CHANNELS_PER_PROCESS", 4))
     concurrency: int = field(default_factory=lambda: _int("BENCH_CLIENTS", 64))
     flash_sale_concurrency: tuple[int, ...] = (64, 256)
     server_workers: int = field(default_factory=lambda: _int("BENCH_SERVER_WORKERS", 1))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import make_url
@@ -35,7 +35,6 @@ from tests.bench.config import (
     CURRENCY,
     HOT_PRODUCT_N,
     INITIAL_STOCK,
-    PRODUCT_COUNT,
     product_id,
     product_price,
     product_sku,
@@ -140,7 +139,7 @@ def _local_postmaster(url: str) -> int | None:
     with contextlib.suppress(psutil.Error):
         postmaster = psutil.Process(backend_pid).parent()
         if postmaster is not None and Path(postmaster.cwd()).resolve() == Path(data_directory):
-            return postmaster.pid
+            return int(postmaster.pid)
     return None
 
 

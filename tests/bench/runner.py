@@ -1,0 +1,404 @@
+"""Runs every scenario against one stack and reports. Entry point: `python -m tests.bench`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.api.auth import issue_development_token
+from tests.bench.checks import CheckResult, check, mark
+from tests.bench.config import (
+    CUSTOMER_SUBJECTS,
+    JWT_SECRET_BYTES,
+    REPO_ROOT,
+    BenchConfig,
+)
+from tests.bench.grpc_load import LoadResult, run_grpc_load
+from tests.bench.pgbench import run_pgbench
+from tests.bench.report import Row, format_table, link_baselines, notes, percentile, write_json
+from tests.bench.stack import (
+    Database,
+    EnvoyProcess,
+    ServerProcess,
+    bench_database,
+    start_bench_envoy,
+    start_bench_server,
+    tree_cpu_seconds,
+    tree_rss_mb,
+)
+from tests.bench.wrk import ensure_wrk, run_wrk
+
+BASELINES = {
+    "catalog-read": "noop",
+    "order-spread": "pgbench:order-spread",
+    "flash-sale@64": "pgbench:flash-sale@64",
+    "flash-sale@256": "pgbench:flash-sale@256",
+    "rest": "order-spread",
+}
+TOKEN_LIFETIME_SECONDS = 4 * 3600
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """Cumulative CPU seconds of each party at one instant."""
+
+    time: float
+    generator: float
+    server: float | None
+    envoy: float | None
+    postgres: float | None
+    server_rss_mb: tuple[float, ...]
+
+
+def _delta(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else after - before
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Bench:
+    def __init__(self, config: BenchConfig, scratch: Path) -> None:
+        self.config = config
+        self.scratch = scratch
+        self.secret = secrets.token_urlsafe(JWT_SECRET_BYTES)
+        self.tokens = tuple(
+            issue_development_token(
+                self.secret,
+                f"bench-customer-{number:03d}",
+                ["customer"],
+                lifetime_seconds=TOKEN_LIFETIME_SECONDS,
+            )
+            for number in range(CUSTOMER_SUBJECTS)
+        )
+        self.rows: list[Row] = []
+        self.database: Database | None = None
+        self.server: ServerProcess | None = None
+        self.envoy: EnvoyProcess | None = None
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    @property
+    def db(self) -> Database:
+        assert self.database is not None
+        return self.database
+
+    def sample(self, generator_pids: list[int]) -> CpuSample:
+        server, envoy = self.server, self.envoy
+        return CpuSample(
+            time=time.monotonic(),
+            generator=sum(tree_cpu_seconds(pid) for pid in generator_pids),
+            server=tree_cpu_seconds(server.process.pid) if server else None,
+            envoy=tree_cpu_seconds(envoy.process.pid) if envoy else None,
+            postgres=(tree_cpu_seconds(self.db.postmaster_pid) if self.db.postmaster_pid else None),
+            server_rss_mb=tuple(tree_rss_mb(server.process.pid)) if server else (),
+        )
+
+    def start_server(self, workers: int) -> None:
+        progress(f"starting the server (SERVER_WORKERS={workers}) ...")
+        self.server = start_bench_server(
+            self.db,
+            secret=self.secret,
+            workers=workers,
+            pool_size=self.config.db_pool_size,
+            max_overflow=self.config.db_max_overflow,
+            log_path=self.scratch / f"server-{workers}.log",
+        )
+
+    def stop_server(self) -> None:
+        if self.envoy is not None:
+            self.envoy.stop()
+            self.envoy = None
+        if self.server is not None:
+            server, self.server = self.server, None
+            server.stop()
+            if server.process.returncode not in (0, -signal.SIGTERM):
+                progress(
+                    f"the server exited with {server.process.returncode}; its log ends with:\n"
+                    + server.log_tail()
+                )
+
+    def checkpoint(self) -> None:
+        """Starts every write scenario from clean buffers, so no scenario inherits a
+        checkpoint triggered by the one before."""
+        with contextlib.suppress(Exception), self.db.connect() as conn:
+            conn.execute("CHECKPOINT")
+
+    def add_row(
+        self,
+        *,
+        scenario: str,
+        tool: str,
+        concurrency: int,
+        load: LoadResult,
+        first: CpuSample,
+        last: CpuSample,
+        result: CheckResult,
+        server_workers: int | None,
+        seconds: float,
+        generator_cpu: float | None = None,
+        latency: tuple[float | None, float | None, float | None] | None = None,
+        ok: int | None = None,
+        errors: dict[str, int] | None = None,
+        extra: dict[str, object] | None = None,
+    ) -> Row:
+        if latency is None:
+            ordered = sorted(load.latencies_ms)
+            latency = (
+                percentile(ordered, 50),
+                percentile(ordered, 99),
+                float(ordered[-1]) if ordered else None,
+            )
+        ok = load.ok_window if ok is None else ok
+        errors = dict(load.errors_window) if errors is None else errors
+        row = Row(
+            scenario=scenario,
+            tool=tool,
+            server_workers=server_workers,
+            concurrency=concurrency,
+            seconds=round(seconds, 3),
+            ok=ok,
+            throughput=ok / seconds if seconds else 0.0,
+            p50_ms=latency[0],
+            p99_ms=latency[1],
+            max_ms=latency[2],
+            errors=sum(errors.values()),
+            error_kinds=errors,
+            check=result.label,
+            check_detail=result.detail,
+            cpu_generator_s=(
+                generator_cpu if generator_cpu is not None else last.generator - first.generator
+            ),
+            cpu_server_s=_delta(last.server, first.server) if server_workers else None,
+            cpu_envoy_s=_delta(last.envoy, first.envoy) if tool == "wrk" else None,
+            cpu_postgres_s=_delta(last.postgres, first.postgres),
+            server_rss_mb=[round(size, 1) for size in last.server_rss_mb] if server_workers else [],
+            extra=dict(extra or {}),
+        )
+        self.rows.append(row)
+        p99 = "-" if row.p99_ms is None else f"{row.p99_ms:.1f}"
+        progress(
+            f"  {scenario}: {row.throughput:.0f}/s, p99 {p99} ms, {row.errors} errors,"
+            f" check {row.check} ({row.check_detail})"
+        )
+        return row
+
+    # --- scenarios --------------------------------------------------------------------------
+
+    def grpc_scenario(self, scenario: str, kind: str, concurrency: int) -> None:
+        config, server = self.config, self.server
+        assert server is not None
+        progress(
+            f"{scenario}: {concurrency} gRPC clients over {config.generator_processes}"
+            f" processes, {config.warmup:g} s warm-up + {config.seconds:g} s ..."
+        )
+        orders = kind in ("order-spread", "flash-sale")
+        if orders:
+            self.checkpoint()
+        before = mark(self.db)
+        load, first, last = run_grpc_load(
+            kind=kind,
+            target=server.target,
+            concurrency=concurrency,
+            tokens=self.tokens,
+            processes=config.generator_processes,
+            channels_per_process=config.channels_per_process,
+            warmup=config.warmup,
+            seconds=config.seconds,
+            sample=self.sample,
+        )
+        result = check(self.db, before, client_successes=load.ok_total if orders else 0)
+        self.add_row(
+            scenario=scenario,
+            tool="grpc.aio",
+            concurrency=concurrency,
+            load=load,
+            first=first,
+            last=last,
+            result=result,
+            server_workers=server.workers,
+            seconds=last.time - first.time,
+            extra={"ok_total": load.ok_total, "errors_total": dict(load.errors_total)},
+        )
+
+    def pgbench_scenario(self, scenario: str, kind: str, clients: int) -> None:
+        config = self.config
+        # The server's pool stays connected meanwhile; keep room for it.
+        room = (
+            self.db.max_connections
+            - 10
+            - config.compare_workers * (config.db_pool_size + config.db_max_overflow)
+        )
+        if clients > room:
+            progress(f"{scenario}: skipped, max_connections={self.db.max_connections} too low")
+            return
+        progress(
+            f"{scenario}: pgbench -M prepared, {clients} clients,"
+            f" {config.warmup:g} s warm-up + {config.seconds:g} s ..."
+        )
+        self.checkpoint()
+        before = mark(self.db)
+        saved_server, self.server = self.server, None  # idle: not part of this measurement
+        try:
+            run, first, last = run_pgbench(
+                self.db,
+                kind=kind,
+                clients=clients,
+                threads=config.pgbench_threads,
+                warmup=config.warmup,
+                seconds=config.seconds,
+                scratch=self.scratch,
+                sample=self.sample,
+            )
+        finally:
+            self.server = saved_server
+        result = check(self.db, before, client_successes=run.load.ok_total)
+        self.add_row(
+            scenario=scenario,
+            tool="pgbench",
+            concurrency=clients,
+            load=run.load,
+            first=first,
+            last=last,
+            result=result,
+            server_workers=None,
+            seconds=last.time - first.time,
+            extra={
+                "ok_total": run.load.ok_total,
+                "errors_total": dict(run.load.errors_total),
+                "pgbench_reported_tps": run.reported_tps,
+                "pgbench_cpu_whole_run_s": round(run.cpu_seconds, 3),
+            },
+        )
+
+    def rest_scenario(self, scenario: str, concurrency: int) -> None:
+        config, server = self.config, self.server
+        assert server is not None
+        wrk = ensure_wrk()
+        if wrk is None:
+            progress(f"{scenario}: skipped, wrk is not installed and cannot be installed here")
+            return
+        if self.envoy is None:
+            self.envoy = start_bench_envoy(server.grpc_port, self.scratch)
+        progress(
+            f"{scenario}: wrk, {concurrency} connections through Envoy,"
+            f" {config.warmup:g} s warm-up + {config.seconds:g} s ..."
+        )
+        self.checkpoint()
+        before = mark(self.db)
+        run, first, last = run_wrk(
+            wrk,
+            base_url=f"http://127.0.0.1:{self.envoy.http_port}",
+            tokens=self.tokens[:concurrency],
+            connections=concurrency,
+            threads=config.wrk_threads,
+            warmup=config.warmup,
+            seconds=config.seconds,
+            scratch=self.scratch,
+            sample=self.sample,
+        )
+        result = check(
+            self.db,
+            before,
+            client_successes=run.ok_total,
+            client_unknown=run.unanswered_total,
+        )
+        measured = run.measured
+        self.add_row(
+            scenario=scenario,
+            tool="wrk",
+            concurrency=concurrency,
+            load=LoadResult(),
+            first=first,
+            last=last,
+            result=result,
+            server_workers=server.workers,
+            seconds=measured.duration_seconds,
+            generator_cpu=measured.cpu_seconds,
+            latency=(measured.p50_ms, measured.p99_ms, measured.max_ms),
+            ok=measured.ok,
+            errors=run.errors_window,
+            extra={
+                "ok_total": run.ok_total,
+                "unanswered_at_stop": run.unanswered_total,
+                "cpu_window_s": round(last.time - first.time, 3),
+            },
+        )
+
+    def run(self) -> None:
+        config = self.config
+        wants = config.wants
+        concurrency = config.concurrency
+        low, high = config.flash_sale_concurrency
+        self.start_server(config.server_workers)
+        if wants("noop"):
+            self.grpc_scenario("noop", "noop", concurrency)
+        if wants("catalog-read"):
+            self.grpc_scenario("catalog-read", "catalog-read", concurrency)
+        if wants("pgbench:order-spread"):
+            self.pgbench_scenario("pgbench:order-spread", "order-spread", concurrency)
+        if wants("order-spread"):
+            self.grpc_scenario("order-spread", "order-spread", concurrency)
+        for clients in (low, high):
+            if wants(f"pgbench:flash-sale@{clients}"):
+                self.pgbench_scenario(f"pgbench:flash-sale@{clients}", "flash-sale", clients)
+            if wants(f"flash-sale@{clients}"):
+                self.grpc_scenario(f"flash-sale@{clients}", "flash-sale", clients)
+        if wants("rest"):
+            self.rest_scenario("rest", concurrency)
+        if wants("order-spread:workers"):
+            self.stop_server()
+            self.start_server(config.compare_workers)
+            name = f"order-spread:workers={config.compare_workers}"
+            BASELINES[name] = "order-spread"
+            self.grpc_scenario(name, "order-spread", concurrency)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
+    config = BenchConfig()
+    cores = os.cpu_count() or 1
+    output = Path(config.output)
+    if not output.is_absolute():
+        output = REPO_ROOT / output
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="marketplace-bench-") as scratch_name:
+        bench = Bench(config, Path(scratch_name))
+        progress(f"Marketplace bench: {cores} cores, scratch {scratch_name}")
+        try:
+            with bench_database(bench.scratch, config.database_url) as database:
+                bench.database = database
+                progress("database ready: 10,000 products + 1 flash-sale product seeded")
+                try:
+                    bench.run()
+                finally:
+                    bench.stop_server()
+        except KeyboardInterrupt:
+            progress("\ninterrupted; everything was stopped")
+            return 130
+    rows = bench.rows
+    link_baselines(rows, BASELINES)
+    print()
+    print(
+        f"Marketplace bench, {time.strftime('%Y-%m-%d %H:%M')}, {cores} cores,"
+        f" {config.warmup:g} s warm-up + {config.seconds:g} s measured per scenario"
+        f" ({time.monotonic() - started:.0f} s in all)"
+    )
+    print(format_table(rows))
+    for note in notes(rows, cores):
+        print(f"  * {note}")
+    write_json(output, rows, config)
+    print(f"written to {output}")
+    return 0 if all(row.check == "ok" for row in rows) else 1
