@@ -102,12 +102,15 @@ def check(
             else f"{client_successes}..{client_successes + client_unknown}"
         )
         problems.append(f"{created} orders in the database, the client counted {expected}")
-    detail = (
-        "; ".join(problems)
-        if problems
-        else f"{created} orders = client count"
-        + (f" (+{created - client_successes} of {client_unknown} unanswered at stop)"
-           if client_unknown else "")
-        + f"; {touched} products sold from, none oversold"
-    )  # fmt: skip
+    if problems:
+        detail = "; ".join(problems)
+    elif client_unknown:
+        detail = (
+            f"{created} orders = {client_successes} answered OK"
+            f" + {created - client_successes} of {client_unknown} left unanswered at stop"
+        )
+    else:
+        detail = f"{created} orders = the client's {client_successes} successes"
+    if not problems:
+        detail += f"; {touched} products sold from, none oversold, stock + sold = initial"
     return CheckResult(not problems, created, detail)

@@ -1,7 +1,24 @@
-"""Settings of one benchmark run (environment variables) and the seeded catalog's shape."""
+"""Settings of one benchmark run and the seeded catalog's shape.
+
+Environment variables (all optional):
+  BENCH_SECONDS / BENCH_WARMUP     measured / warm-up seconds per scenario (10 / 3)
+  BENCH_DATABASE_URL               a PostgreSQL server to create the throwaway database on
+                                   (default: an embedded one from pgserver)
+  BENCH_SERVER_WORKERS             SERVER_WORKERS of the main scenarios (default: cores)
+  BENCH_COMPARE_WORKERS            SERVER_WORKERS of the extra order-spread run (1)
+  BENCH_CLIENTS                    clients of noop, catalog-read, order-spread, rest (64)
+  BENCH_GENERATOR_PROCESSES        gRPC generator processes (2)
+  BENCH_CHANNELS_PER_PROCESS       gRPC connections per generator process (8)
+  BENCH_EVENT_LOOP                 the generator's loop: uvloop (default) or asyncio
+  BENCH_DB_POOL_SIZE / BENCH_DB_MAX_OVERFLOW   the server's pool per process (20 / 20)
+  BENCH_PGBENCH_THREADS / BENCH_WRK_THREADS    their -j / -t (2 / 2)
+  BENCH_OUTPUT                     the JSON report (bench-results.json in the repository)
+  BENCH_ONLY                       comma-separated scenario names, for development
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
@@ -15,6 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 INITIAL_STOCK = 1_000_000_000
 CURRENCY = "USD"
 JWT_SECRET_BYTES = 48
+CORES = os.cpu_count() or 1
 CUSTOMER_SUBJECTS = 256  # one token per client at the highest concurrency
 
 SCENARIO_NAMES = (
@@ -58,6 +76,10 @@ def _float(name: str, default: float, minimum: float) -> float:
     return value
 
 
+def _default_event_loop() -> str:
+    return "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """Read from the environment; every field lands in bench-results.json."""
@@ -68,11 +90,21 @@ class BenchConfig:
         default_factory=lambda: os.environ.get("BENCH_DATABASE_URL") or None
     )
     generator_processes: int = field(default_factory=lambda: _int("BENCH_GENERATOR_PROCESSES", 2))
-    channels_per_process: int = field(default_factory=lambda: _int("BENCH_CHANNELS_PER_PROCESS", 4))
+    # Server workers share the port through SO_REUSEPORT, which assigns whole connections:
+    # 16 connections split fairly evenly, and more cost both sides CPU per call.
+    channels_per_process: int = field(default_factory=lambda: _int("BENCH_CHANNELS_PER_PROCESS", 8))
+    # uvloop costs the generator about a quarter less CPU per call than asyncio's loop.
+    generator_event_loop: str = field(
+        default_factory=lambda: os.environ.get("BENCH_EVENT_LOOP", _default_event_loop())
+    )
     concurrency: int = field(default_factory=lambda: _int("BENCH_CLIENTS", 64))
     flash_sale_concurrency: tuple[int, ...] = (64, 256)
-    server_workers: int = field(default_factory=lambda: _int("BENCH_SERVER_WORKERS", 1))
-    compare_workers: int = field(default_factory=lambda: _int("BENCH_COMPARE_WORKERS", 2))
+    # The main scenarios run the server's default (one process per core); order-spread runs
+    # once more with BENCH_COMPARE_WORKERS processes.
+    server_workers: int = field(default_factory=lambda: _int("BENCH_SERVER_WORKERS", CORES))
+    compare_workers: int = field(
+        default_factory=lambda: _int("BENCH_COMPARE_WORKERS", 1 if CORES > 1 else 2)
+    )
     db_pool_size: int = field(default_factory=lambda: _int("BENCH_DB_POOL_SIZE", 20))
     db_max_overflow: int = field(
         default_factory=lambda: _int("BENCH_DB_MAX_OVERFLOW", 20, minimum=0)
@@ -90,6 +122,8 @@ class BenchConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.generator_event_loop not in ("uvloop", "asyncio"):
+            raise SystemExit("BENCH_EVENT_LOOP must be uvloop or asyncio")
         unknown = set(self.only) - set(SCENARIO_NAMES)
         if unknown:
             raise SystemExit(f"BENCH_ONLY: unknown scenarios {sorted(unknown)}")

@@ -41,6 +41,7 @@ class WorkerSpec:
     first_client: int  # global index of this process's first client: picks its token
     tokens: tuple[str, ...]
     channels: int
+    event_loop: str  # uvloop or asyncio
     seed: int
 
 
@@ -109,9 +110,10 @@ async def _client(
     start, end = window
     clock = time.monotonic
     latencies = result.latencies_ms
-    while (sent := clock()) < end:
+    while clock() < end:
         request = make_request()
         code: str | None = None
+        sent = clock()
         try:
             await call(request, metadata=metadata, timeout=CALL_TIMEOUT_SECONDS)
         except grpc.aio.AioRpcError as error:
@@ -168,7 +170,12 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     """Entry point of a spawned generator process; the parent stops it on Ctrl-C."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        result = asyncio.run(_generate(spec, conn))
+        if spec.event_loop == "uvloop":
+            import uvloop
+
+            result = uvloop.run(_generate(spec, conn))
+        else:
+            result = asyncio.run(_generate(spec, conn))
         conn.send(("done", result))
     except BaseException:
         with contextlib.suppress(OSError):
@@ -188,6 +195,7 @@ def run_grpc_load(
     tokens: tuple[str, ...],
     processes: int,
     channels_per_process: int,
+    event_loop: str,
     warmup: float,
     seconds: float,
     sample: Callable[[list[int]], T],
@@ -210,6 +218,7 @@ def run_grpc_load(
                 first_client=first,
                 tokens=tokens,
                 channels=channels_per_process,
+                event_loop=event_loop,
                 seed=random.randrange(2**32),
             )
             parent_end, child_end = context.Pipe()

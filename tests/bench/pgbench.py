@@ -3,6 +3,7 @@ order (a batch of one), against the same database, with the same number of clien
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -54,7 +55,8 @@ WITH o AS MATERIALIZED (
     FROM unnest((ARRAY[:n1::int, :n2::int, :n3::int])[1:(:k)::int])
          WITH ORDINALITY AS t(n, line_no)
 )
-SELECT '{' || string_agg(l.product_id, ',' ORDER BY l.product_id) || '}' AS product_ids,
+SELECT '{' || string_agg(l.product_id, ',' ORDER BY l.product_id) || '}' AS ids,
+       '{' || string_agg(l.product_id, ',' ORDER BY l.product_id) || '}' AS product_ids,
        '{' || string_agg('1', ',') || '}' AS quantities,
        '{' || o.id || '}' AS order_ids,
        '{' || o.customer_id || '}' AS customers,
@@ -65,52 +67,105 @@ SELECT '{' || string_agg(l.product_id, ',' ORDER BY l.product_id) || '}' AS prod
        '{' || string_agg(o.id, ',' ORDER BY l.line_no) || '}' AS line_order_ids,
        '{' || string_agg(l.line_no::text, ',' ORDER BY l.line_no) || '}' AS line_numbers,
        '{' || string_agg(l.product_id, ',' ORDER BY l.line_no) || '}' AS line_product_ids,
-       '{' || string_agg(l.sku, ',' ORDER BY l.line_no) || '}' AS skus,
+       '{' || string_agg(l.sku, ',' ORDER BY l.line_no) || '}' AS line_skus,
        '{' || string_agg('1', ',') || '}' AS line_quantities,
-       '{' || string_agg(l.unit_price::text, ',' ORDER BY l.line_no) || '}' AS unit_prices,
+       '{' || string_agg(l.unit_price::text, ',' ORDER BY l.line_no) || '}' AS line_prices,
        '{' || string_agg('USD', ',') || '}' AS line_currencies
   FROM o CROSS JOIN l
  GROUP BY o.id, o.customer_id, o.request_id, o.fingerprint \\gset
 """
 
-# The server's transaction for a batch of one order (server/services/orders.py), statement
-# for statement, with the same array parameters.
-ORDER_TRANSACTION = """\
-BEGIN;
-SELECT id, stock, sku, price_currency, price_amount
-  FROM products WHERE id = ANY(:product_ids::uuid[]) ORDER BY id FOR UPDATE;
-SELECT o.customer_id, o.request_id, o.id, o.request_fingerprint
-  FROM orders o
-  JOIN unnest(:customers::text[], :request_ids::text[]) AS r(customer_id, request_id)
- USING (customer_id, request_id);
-WITH new_orders AS (
-  INSERT INTO orders (id, customer_id, request_id, request_fingerprint, status,
-                      currency, total, create_time, update_time)
-  SELECT o.id, o.customer_id, o.request_id, o.fingerprint, 'PENDING_PAYMENT',
-         o.currency, o.total, now(), now()
-    FROM unnest(:order_ids::uuid[], :customers::text[], :request_ids::text[],
-                :fingerprints::text[], :currencies::text[], :totals::numeric[])
-         AS o(id, customer_id, request_id, fingerprint, currency, total)
-  ON CONFLICT (customer_id, request_id) DO NOTHING
-  RETURNING id, create_time
-), stock AS (
-  UPDATE products p SET stock = p.stock - d.quantity, update_time = now()
-    FROM unnest(:product_ids::uuid[], :quantities::bigint[]) AS d(id, quantity)
-   WHERE p.id = d.id
-), lines AS (
-  INSERT INTO order_lines (order_id, line_no, product_id, sku, quantity, unit_price, currency)
-  SELECT * FROM unnest(:line_order_ids::uuid[], :line_numbers::int[],
-                       :line_product_ids::uuid[], :skus::text[], :line_quantities::int[],
-                       :unit_prices::numeric[], :line_currencies::text[])
+# A copy of the server's order statements (server/services/orders.py, _LOCK_PRODUCTS,
+# _FIND_BY_REQUEST_IDS, _WRITE_ORDERS), used only when they cannot be read from there.
+# pgbench's `:name` variables are SQLAlchemy's `:name` bind parameters, so the server's text
+# runs unchanged, each statement bound to the arrays PARAMETERS built.
+BENCH_COPY = (
+    """
+    SELECT id, stock, sku, price_currency, price_amount
+      FROM products WHERE id = ANY(CAST(:ids AS uuid[]))
+     ORDER BY id
+       FOR UPDATE
+    """,
+    """
+    SELECT o.id, o.customer_id, o.request_id, o.request_fingerprint
+      FROM orders o
+      JOIN unnest(CAST(:customers AS text[]), CAST(:request_ids AS text[]))
+           AS r(customer_id, request_id) USING (customer_id, request_id)
+    """,
+    """
+    WITH new_orders AS (
+        INSERT INTO orders (id, customer_id, request_id, request_fingerprint, status,
+                            currency, total, create_time, update_time)
+        SELECT o.id, o.customer_id, o.request_id, o.fingerprint, 'PENDING_PAYMENT',
+               o.currency, o.total, now(), now()
+          FROM unnest(CAST(:order_ids AS uuid[]), CAST(:customers AS text[]),
+                      CAST(:request_ids AS text[]), CAST(:fingerprints AS text[]),
+                      CAST(:currencies AS text[]), CAST(:totals AS numeric[]))
+               AS o(id, customer_id, request_id, fingerprint, currency, total)
+        ON CONFLICT (customer_id, request_id) DO NOTHING
+        RETURNING id, create_time
+    ), stock AS (
+        UPDATE products p SET stock = p.stock - d.quantity, update_time = now()
+          FROM unnest(CAST(:product_ids AS uuid[]), CAST(:quantities AS bigint[]))
+               AS d(id, quantity)
+         WHERE p.id = d.id
+    ), lines AS (
+        INSERT INTO order_lines (order_id, line_no, product_id, sku, quantity, unit_price,
+                                 currency)
+        SELECT * FROM unnest(CAST(:line_order_ids AS uuid[]), CAST(:line_numbers AS int[]),
+                             CAST(:line_product_ids AS uuid[]), CAST(:line_skus AS text[]),
+                             CAST(:line_quantities AS int[]), CAST(:line_prices AS numeric[]),
+                             CAST(:line_currencies AS text[]))
+    )
+    SELECT id, create_time FROM new_orders
+    """,
 )
-SELECT id, create_time FROM new_orders;
-COMMIT;
-"""
+SERVER_STATEMENTS = ("_LOCK_PRODUCTS", "_FIND_BY_REQUEST_IDS", "_WRITE_ORDERS")
+_VARIABLE = re.compile(r"(?<![:\w]):(\w+)")
+# The variables PARAMETERS sets: the aliases of its final SELECT.
+_BUILT = frozenset(
+    re.findall(r"\bAS (\w+)", PARAMETERS.split("\nSELECT ", 1)[1].split("\n  FROM o ")[0])
+)
 
 
-def script(kind: str) -> str:
+def _normalized(sql: str) -> str:
+    return " ".join(sql.split())
+
+
+@dataclass(frozen=True)
+class OrderSql:
+    statements: tuple[str, ...]
+    source: str  # where the statements came from, for the report
+
+
+def order_sql() -> OrderSql:
+    """The server's own order statements when they can be read and bound here, else the
+    bench's copy, saying why."""
+    try:
+        from server.services import orders
+
+        statements = tuple(str(getattr(orders, name).text) for name in SERVER_STATEMENTS)
+    except (ImportError, AttributeError) as error:
+        return OrderSql(BENCH_COPY, f"bench copy: cannot read the server's statements ({error})")
+    unbound = set(_VARIABLE.findall(" ".join(statements))) - _BUILT
+    if unbound:
+        return OrderSql(
+            BENCH_COPY, f"bench copy: the server binds {sorted(unbound)}, which pgbench lacks"
+        )
+    same = [_normalized(a) for a in statements] == [_normalized(b) for b in BENCH_COPY]
+    return OrderSql(
+        statements,
+        "server/services/orders.py"
+        + (" (same as the bench copy)" if same else " (differs from the bench copy)"),
+    )
+
+
+def script(kind: str, sql: OrderSql) -> str:
+    """The transaction the server runs for a batch of one order: BEGIN, the three statements,
+    COMMIT (psycopg sends BEGIN and COMMIT as their own round trips too)."""
     lines = {"order-spread": SPREAD_LINES, "flash-sale": FLASH_SALE_LINES}[kind]
-    return lines + PARAMETERS + ORDER_TRANSACTION
+    body = "".join(statement.strip().rstrip(";") + ";\n" for statement in sql.statements)
+    return lines + PARAMETERS + "BEGIN;\n" + body + "COMMIT;\n"
 
 
 @dataclass
@@ -153,6 +208,7 @@ def run_pgbench(
     database: Database,
     *,
     kind: str,
+    sql: OrderSql,
     clients: int,
     threads: int,
     warmup: float,
@@ -167,7 +223,7 @@ def run_pgbench(
 
     name = f"pgbench-{kind}-{clients}"
     script_path = scratch / f"{name}.sql"
-    script_path.write_text(script(kind))
+    script_path.write_text(script(kind, sql))
     log_prefix = scratch / f"{name}-log"
     connection, env = database.pgbench_connection()
     duration = int(warmup + seconds + 0.999) + 1
@@ -192,7 +248,7 @@ def run_pgbench(
     with output_path.open("wb") as output:
         began = time.time()
         process = subprocess.Popen(
-            command, stdout=output, stderr=subprocess.STDOUT, cwd=scratch, env={**env}
+            command, stdout=output, stderr=subprocess.STDOUT, cwd=scratch, env={**os.environ, **env}
         )
         try:
             start = began + warmup

@@ -16,6 +16,11 @@ from tests.bench.config import BenchConfig
 
 # A generator using more than this share of the machine's CPU in a scenario is flagged.
 GENERATOR_SHARE_WARNING = 0.25
+# So is CPU used by processes outside the bench (another job on the machine skews results).
+OTHER_SHARE_WARNING = 0.10
+# Server workers are flagged as unevenly loaded when the least busy used less than this
+# fraction of the busiest one's CPU.
+WORKER_IMBALANCE = 0.5
 
 
 @dataclass
@@ -38,6 +43,7 @@ class Row:
     cpu_server_s: float | None
     cpu_envoy_s: float | None
     cpu_postgres_s: float | None
+    cpu_other_s: float | None = None  # machine busy time nobody above accounts for
     server_rss_mb: list[float] = field(default_factory=list)
     baseline: str | None = None
     baseline_throughput: float | None = None
@@ -58,9 +64,26 @@ class Row:
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
+        for key, digits in _JSON_DIGITS.items():
+            data[key] = _rounded(data[key], digits)
         data["server_cpu_us_per_ok"] = _rounded(self.server_us_per_ok, 1)
         data["postgres_cpu_us_per_ok"] = _rounded(self.postgres_us_per_ok, 1)
         return data
+
+
+_JSON_DIGITS = {
+    "throughput": 1,
+    "p50_ms": 3,
+    "p99_ms": 3,
+    "max_ms": 3,
+    "cpu_generator_s": 3,
+    "cpu_server_s": 3,
+    "cpu_envoy_s": 3,
+    "cpu_postgres_s": 3,
+    "cpu_other_s": 3,
+    "baseline_throughput": 1,
+    "ratio": 3,
+}
 
 
 def _rounded(value: float | None, digits: int) -> float | None:
@@ -107,6 +130,7 @@ COLUMNS = (
     ("cpu srv s", ">"),
     ("cpu envoy s", ">"),
     ("cpu pg s", ">"),
+    ("cpu other s", ">"),
     ("srv µs/ok", ">"),
     ("pg µs/ok", ">"),
 )
@@ -131,6 +155,7 @@ def format_table(rows: Sequence[Row]) -> str:
             _cell(row.cpu_server_s, ".2f"),
             _cell(row.cpu_envoy_s, ".2f"),
             _cell(row.cpu_postgres_s, ".2f"),
+            _cell(row.cpu_other_s, ".2f"),
             _cell(row.server_us_per_ok, ".0f"),
             _cell(row.postgres_us_per_ok, ".0f"),
         ]
@@ -159,12 +184,30 @@ def notes(rows: Sequence[Row], cores: int) -> list[str]:
         if row.error_kinds:
             kinds = ", ".join(f"{kind} x{count}" for kind, count in sorted(row.error_kinds.items()))
             lines.append(f"errors in {row.scenario}: {kinds}")
+            if first := row.extra.get("first_failure"):
+                lines.append(f"first failure in {row.scenario}: {first}")
         if row.cpu_generator_s is not None and row.seconds:
             share = row.cpu_generator_s / (row.seconds * cores)
             if share > GENERATOR_SHARE_WARNING:
                 lines.append(
                     f"the generator ({row.tool}) used {share:.0%} of the machine's CPU in"
                     f" {row.scenario}: it competes with the server for the same cores"
+                )
+        by_process = sorted(row.extra.get("server_cpu_by_process_s", {}).values())
+        workers = by_process[-(row.server_workers or 1) :] if row.server_workers else []
+        if len(workers) > 1 and row.cpu_server_s and workers[0] < WORKER_IMBALANCE * workers[-1]:
+            shares = " / ".join(f"{seconds:.1f}" for seconds in reversed(workers))
+            lines.append(
+                f"server workers unevenly loaded in {row.scenario}: {shares} CPU s"
+                " (SO_REUSEPORT spreads connections, not calls; few client connections"
+                " can land on one worker)"
+            )
+        if row.cpu_other_s is not None and row.seconds:
+            share = row.cpu_other_s / (row.seconds * cores)
+            if share > OTHER_SHARE_WARNING:
+                lines.append(
+                    f"{share:.0%} of the machine's CPU in {row.scenario} went to neither the"
+                    " generator, the server, Envoy nor PostgreSQL (the kernel, or another job)"
                 )
     rss = [size for row in rows for size in row.server_rss_mb]
     if rss:
@@ -174,11 +217,14 @@ def notes(rows: Sequence[Row], cores: int) -> list[str]:
     return lines
 
 
-def write_json(path: Path, rows: Sequence[Row], config: BenchConfig) -> None:
+def write_json(
+    path: Path, rows: Sequence[Row], config: BenchConfig, *, load_average_at_start: float
+) -> None:
     document = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
             "cores": os.cpu_count(),
+            "load_average_1min_at_start": round(load_average_at_start, 2),
             "platform": platform.platform(),
             "python": platform.python_version(),
         },

@@ -9,8 +9,11 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil  # type: ignore[import-untyped]
 
 from server.api.auth import issue_development_token
 from tests.bench.checks import CheckResult, check, mark
@@ -21,7 +24,7 @@ from tests.bench.config import (
     BenchConfig,
 )
 from tests.bench.grpc_load import LoadResult, run_grpc_load
-from tests.bench.pgbench import run_pgbench
+from tests.bench.pgbench import order_sql, run_pgbench, script
 from tests.bench.report import Row, format_table, link_baselines, notes, percentile, write_json
 from tests.bench.stack import (
     Database,
@@ -30,6 +33,7 @@ from tests.bench.stack import (
     bench_database,
     start_bench_envoy,
     start_bench_server,
+    tree_cpu_by_process,
     tree_cpu_seconds,
     tree_rss_mb,
 )
@@ -52,9 +56,23 @@ class CpuSample:
     time: float
     generator: float
     server: float | None
+    server_by_process: dict[int, float]
     envoy: float | None
     postgres: float | None
     server_rss_mb: tuple[float, ...]
+    machine_busy: float  # every CPU's non-idle time, whoever used it
+
+
+def _machine_busy_seconds() -> float:
+    times = psutil.cpu_times()
+    # /proc/stat's user already includes guest time; idle, iowait and steal are not ours.
+    return float(
+        times.user
+        + times.nice
+        + times.system
+        + getattr(times, "irq", 0.0)
+        + getattr(times, "softirq", 0.0)
+    )
 
 
 def _delta(after: float | None, before: float | None) -> float | None:
@@ -80,6 +98,8 @@ class Bench:
             for number in range(CUSTOMER_SUBJECTS)
         )
         self.rows: list[Row] = []
+        self.baselines = dict(BASELINES)
+        self.order_sql = order_sql()
         self.database: Database | None = None
         self.server: ServerProcess | None = None
         self.envoy: EnvoyProcess | None = None
@@ -93,13 +113,16 @@ class Bench:
 
     def sample(self, generator_pids: list[int]) -> CpuSample:
         server, envoy = self.server, self.envoy
+        server_by_process = tree_cpu_by_process(server.process.pid) if server else {}
         return CpuSample(
             time=time.monotonic(),
             generator=sum(tree_cpu_seconds(pid) for pid in generator_pids),
-            server=tree_cpu_seconds(server.process.pid) if server else None,
+            server=sum(server_by_process.values()) if server else None,
+            server_by_process=server_by_process,
             envoy=tree_cpu_seconds(envoy.process.pid) if envoy else None,
             postgres=(tree_cpu_seconds(self.db.postmaster_pid) if self.db.postmaster_pid else None),
             server_rss_mb=tuple(tree_rss_mb(server.process.pid)) if server else (),
+            machine_busy=_machine_busy_seconds(),
         )
 
     def start_server(self, workers: int) -> None:
@@ -112,6 +135,18 @@ class Bench:
             max_overflow=self.config.db_max_overflow,
             log_path=self.scratch / f"server-{workers}.log",
         )
+
+    def running_server(self) -> ServerProcess:
+        """The server, which must still be running: a scenario against a dead server would
+        only measure connection errors."""
+        server = self.server
+        assert server is not None
+        if server.process.poll() is not None:
+            raise RuntimeError(
+                f"the server exited with {server.process.returncode}; its log ends with:\n"
+                + server.log_tail()
+            )
+        return server
 
     def stop_server(self) -> None:
         if self.envoy is not None:
@@ -183,6 +218,23 @@ class Bench:
             server_rss_mb=[round(size, 1) for size in last.server_rss_mb] if server_workers else [],
             extra=dict(extra or {}),
         )
+        accounted = sum(
+            value or 0.0
+            for value in (
+                row.cpu_generator_s,
+                row.cpu_server_s,
+                row.cpu_envoy_s,
+                row.cpu_postgres_s,
+            )
+        )
+        if server_workers:
+            # Per server process (the supervisor too), to see how evenly workers are loaded.
+            row.extra["server_cpu_by_process_s"] = {
+                str(pid): round(seconds - first.server_by_process.get(pid, 0.0), 3)
+                for pid, seconds in last.server_by_process.items()
+            }
+        # What else ran meanwhile: this process, the kernel, anything outside the bench.
+        row.cpu_other_s = max(0.0, last.machine_busy - first.machine_busy - accounted)
         self.rows.append(row)
         p99 = "-" if row.p99_ms is None else f"{row.p99_ms:.1f}"
         progress(
@@ -194,8 +246,7 @@ class Bench:
     # --- scenarios --------------------------------------------------------------------------
 
     def grpc_scenario(self, scenario: str, kind: str, concurrency: int) -> None:
-        config, server = self.config, self.server
-        assert server is not None
+        config, server = self.config, self.running_server()
         progress(
             f"{scenario}: {concurrency} gRPC clients over {config.generator_processes}"
             f" processes, {config.warmup:g} s warm-up + {config.seconds:g} s ..."
@@ -211,6 +262,7 @@ class Bench:
             tokens=self.tokens,
             processes=config.generator_processes,
             channels_per_process=config.channels_per_process,
+            event_loop=config.generator_event_loop,
             warmup=config.warmup,
             seconds=config.seconds,
             sample=self.sample,
@@ -235,7 +287,8 @@ class Bench:
         room = (
             self.db.max_connections
             - 10
-            - config.compare_workers * (config.db_pool_size + config.db_max_overflow)
+            - max(config.server_workers, config.compare_workers)
+            * (config.db_pool_size + config.db_max_overflow)
         )
         if clients > room:
             progress(f"{scenario}: skipped, max_connections={self.db.max_connections} too low")
@@ -251,6 +304,7 @@ class Bench:
             run, first, last = run_pgbench(
                 self.db,
                 kind=kind,
+                sql=self.order_sql,
                 clients=clients,
                 threads=config.pgbench_threads,
                 warmup=config.warmup,
@@ -276,12 +330,13 @@ class Bench:
                 "errors_total": dict(run.load.errors_total),
                 "pgbench_reported_tps": run.reported_tps,
                 "pgbench_cpu_whole_run_s": round(run.cpu_seconds, 3),
+                "pgbench_sql_source": self.order_sql.source,
+                "pgbench_script": script(kind, self.order_sql),
             },
         )
 
     def rest_scenario(self, scenario: str, concurrency: int) -> None:
-        config, server = self.config, self.server
-        assert server is not None
+        config, server = self.config, self.running_server()
         wrk = ensure_wrk()
         if wrk is None:
             progress(f"{scenario}: skipped, wrk is not installed and cannot be installed here")
@@ -329,6 +384,7 @@ class Bench:
             extra={
                 "ok_total": run.ok_total,
                 "unanswered_at_stop": run.unanswered_total,
+                "first_failure": measured.first_failure,
                 "cpu_window_s": round(last.time - first.time, 3),
             },
         )
@@ -358,7 +414,7 @@ class Bench:
             self.stop_server()
             self.start_server(config.compare_workers)
             name = f"order-spread:workers={config.compare_workers}"
-            BASELINES[name] = "order-spread"
+            self.baselines[name] = "order-spread"
             self.grpc_scenario(name, "order-spread", concurrency)
 
 
@@ -367,6 +423,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main() -> int:
+    # Ctrl-C and `kill` both stop everything, even where SIGINT was inherited ignored.
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     config = BenchConfig()
     cores = os.cpu_count() or 1
@@ -374,22 +432,36 @@ def main() -> int:
     if not output.is_absolute():
         output = REPO_ROOT / output
     started = time.monotonic()
+    load_average = os.getloadavg()[0]
+    failure: str | None = None
     with tempfile.TemporaryDirectory(prefix="marketplace-bench-") as scratch_name:
         bench = Bench(config, Path(scratch_name))
-        progress(f"Marketplace bench: {cores} cores, scratch {scratch_name}")
+        progress(
+            f"Marketplace bench: {cores} cores (load average {load_average:.2f}),"
+            f" scratch {scratch_name}"
+        )
         try:
             with bench_database(bench.scratch, config.database_url) as database:
                 bench.database = database
                 progress("database ready: 10,000 products + 1 flash-sale product seeded")
+                if database.postmaster_pid is None:
+                    progress("PostgreSQL is not on this machine: its CPU is not measured")
                 try:
                     bench.run()
+                except Exception:
+                    # Report what was measured; everything is stopped on the way out.
+                    failure = traceback.format_exc()
                 finally:
                     bench.stop_server()
         except KeyboardInterrupt:
             progress("\ninterrupted; everything was stopped")
             return 130
+    if failure is not None:
+        progress(f"\nthe bench stopped early:\n{failure}")
     rows = bench.rows
-    link_baselines(rows, BASELINES)
+    if not rows:
+        return 1
+    link_baselines(rows, bench.baselines)
     print()
     print(
         f"Marketplace bench, {time.strftime('%Y-%m-%d %H:%M')}, {cores} cores,"
@@ -399,6 +471,8 @@ def main() -> int:
     print(format_table(rows))
     for note in notes(rows, cores):
         print(f"  * {note}")
-    write_json(output, rows, config)
+    if any(row.tool == "pgbench" for row in rows):
+        print(f"  * pgbench ran the order statements from {bench.order_sql.source}")
+    write_json(output, rows, config, load_average_at_start=load_average)
     print(f"written to {output}")
-    return 0 if all(row.check == "ok" for row in rows) else 1
+    return 0 if failure is None and all(row.check == "ok" for row in rows) else 1

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -54,20 +55,27 @@ def free_port() -> int:
 # --- CPU accounting -------------------------------------------------------------------------
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and all its descendants, including descendants that
-    have exited and been reaped (their time is in their parent's children_* counters)."""
+def tree_cpu_by_process(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of a process and each of its descendants, each including its
+    own reaped children (an exited child's time moves into its parent's children_* counters,
+    so the sum stays whole)."""
     try:
         root = psutil.Process(pid)
         processes = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
+        return {}
+    seconds = {}
     for process in processes:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             times = process.cpu_times()
-            total += times.user + times.system + times.children_user + times.children_system
-    return total
+            seconds[process.pid] = (
+                times.user + times.system + times.children_user + times.children_system
+            )
+    return seconds
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return sum(tree_cpu_by_process(pid).values())
 
 
 def tree_rss_mb(pid: int) -> list[float]:
@@ -134,12 +142,16 @@ def _local_postmaster(url: str) -> int | None:
     confirmed by its working directory being the data directory."""
     with psycopg.connect(url) as conn:
         row = conn.execute("SELECT pg_backend_pid(), current_setting('data_directory')").fetchone()
-    assert row is not None
-    backend_pid, data_directory = row
-    with contextlib.suppress(psutil.Error):
-        postmaster = psutil.Process(backend_pid).parent()
-        if postmaster is not None and Path(postmaster.cwd()).resolve() == Path(data_directory):
-            return int(postmaster.pid)
+        assert row is not None
+        backend_pid, data_directory = row
+        # While our connection, and so its backend, is still open.
+        with contextlib.suppress(psutil.Error):
+            postmaster = psutil.Process(backend_pid).parent()
+            if (
+                postmaster is not None
+                and Path(postmaster.cwd()).resolve() == Path(data_directory).resolve()
+            ):
+                return int(postmaster.pid)
     return None
 
 
@@ -151,10 +163,8 @@ def _seed(url: str) -> None:
         ) as copy:
             for n in range(1, HOT_PRODUCT_N + 1):
                 name = "Flash-sale product" if n == HOT_PRODUCT_N else f"Bench product {n}"
-                copy.write_row(
-                    (product_id(n), product_sku(n), name, "", CURRENCY, product_price(n),
-                     INITIAL_STOCK)
-                )  # fmt: skip
+                row = (product_id(n), product_sku(n), name, "", CURRENCY, product_price(n))
+                copy.write_row((*row, INITIAL_STOCK))
         conn.execute("ANALYZE")
 
 
@@ -222,6 +232,33 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")[-chars:]
 
 
+def _listeners(pid: int, port: int) -> int:
+    """How many processes of the tree have a socket listening on `port`."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    count = 0
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            if any(
+                connection.status == psutil.CONN_LISTEN and connection.laddr.port == port
+                for connection in process.net_connections(kind="tcp")
+            ):
+                count += 1
+    return count
+
+
+def _wait_for_listeners(server: ServerProcess, workers: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while (listening := _listeners(server.process.pid, server.grpc_port)) < workers:
+        if time.monotonic() > deadline or server.process.poll() is not None:
+            break
+        time.sleep(0.1)
+    return listening
+
+
 def start_bench_server(
     database: Database,
     *,
@@ -249,7 +286,15 @@ def start_bench_server(
         server.stop()
         raise
     if workers > 1:
-        time.sleep(1.0)  # health answers as soon as one worker listens; let the rest start
+        # Health answers as soon as one worker listens; a client connecting before the others
+        # do would send everything to that one (SO_REUSEPORT picks a listener per connection).
+        listening = _wait_for_listeners(server, workers, timeout=60)
+        if listening < workers:
+            print(
+                f"warning: {listening} of SERVER_WORKERS={workers} processes listen on the port",
+                file=sys.stderr,
+                flush=True,
+            )
     return server
 
 
