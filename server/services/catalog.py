@@ -79,13 +79,15 @@ _APPLY_ADJUSTMENT = text(
 class Catalog:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        # Single-statement reads run in autocommit: no BEGIN/ROLLBACK round trips around them.
+        self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     async def list_products(self, page_size: int, page_token: str) -> tuple[list[Product], str]:
         position = decode_page_token(page_token, kind="products", scope="*")
         after = position.get("sku") if position else ""
         if not isinstance(after, str) or (after and not SKU_PATTERN.fullmatch(after)):
             raise invalid_page_token()
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             result = await conn.execute(_LIST_PRODUCTS, {"after": after, "limit": page_size + 1})
             rows = result.all()
         products = [product_from_row(row) for row in rows[:page_size]]
@@ -95,7 +97,7 @@ class Catalog:
         return products, next_token
 
     async def get_product(self, product_id: str) -> Product:
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             row = (await conn.execute(_GET_PRODUCT, {"id": uuid.UUID(product_id)})).first()
         if row is None:
             raise NotFound("product", product_id)
