@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -10,6 +11,7 @@ from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from server.api import convert
 from server.api.context import current_principal
 from server.domain import catalog as rules
+from server.domain.catalog import Product
 from server.domain.pagination import page_size
 from server.domain.validation import parse_resource_id
 from server.services.catalog import Catalog
@@ -17,9 +19,14 @@ from server.services.catalog import Catalog
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+# Looks up one product; in the server, concurrent lookups share one query.
+GetProduct = Callable[[str], Awaitable[Product]]
+
+
 class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, get_product: GetProduct) -> None:
         self._catalog = catalog
+        self._get_product = get_product
 
     async def ListProducts(
         self, request: catalog_pb2.ListProductsRequest, context: Context
@@ -34,7 +41,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     async def GetProduct(
         self, request: catalog_pb2.GetProductRequest, context: Context
     ) -> catalog_pb2.GetProductResponse:
-        product = await self._catalog.get_product(parse_resource_id("id", request.id))
+        product = await self._get_product(parse_resource_id("id", request.id))
         return catalog_pb2.GetProductResponse(product=convert.product(product))
 
     async def CreateProduct(

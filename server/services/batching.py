@@ -1,4 +1,5 @@
-"""Group commit: concurrent callers share one transaction instead of queueing on row locks.
+"""Group commit: concurrent callers share one transaction instead of queueing on row locks
+(and, for reads, one query instead of one round trip each).
 
 Callers submit work and await their own outcome. A few runners take everything queued when
 they become free and hand it to one handler call, so batches grow exactly as fast as the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import text
@@ -33,6 +34,7 @@ _LIST_PRODUCTS = text(
     f"SELECT {PRODUCT_COLUMNS} FROM products WHERE sku > :after ORDER BY sku LIMIT :limit"
 )
 _GET_PRODUCT = text(f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = :id")
+_GET_PRODUCTS = text(f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = ANY(CAST(:ids AS uuid[]))")
 _INSERT_PRODUCT = text(
     f"""
     INSERT INTO products (id, sku, name, description, price_currency, price_amount, stock,
@@ -102,6 +104,14 @@ class Catalog:
         if row is None:
             raise NotFound("product", product_id)
         return product_from_row(row)
+
+    async def get_products(self, product_ids: Sequence[str]) -> list[Product | NotFound]:
+        """Several lookups in one query: concurrent GetProduct calls share it (see app.py)."""
+        wanted = sorted({uuid.UUID(p) for p in product_ids})
+        async with self._reads.connect() as conn:
+            rows = (await conn.execute(_GET_PRODUCTS, {"ids": wanted})).all()
+        found = {str(row.id): product_from_row(row) for row in rows}
+        return [found.get(p) or NotFound("product", p) for p in product_ids]
 
     async def create_product(self, draft: ProductDraft) -> Product:
         params = {
