@@ -14,6 +14,7 @@ help:
 	@echo "make test   - lint, type-check, stale-generated check and the whole test suite"
 	@echo "make proto  - regenerate generated/ from protos/"
 	@echo "make token ROLE=admin SUB=alice - print a development JWT"
+	@echo "make bench  - throughput, latency and CPU against same-run baselines (not part of test)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
