@@ -2,6 +2,9 @@
 
 Environment variables (all optional):
   BENCH_SECONDS / BENCH_WARMUP     measured / warm-up seconds per scenario (10 / 3)
+  BENCH_HALF_SECONDS / BENCH_HALF_WARMUP
+                                   measured / warm-up seconds of the open-loop run at half
+                                   of each gRPC scenario's throughput (5 / 1; 0 s: skip it)
   BENCH_DATABASE_URL               a PostgreSQL server to create the throwaway database on
                                    (default: an embedded one from pgserver)
   BENCH_SERVER_WORKERS             SERVER_WORKERS of the main scenarios (default: cores)
@@ -34,6 +37,10 @@ CURRENCY = "USD"
 JWT_SECRET_BYTES = 48
 CORES = os.cpu_count() or 1
 CUSTOMER_SUBJECTS = 256  # one token per client at the highest concurrency
+# After its closed-loop run, every gRPC scenario runs open loop at this fraction of the
+# throughput it reached, and its p99 there is held against this target.
+HALF_RATE_FRACTION = 0.5
+HALF_RATE_P99_TARGET_MS = 25.0
 
 SCENARIO_NAMES = (
     "noop",
@@ -86,6 +93,8 @@ class BenchConfig:
 
     seconds: float = field(default_factory=lambda: _float("BENCH_SECONDS", 10.0, 1.0))
     warmup: float = field(default_factory=lambda: _float("BENCH_WARMUP", 3.0, 0.0))
+    half_seconds: float = field(default_factory=lambda: _float("BENCH_HALF_SECONDS", 5.0, 0.0))
+    half_warmup: float = field(default_factory=lambda: _float("BENCH_HALF_WARMUP", 1.0, 0.0))
     database_url: str | None = field(
         default_factory=lambda: os.environ.get("BENCH_DATABASE_URL") or None
     )

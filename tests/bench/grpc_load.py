@@ -1,5 +1,6 @@
-"""The gRPC load generator: a few spawned processes, each running asyncio with many closed-loop
-clients (a client sends its next call as soon as the previous one is answered)."""
+"""The gRPC load generator: a few spawned processes, each running asyncio with either many
+closed-loop clients (a client sends its next call as soon as the previous one is answered) or
+an open-loop schedule (calls launched at a fixed rate whatever is still outstanding)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ GET_PRODUCT = "/marketplace.catalog.v1.CatalogService/GetProduct"
 CREATE_ORDER = "/marketplace.order.v1.OrderService/CreateOrder"
 KINDS = ("noop", "catalog-read", "order-spread", "flash-sale")
 CALL_TIMEOUT_SECONDS = 60.0
+LATE_LAUNCH_MS = 5.0
 
 T = TypeVar("T")
 
@@ -43,18 +45,32 @@ class WorkerSpec:
     channels: int
     event_loop: str  # uvloop or asyncio
     seed: int
+    # Open loop: calls per second this process launches (0: closed loop), and where in the
+    # first interval its schedule starts (0..1), so processes do not launch in lockstep.
+    rate: float = 0.0
+    phase: float = 0.0
 
 
 @dataclass
 class LoadResult:
     """What the clients saw; `window` is the measured interval, `total` everything including
-    warm-up and the calls still in flight when the interval ended."""
+    warm-up and the calls still in flight when the interval ended.
+
+    Closed loop: `ok_window`, `errors_window` and the latencies are of calls answered within
+    the window. Open loop: `ok_window` still counts successes answered within the window (the
+    achieved rate), but the latencies and `errors_window` are of the calls *scheduled* within
+    it, however late they were answered, each latency measured from the scheduled send time
+    (so a call waiting behind others, in the server or in the generator, counts its wait)."""
 
     ok_total: int = 0
     errors_total: Counter[str] = field(default_factory=Counter)
     ok_window: int = 0
     errors_window: Counter[str] = field(default_factory=Counter)
     latencies_ms: array[float] = field(default_factory=lambda: array("f"))
+    # Open loop: calls scheduled within the window, and how late the generator launched them.
+    scheduled_window: int = 0
+    launched_late: int = 0  # more than LATE_LAUNCH_MS after their scheduled time
+    max_launch_lag_ms: float = 0.0
 
     def merge(self, other: LoadResult) -> None:
         self.ok_total += other.ok_total
@@ -62,6 +78,9 @@ class LoadResult:
         self.ok_window += other.ok_window
         self.errors_window.update(other.errors_window)
         self.latencies_ms.extend(other.latencies_ms)
+        self.scheduled_window += other.scheduled_window
+        self.launched_late += other.launched_late
+        self.max_launch_lag_ms = max(self.max_launch_lag_ms, other.max_launch_lag_ms)
 
 
 # --- inside a generator process -------------------------------------------------------------
@@ -131,6 +150,76 @@ async def _client(
                 result.errors_window[code] += 1
 
 
+async def _open_loop(
+    calls: list[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]],
+    make_request: Callable[[], bytes],
+    metadata: list[tuple[tuple[str, str], ...] | None],
+    rate: float,
+    phase: float,
+    window: tuple[float, float],
+    result: LoadResult,
+) -> None:
+    """Launches call n at `begin + n / rate` from now until the window ends, never waiting
+    for earlier calls, then waits for every call still outstanding."""
+    start, end = window
+    clock = time.monotonic
+    interval = 1.0 / rate
+    latencies = result.latencies_ms
+    pending: set[asyncio.Future[None]] = set()
+
+    async def one(
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes],
+        request: bytes,
+        metadata: tuple[tuple[str, str], ...] | None,
+        scheduled: float,
+    ) -> None:
+        code: str | None = None
+        try:
+            await call(request, metadata=metadata, timeout=CALL_TIMEOUT_SECONDS)
+        except grpc.aio.AioRpcError as error:
+            code = error.code().name
+        answered = clock()
+        measured = start <= scheduled < end
+        if code is None:
+            result.ok_total += 1
+            if start <= answered < end:
+                result.ok_window += 1
+            if measured:
+                latencies.append((answered - scheduled) * 1000.0)
+        else:
+            result.errors_total[code] += 1
+            if measured:
+                result.errors_window[code] += 1
+
+    begin = clock() + phase * interval
+    number = 0
+    due = begin
+    while due < end:
+        now = clock()
+        while due <= now and due < end:
+            if due >= start:
+                result.scheduled_window += 1
+                lag_ms = (now - due) * 1000.0
+                if lag_ms > LATE_LAUNCH_MS:
+                    result.launched_late += 1
+                result.max_launch_lag_ms = max(result.max_launch_lag_ms, lag_ms)
+            task = asyncio.ensure_future(
+                one(
+                    calls[number % len(calls)],
+                    make_request(),
+                    metadata[number % len(metadata)],
+                    due,
+                )
+            )
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            number += 1
+            due = begin + number * interval  # no drift from summing intervals
+        await asyncio.sleep(max(0.0, due - clock()))
+    if pending:
+        await asyncio.gather(*pending)
+
+
 async def _generate(spec: WorkerSpec, conn: Connection) -> LoadResult:
     rng = random.Random(spec.seed)
     method, make_request = _request_factory(spec.kind, rng)
@@ -150,17 +239,24 @@ async def _generate(spec: WorkerSpec, conn: Connection) -> LoadResult:
         conn.send("ready")
         window: tuple[float, float] = conn.recv()  # blocks until every process is ready
         result = LoadResult()
-        clients = []
+        # One token per client, as in the closed loop; open-loop calls take them in turn.
+        metadata: list[tuple[tuple[str, str], ...] | None] = []
         for index in range(spec.clients):
             number = spec.first_client + index
-            metadata = None
             if spec.kind in ("order-spread", "flash-sale"):
                 token = spec.tokens[number % len(spec.tokens)]
-                metadata = (("authorization", f"Bearer {token}"),)
-            clients.append(
-                _client(calls[index % len(calls)], make_request, metadata, window, result)
+                metadata.append((("authorization", f"Bearer {token}"),))
+            else:
+                metadata.append(None)
+        if spec.rate > 0:
+            await _open_loop(calls, make_request, metadata, spec.rate, spec.phase, window, result)
+            return result
+        await asyncio.gather(
+            *(
+                _client(calls[index % len(calls)], make_request, metadata[index], window, result)
+                for index in range(spec.clients)
             )
-        await asyncio.gather(*clients)
+        )
         return result
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
@@ -199,10 +295,12 @@ def run_grpc_load(
     warmup: float,
     seconds: float,
     sample: Callable[[list[int]], T],
+    rate: float = 0.0,
 ) -> tuple[LoadResult, T, T]:
     """Runs `concurrency` clients over `processes` generator processes for warm-up + the
     measured `seconds`; calls `sample(generator_pids)` at both ends of the measured interval
-    and returns the merged client results with the two samples."""
+    and returns the merged client results with the two samples. With a `rate`, the processes
+    instead launch that many calls per second in all (open loop), over the same tokens."""
     context = multiprocessing.get_context("spawn")
     processes = max(1, min(processes, concurrency))
     workers: list[tuple[Any, Connection]] = []
@@ -220,6 +318,8 @@ def run_grpc_load(
                 channels=channels_per_process,
                 event_loop=event_loop,
                 seed=random.randrange(2**32),
+                rate=rate / processes,
+                phase=number / processes,
             )
             parent_end, child_end = context.Pipe()
             process = context.Process(

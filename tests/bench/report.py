@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.bench.config import BenchConfig
+from tests.bench.config import HALF_RATE_FRACTION, HALF_RATE_P99_TARGET_MS, BenchConfig
+from tests.bench.grpc_load import LATE_LAUNCH_MS
 
 # A generator using more than this share of the machine's CPU in a scenario is flagged.
 GENERATOR_SHARE_WARNING = 0.25
@@ -48,6 +49,16 @@ class Row:
     baseline: str | None = None
     baseline_throughput: float | None = None
     ratio: float | None = None
+    # The open-loop run at HALF_RATE_FRACTION of `throughput` (gRPC scenarios only).
+    half_target_rate: float | None = None  # calls per second offered
+    half_throughput: float | None = None  # successes per second answered in its window
+    half_seconds: float | None = None
+    half_p50_ms: float | None = None
+    half_p99_ms: float | None = None
+    half_max_ms: float | None = None
+    half_errors: int | None = None
+    half_p99_met: bool | None = None  # half_p99_ms <= HALF_RATE_P99_TARGET_MS, no errors
+    half_note: str | None = None  # why it was not measured
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -83,6 +94,11 @@ _JSON_DIGITS = {
     "cpu_other_s": 3,
     "baseline_throughput": 1,
     "ratio": 3,
+    "half_target_rate": 1,
+    "half_throughput": 1,
+    "half_p50_ms": 3,
+    "half_p99_ms": 3,
+    "half_max_ms": 3,
 }
 
 
@@ -133,7 +149,16 @@ COLUMNS = (
     ("cpu other s", ">"),
     ("srv µs/ok", ">"),
     ("pg µs/ok", ">"),
+    ("half ok/s", ">"),
+    ("p99@half ms", ">"),
+    (f"≤{HALF_RATE_P99_TARGET_MS:g} ms", "<"),
 )
+
+
+def _half_verdict(row: Row) -> str:
+    if row.half_p99_met is None:
+        return "n/m" if row.half_note else "-"
+    return "yes" if row.half_p99_met else "NO"
 
 
 def format_table(rows: Sequence[Row]) -> str:
@@ -158,6 +183,9 @@ def format_table(rows: Sequence[Row]) -> str:
             _cell(row.cpu_other_s, ".2f"),
             _cell(row.server_us_per_ok, ".0f"),
             _cell(row.postgres_us_per_ok, ".0f"),
+            _cell(row.half_throughput, ".0f"),
+            _cell(row.half_p99_ms, ".2f"),
+            _half_verdict(row),
         ]
         for row in rows
     ]
@@ -209,11 +237,48 @@ def notes(rows: Sequence[Row], cores: int) -> list[str]:
                     f"{share:.0%} of the machine's CPU in {row.scenario} went to neither the"
                     " generator, the server, Envoy nor PostgreSQL (the kernel, or another job)"
                 )
+    lines.extend(_half_notes(rows))
     rss = [size for row in rows for size in row.server_rss_mb]
     if rss:
         lines.append(
             f"server resident memory per process at the end of a scenario: max {max(rss):.0f} MiB"
         )
+    return lines
+
+
+def _half_notes(rows: Sequence[Row]) -> list[str]:
+    lines = []
+    measured = [row for row in rows if row.half_target_rate is not None]
+    if measured:
+        seconds = measured[0].half_seconds or 0.0
+        lines.append(
+            f"p99@half: each gRPC scenario again, open loop at {HALF_RATE_FRACTION:.0%} of its"
+            f" ok/s ({seconds:g} s measured), calls launched on schedule whatever is"
+            " outstanding and timed from their scheduled send; half ok/s is what was"
+            f" achieved; target p99 ≤ {HALF_RATE_P99_TARGET_MS:g} ms:"
+            f" {sum(bool(row.half_p99_met) for row in measured)} of {len(measured)} met"
+        )
+    for row in rows:
+        if row.half_note:
+            lines.append(f"p99@half not measured in {row.scenario}: {row.half_note}")
+        if row.half_target_rate is None:
+            continue
+        target, achieved = row.half_target_rate, row.half_throughput or 0.0
+        if achieved < 0.95 * target:
+            lines.append(
+                f"{row.scenario} at half rate: achieved {achieved:.0f}/s of the"
+                f" {target:.0f}/s offered"
+            )
+        if row.half_errors:
+            lines.append(f"{row.scenario} at half rate: {row.half_errors} errors")
+        late, lag = row.extra.get("half_launched_late", 0), row.extra.get("half_max_lag_ms", 0)
+        scheduled = row.extra.get("half_scheduled", 0)
+        if scheduled and late > 0.01 * scheduled:
+            lines.append(
+                f"{row.scenario} at half rate: the generator launched {late} of {scheduled}"
+                f" calls more than {LATE_LAUNCH_MS:g} ms late (max {lag:.0f} ms;"
+                " counted in the latency)"
+            )
     return lines
 
 

@@ -19,13 +19,22 @@ from server.api.auth import issue_development_token
 from tests.bench.checks import CheckResult, check, mark
 from tests.bench.config import (
     CUSTOMER_SUBJECTS,
+    HALF_RATE_FRACTION,
+    HALF_RATE_P99_TARGET_MS,
     JWT_SECRET_BYTES,
     REPO_ROOT,
     BenchConfig,
 )
 from tests.bench.grpc_load import LoadResult, run_grpc_load
 from tests.bench.pgbench import order_sql, run_pgbench, script
-from tests.bench.report import Row, format_table, link_baselines, notes, percentile, write_json
+from tests.bench.report import (
+    Row,
+    format_table,
+    link_baselines,
+    notes,
+    percentile,
+    write_json,
+)
 from tests.bench.stack import (
     Database,
     EnvoyProcess,
@@ -47,6 +56,10 @@ BASELINES = {
     "rest": "order-spread",
 }
 TOKEN_LIFETIME_SECONDS = 4 * 3600
+REST_HALF_RATE_NOTE = (
+    "wrk has no fixed-rate (open-loop) mode and wrk2, which has, is not installed"
+    " (no Debian package)"
+)
 
 
 @dataclass(frozen=True)
@@ -268,7 +281,7 @@ class Bench:
             sample=self.sample,
         )
         result = check(self.db, before, client_successes=load.ok_total if orders else 0)
-        self.add_row(
+        row = self.add_row(
             scenario=scenario,
             tool="grpc.aio",
             concurrency=concurrency,
@@ -279,6 +292,73 @@ class Bench:
             server_workers=server.workers,
             seconds=last.time - first.time,
             extra={"ok_total": load.ok_total, "errors_total": dict(load.errors_total)},
+        )
+        if config.half_seconds > 0 and row.throughput > 0:
+            self.half_rate(row, kind)
+
+    def half_rate(self, row: Row, kind: str) -> None:
+        """The same scenario open loop at HALF_RATE_FRACTION of the throughput `row` reached;
+        its latency and its own invariant check go into `row`."""
+        config, server = self.config, self.running_server()
+        rate = row.throughput * HALF_RATE_FRACTION
+        progress(
+            f"{row.scenario} at half rate: open loop, {rate:.0f} calls/s over"
+            f" {config.generator_processes} processes,"
+            f" {config.half_warmup:g} s warm-up + {config.half_seconds:g} s ..."
+        )
+        orders = kind in ("order-spread", "flash-sale")
+        if orders:
+            self.checkpoint()
+        before = mark(self.db)
+        load, first, last = run_grpc_load(
+            kind=kind,
+            target=server.target,
+            concurrency=row.concurrency,
+            tokens=self.tokens,
+            processes=config.generator_processes,
+            channels_per_process=config.channels_per_process,
+            event_loop=config.generator_event_loop,
+            warmup=config.half_warmup,
+            seconds=config.half_seconds,
+            sample=lambda pids: time.monotonic(),
+            rate=rate,
+        )
+        # Orders of this run are checked on their own: the database must hold exactly the
+        # closed-loop run's orders plus these.
+        result = check(self.db, before, client_successes=load.ok_total if orders else 0)
+        seconds = last - first
+        ordered = sorted(load.latencies_ms)
+        row.half_target_rate = rate
+        row.half_seconds = round(seconds, 3)
+        row.half_throughput = load.ok_window / seconds if seconds else 0.0
+        row.half_p50_ms = percentile(ordered, 50)
+        row.half_p99_ms = percentile(ordered, 99)
+        row.half_max_ms = float(ordered[-1]) if ordered else None
+        row.half_errors = sum(load.errors_window.values())
+        row.half_p99_met = (
+            row.half_p99_ms is not None
+            and row.half_p99_ms <= HALF_RATE_P99_TARGET_MS
+            and not row.half_errors
+        )
+        row.extra.update(
+            {
+                "half_ok_total": load.ok_total,
+                "half_errors_total": dict(load.errors_total),
+                "half_error_kinds": dict(load.errors_window),
+                "half_scheduled": load.scheduled_window,
+                "half_launched_late": load.launched_late,
+                "half_max_lag_ms": round(load.max_launch_lag_ms, 3),
+                "half_check_detail": result.detail,
+            }
+        )
+        if not result.ok:
+            row.check = result.label
+        row.check_detail += f"; at half rate: {result.detail}"
+        p99 = "-" if row.half_p99_ms is None else f"{row.half_p99_ms:.1f}"
+        progress(
+            f"  {row.scenario} at half rate: {row.half_throughput:.0f}/s of {rate:.0f}/s"
+            f" offered, p99 {p99} ms ({'met' if row.half_p99_met else 'MISSED'}),"
+            f" {row.half_errors} errors, check {result.label} ({result.detail})"
         )
 
     def pgbench_scenario(self, scenario: str, kind: str, clients: int) -> None:
@@ -367,7 +447,7 @@ class Bench:
             client_unknown=run.unanswered_total,
         )
         measured = run.measured
-        self.add_row(
+        row = self.add_row(
             scenario=scenario,
             tool="wrk",
             concurrency=concurrency,
@@ -388,6 +468,8 @@ class Bench:
                 "cpu_window_s": round(last.time - first.time, 3),
             },
         )
+        if config.half_seconds > 0:
+            row.half_note = REST_HALF_RATE_NOTE
 
     def run(self) -> None:
         config = self.config
@@ -466,7 +548,12 @@ def main() -> int:
     print(
         f"Marketplace bench, {time.strftime('%Y-%m-%d %H:%M')}, {cores} cores,"
         f" {config.warmup:g} s warm-up + {config.seconds:g} s measured per scenario"
-        f" ({time.monotonic() - started:.0f} s in all)"
+        + (
+            f" (+ {config.half_warmup:g} s + {config.half_seconds:g} s at half rate)"
+            if config.half_seconds > 0
+            else ""
+        )
+        + f" ({time.monotonic() - started:.0f} s in all)"
     )
     print(format_table(rows))
     for note in notes(rows, cores):
