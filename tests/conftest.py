@@ -3,9 +3,11 @@ database per test session with migrations applied, and development tokens."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
+import subprocess
 import tempfile
 import time
 import uuid
@@ -44,7 +46,13 @@ def postgres_server_url() -> Iterator[str]:
         return
     with tempfile.TemporaryDirectory(prefix="marketplace-pg-") as scratch:
         postgres = EmbeddedPostgres(Path(scratch) / "pgdata", delete_on_exit=True)
-        yield postgres.url
+        try:
+            yield postgres.url
+        finally:
+            # pgserver stops a server only when no other process ever attached to it, so
+            # a test session stops its own explicitly.
+            with contextlib.suppress(subprocess.CalledProcessError):
+                postgres.stop()
 
 
 def create_database(server_url: str) -> str:

@@ -4,6 +4,8 @@ same server process serves again once the database is back, without a restart.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -30,7 +32,8 @@ def own_postgres() -> Iterator[tuple[EmbeddedPostgres, str]]:
         try:
             yield postgres, create_database(postgres.url)
         finally:
-            postgres.start()  # leave it running so cleanup can stop and delete it
+            with contextlib.suppress(subprocess.CalledProcessError):
+                postgres.stop()
 
 
 async def _eventually(check: object, within: float = 20) -> None:
