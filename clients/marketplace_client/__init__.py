@@ -1,6 +1,6 @@
 """Async Python client for the Marketplace gRPC API."""
 
-from marketplace_client.client import MarketplaceClient, Page, TokenSource
+from marketplace_client.client import MarketplaceClient, Page, TokenSource, follow_pages
 from marketplace_client.errors import (
     AbortedError,
     AlreadyExistsError,
@@ -37,6 +37,7 @@ __all__ = [
     "TokenSource",
     "UnauthenticatedError",
     "UnavailableError",
+    "follow_pages",
     "to_decimal",
     "to_money",
 ]

@@ -94,7 +94,7 @@ class MarketplaceClient:
 
     def list_products(self, page_size: int = 0) -> AsyncIterator[catalog_pb2.Product]:
         """Every product ordered by SKU, fetching pages as the iteration needs them."""
-        return _follow(self.list_products_page, page_size)
+        return follow_pages(self.list_products_page, page_size)
 
     async def get_product(self, product_id: str) -> catalog_pb2.Product:
         request = catalog_pb2.GetProductRequest(id=product_id)
@@ -194,7 +194,7 @@ class MarketplaceClient:
 
     def list_orders(self, page_size: int = 0) -> AsyncIterator[order_pb2.Order]:
         """Every order the caller may see, newest first, fetching pages as needed."""
-        return _follow(self.list_orders_page, page_size)
+        return follow_pages(self.list_orders_page, page_size)
 
     async def cancel_order(self, order_id: str, request_id: str | None = None) -> order_pb2.Order:
         """Cancels a pending order; cancelling a cancelled order returns it unchanged."""
@@ -226,7 +226,7 @@ class MarketplaceClient:
         return (("authorization", f"Bearer {token}"),)
 
 
-async def _follow(
+async def follow_pages(
     fetch: Callable[[int, str], Awaitable[Page[ItemT]]], page_size: int
 ) -> AsyncIterator[ItemT]:
     """Follows next_page_token (AIP-158) until the last page."""

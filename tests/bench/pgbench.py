@@ -75,61 +75,15 @@ SELECT '{' || string_agg(l.product_id, ',' ORDER BY l.product_id) || '}' AS ids,
  GROUP BY o.id, o.customer_id, o.request_id, o.fingerprint \\gset
 """
 
-# A copy of the server's order statements (server/services/orders.py, _LOCK_PRODUCTS,
-# _FIND_BY_REQUEST_IDS, _WRITE_ORDERS), used only when they cannot be read from there.
-# pgbench's `:name` variables are SQLAlchemy's `:name` bind parameters, so the server's text
-# runs unchanged, each statement bound to the arrays PARAMETERS built.
-BENCH_COPY = (
-    """
-    SELECT id, stock, sku, price_currency, price_amount
-      FROM products WHERE id = ANY(CAST(:ids AS uuid[]))
-     ORDER BY id
-       FOR UPDATE
-    """,
-    """
-    SELECT o.id, o.customer_id, o.request_id, o.request_fingerprint
-      FROM orders o
-      JOIN unnest(CAST(:customers AS text[]), CAST(:request_ids AS text[]))
-           AS r(customer_id, request_id) USING (customer_id, request_id)
-    """,
-    """
-    WITH new_orders AS (
-        INSERT INTO orders (id, customer_id, request_id, request_fingerprint, status,
-                            currency, total, create_time, update_time)
-        SELECT o.id, o.customer_id, o.request_id, o.fingerprint, 'PENDING_PAYMENT',
-               o.currency, o.total, now(), now()
-          FROM unnest(CAST(:order_ids AS uuid[]), CAST(:customers AS text[]),
-                      CAST(:request_ids AS text[]), CAST(:fingerprints AS text[]),
-                      CAST(:currencies AS text[]), CAST(:totals AS numeric[]))
-               AS o(id, customer_id, request_id, fingerprint, currency, total)
-        ON CONFLICT (customer_id, request_id) DO NOTHING
-        RETURNING id, create_time
-    ), stock AS (
-        UPDATE products p SET stock = p.stock - d.quantity, update_time = now()
-          FROM unnest(CAST(:product_ids AS uuid[]), CAST(:quantities AS bigint[]))
-               AS d(id, quantity)
-         WHERE p.id = d.id
-    ), lines AS (
-        INSERT INTO order_lines (order_id, line_no, product_id, sku, quantity, unit_price,
-                                 currency)
-        SELECT * FROM unnest(CAST(:line_order_ids AS uuid[]), CAST(:line_numbers AS int[]),
-                             CAST(:line_product_ids AS uuid[]), CAST(:line_skus AS text[]),
-                             CAST(:line_quantities AS int[]), CAST(:line_prices AS numeric[]),
-                             CAST(:line_currencies AS text[]))
-    )
-    SELECT id, create_time FROM new_orders
-    """,
-)
+# The server's own order statements, imported rather than copied so the baseline can never
+# drift from what the server runs. pgbench's `:name` variables are SQLAlchemy's `:name` bind
+# parameters, so the text runs unchanged, each statement bound to the arrays PARAMETERS built.
 SERVER_STATEMENTS = ("_LOCK_PRODUCTS", "_FIND_BY_REQUEST_IDS", "_WRITE_ORDERS")
 _VARIABLE = re.compile(r"(?<![:\w]):(\w+)")
 # The variables PARAMETERS sets: the aliases of its final SELECT.
 _BUILT = frozenset(
     re.findall(r"\bAS (\w+)", PARAMETERS.split("\nSELECT ", 1)[1].split("\n  FROM o ")[0])
 )
-
-
-def _normalized(sql: str) -> str:
-    return " ".join(sql.split())
 
 
 @dataclass(frozen=True)
@@ -139,25 +93,16 @@ class OrderSql:
 
 
 def order_sql() -> OrderSql:
-    """The server's own order statements when they can be read and bound here, else the
-    bench's copy, saying why."""
-    try:
-        from server.services import orders
+    """The server's order statements; fails loudly if they bind a parameter pgbench lacks."""
+    from server.services import orders
 
-        statements = tuple(str(getattr(orders, name).text) for name in SERVER_STATEMENTS)
-    except (ImportError, AttributeError) as error:
-        return OrderSql(BENCH_COPY, f"bench copy: cannot read the server's statements ({error})")
+    statements = tuple(str(getattr(orders, name).text) for name in SERVER_STATEMENTS)
     unbound = set(_VARIABLE.findall(" ".join(statements))) - _BUILT
     if unbound:
-        return OrderSql(
-            BENCH_COPY, f"bench copy: the server binds {sorted(unbound)}, which pgbench lacks"
+        raise RuntimeError(
+            f"server/services/orders.py binds {sorted(unbound)}; extend PARAMETERS to build them"
         )
-    same = [_normalized(a) for a in statements] == [_normalized(b) for b in BENCH_COPY]
-    return OrderSql(
-        statements,
-        "server/services/orders.py"
-        + (" (same as the bench copy)" if same else " (differs from the bench copy)"),
-    )
+    return OrderSql(statements, "server/services/orders.py")
 
 
 def script(kind: str, sql: OrderSql) -> str:

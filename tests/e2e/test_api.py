@@ -28,6 +28,7 @@ from marketplace_client import (
     Page,
     PreconditionViolation,
     RequestIdReusedError,
+    follow_pages,
     to_decimal,
     to_money,
 )
@@ -68,14 +69,8 @@ class RestApi:
             response.json()["nextPageToken"],
         )
 
-    async def list_products(self, page_size: int = 0) -> AsyncIterator[catalog_pb2.Product]:
-        token = ""
-        while True:
-            page = await self.list_products_page(page_size, token)
-            for product in page.items:
-                yield product
-            if not (token := page.next_page_token):
-                return
+    def list_products(self, page_size: int = 0) -> AsyncIterator[catalog_pb2.Product]:
+        return follow_pages(self.list_products_page, page_size)
 
     async def get_product(self, product_id: str) -> catalog_pb2.Product:
         response = await self._send("GET", f"/v1/products/{product_id}")
@@ -144,14 +139,8 @@ class RestApi:
             response.json()["nextPageToken"],
         )
 
-    async def list_orders(self, page_size: int = 0) -> AsyncIterator[order_pb2.Order]:
-        token = ""
-        while True:
-            page = await self.list_orders_page(page_size, token)
-            for order in page.items:
-                yield order
-            if not (token := page.next_page_token):
-                return
+    def list_orders(self, page_size: int = 0) -> AsyncIterator[order_pb2.Order]:
+        return follow_pages(self.list_orders_page, page_size)
 
     async def cancel_order(self, order_id: str, request_id: str | None = None) -> order_pb2.Order:
         body = {"requestId": request_id or str(uuid.uuid4())}

@@ -293,6 +293,16 @@ class Env:
 Arrange = Callable[[Env], Awaitable[tuple[Call, Expect]]]
 
 
+@pytest.fixture
+def env(
+    stack: Stack,
+    tokens: Tokens,
+    catalog_stub: catalog_pb2_grpc.CatalogServiceStub,
+    order_stub: order_pb2_grpc.OrderServiceStub,
+) -> Env:
+    return Env(stack.database_url, tokens, catalog_stub, order_stub)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -763,13 +773,10 @@ async def test_bad_input_is_refused_precisely_and_changes_nothing(
     bad: Case,
     transport: str,
     stack: Stack,
-    tokens: Tokens,
+    env: Env,
     channel: grpc.aio.Channel,
-    catalog_stub: catalog_pb2_grpc.CatalogServiceStub,
-    order_stub: order_pb2_grpc.OrderServiceStub,
     rest: httpx.AsyncClient,
 ) -> None:
-    env = Env(stack.database_url, tokens, catalog_stub, order_stub)
     call, expect = await bad.arrange(env)
     before = table_snapshot(stack.database_url)
 
@@ -790,13 +797,10 @@ async def test_bad_input_is_refused_precisely_and_changes_nothing(
 async def test_out_of_stock_names_every_short_line_and_keeps_stock(
     transport: str,
     stack: Stack,
-    tokens: Tokens,
+    env: Env,
     channel: grpc.aio.Channel,
-    catalog_stub: catalog_pb2_grpc.CatalogServiceStub,
-    order_stub: order_pb2_grpc.OrderServiceStub,
     rest: httpx.AsyncClient,
 ) -> None:
-    env = Env(stack.database_url, tokens, catalog_stub, order_stub)
     plenty, short_a, short_b = env.product(stock=50), env.product(stock=1), env.product(stock=0)
     call = create_order(env.customer(), [(plenty, 5), (short_a, 2), (short_b, 1)])
 
