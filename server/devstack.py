@@ -12,10 +12,12 @@ import contextlib
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator, Mapping
 from decimal import Decimal
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import IO, Any
 import grpc
 import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy.engine import make_url
 
 from server.api.auth import issue_development_token
 from server.db.engine import upgrade_schema
@@ -81,7 +84,44 @@ class EmbeddedPostgres:
         self._server.ensure_postgres_running()
 
     def close(self) -> None:
+        """Stops the server, then lets pgserver clean up (delete the data when asked to).
+
+        pgserver alone stops a server only if no other process ever attached to it, which
+        left servers running after tests; whoever owns the data directory stops it here.
+        """
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop()  # fails only when it is not running
         self._server.cleanup()
+
+    def __enter__(self) -> EmbeddedPostgres:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def create_database(server_url: str, prefix: str) -> str:
+    """A new database named `prefix` + a random suffix on `server_url`, migrated; its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    upgrade_schema(url)
+    return url
+
+
+def drop_database(server_url: str, url: str) -> None:
+    name = make_url(url).database
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def ensure_jwt_secret(data_dir: Path = DATA_DIR) -> str:
@@ -197,14 +237,8 @@ def database() -> Iterator[str]:
     if url := os.environ.get("DATABASE_URL"):
         yield url
         return
-    postgres = EmbeddedPostgres(DATA_DIR / "pgdata")
-    try:
+    with EmbeddedPostgres(DATA_DIR / "pgdata") as postgres:
         yield postgres.url
-    finally:
-        # pgserver shares one server between processes and stops it only when the last one
-        # exits cleanly; make run owns .data/pgdata, so it stops it itself.
-        with contextlib.suppress(subprocess.CalledProcessError):
-            postgres.stop()
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -3,11 +3,8 @@ database per test session with migrations applied, and development tokens."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
-import socket
-import subprocess
 import tempfile
 import time
 import uuid
@@ -19,24 +16,11 @@ from pathlib import Path
 import jwt
 import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 
 from server.api.auth import issue_development_token
-from server.db.engine import upgrade_schema
-from server.devstack import EmbeddedPostgres
+from server.devstack import EmbeddedPostgres, create_database, drop_database
 
 JWT_SECRET = "test-secret-" + "x" * 32
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def database_url_for(server_url: str, database: str) -> str:
-    return make_url(server_url).set(database=database).render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="session")
@@ -44,36 +28,16 @@ def postgres_server_url() -> Iterator[str]:
     if url := os.environ.get("TEST_DATABASE_URL"):
         yield url
         return
-    with tempfile.TemporaryDirectory(prefix="marketplace-pg-") as scratch:
-        postgres = EmbeddedPostgres(Path(scratch) / "pgdata", delete_on_exit=True)
-        try:
-            yield postgres.url
-        finally:
-            # pgserver stops a server only when no other process ever attached to it, so
-            # a test session stops its own explicitly.
-            with contextlib.suppress(subprocess.CalledProcessError):
-                postgres.stop()
-
-
-def create_database(server_url: str) -> str:
-    """A new, migrated database on `server_url`; returns its URL."""
-    name = f"marketplace_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = database_url_for(server_url, name)
-    upgrade_schema(url)
-    return url
-
-
-def drop_database(server_url: str, url: str) -> None:
-    name = make_url(url).database
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with (
+        tempfile.TemporaryDirectory(prefix="marketplace-pg-") as scratch,
+        EmbeddedPostgres(Path(scratch) / "pgdata", delete_on_exit=True) as postgres,
+    ):
+        yield postgres.url
 
 
 @pytest.fixture(scope="session")
 def database_url(postgres_server_url: str) -> Iterator[str]:
-    url = create_database(postgres_server_url)
+    url = create_database(postgres_server_url, "marketplace_test")
     yield url
     drop_database(postgres_server_url, url)
 

@@ -7,11 +7,9 @@ import contextlib
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +20,11 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import make_url
 
-from server.db.engine import upgrade_schema
 from server.devstack import (
     EmbeddedPostgres,
+    create_database,
+    drop_database,
+    free_port,
     render_envoy_config,
     start_envoy,
     start_server,
@@ -45,27 +45,24 @@ from tests.bench.config import (
 EMBEDDED_MAX_CONNECTIONS = 500
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 # --- CPU accounting -------------------------------------------------------------------------
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    """A process and all its descendants; empty when it is gone."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def tree_cpu_by_process(pid: int) -> dict[int, float]:
     """User + system CPU seconds of a process and each of its descendants, each including its
     own reaped children (an exited child's time moves into its parent's children_* counters,
     so the sum stays whole)."""
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return {}
     seconds = {}
-    for process in processes:
+    for process in _tree(pid):
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             times = process.cpu_times()
             seconds[process.pid] = (
@@ -80,13 +77,8 @@ def tree_cpu_seconds(pid: int) -> float:
 
 def tree_rss_mb(pid: int) -> list[float]:
     """Resident memory of each process in the tree, in MiB."""
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
     sizes = []
-    for process in processes:
+    for process in _tree(pid):
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             sizes.append(process.memory_info().rss / 2**20)
     return sizes
@@ -181,19 +173,11 @@ def bench_database(scratch: Path, server_url: str | None) -> Iterator[Database]:
             postgres.stop()
             postgres.start()
             server_url = postgres.url
-        name = f"marketplace_bench_{uuid.uuid4().hex[:12]}"
         with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
             max_connections = int(conn.execute("SHOW max_connections").fetchone()[0])  # type: ignore[index]
-
-        def drop() -> None:
-            with psycopg.connect(server_url, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-        stack.callback(drop)
-        url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
         with contextlib.redirect_stdout(io.StringIO()):
-            upgrade_schema(url)
+            url = create_database(server_url, "marketplace_bench")
+        stack.callback(drop_database, server_url, url)
         _seed(url)
         yield Database(url, _local_postmaster(url), max_connections)
 
@@ -234,13 +218,8 @@ class ServerProcess:
 
 def _listeners(pid: int, port: int) -> int:
     """How many processes of the tree have a socket listening on `port`."""
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
     count = 0
-    for process in processes:
+    for process in _tree(pid):
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             if any(
                 connection.status == psutil.CONN_LISTEN and connection.laddr.port == port

@@ -14,6 +14,7 @@ import pytest
 from marketplace.catalog.v1 import catalog_pb2_grpc
 from marketplace.order.v1 import order_pb2_grpc
 from server.devstack import (
+    free_port,
     render_envoy_config,
     start_envoy,
     start_server,
@@ -21,7 +22,7 @@ from server.devstack import (
     wait_for_envoy,
     wait_for_grpc,
 )
-from tests.conftest import JWT_SECRET, free_port
+from tests.conftest import JWT_SECRET
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,6 @@ same server process serves again once the database is back, without a restart.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,8 +15,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from marketplace.order.v1 import order_pb2, order_pb2_grpc
-from server.devstack import EmbeddedPostgres, start_server, stop_process, wait_for_grpc
-from tests.conftest import Tokens, create_database, free_port, insert_product
+from server.devstack import (
+    EmbeddedPostgres,
+    create_database,
+    free_port,
+    start_server,
+    stop_process,
+    wait_for_grpc,
+)
+from tests.conftest import Tokens, insert_product
 from tests.e2e.conftest import bearer, server_env
 
 pytestmark = pytest.mark.e2e
@@ -27,13 +32,11 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def own_postgres() -> Iterator[tuple[EmbeddedPostgres, str]]:
     """A PostgreSQL of this test's own, since stopping the shared one would break others."""
-    with tempfile.TemporaryDirectory(prefix="marketplace-outage-") as scratch:
-        postgres = EmbeddedPostgres(Path(scratch) / "pgdata", delete_on_exit=True)
-        try:
-            yield postgres, create_database(postgres.url)
-        finally:
-            with contextlib.suppress(subprocess.CalledProcessError):
-                postgres.stop()
+    with (
+        tempfile.TemporaryDirectory(prefix="marketplace-outage-") as scratch,
+        EmbeddedPostgres(Path(scratch) / "pgdata", delete_on_exit=True) as postgres,
+    ):
+        yield postgres, create_database(postgres.url, "marketplace_outage")
 
 
 async def _eventually(check: object, within: float = 20) -> None:

@@ -12,8 +12,8 @@ import psycopg
 import pytest
 
 from marketplace.order.v1 import order_pb2, order_pb2_grpc
-from server.devstack import start_server, stop_process, wait_for_grpc
-from tests.conftest import Tokens, free_port, insert_product, stock_of
+from server.devstack import free_port, start_server, stop_process, wait_for_grpc
+from tests.conftest import Tokens, insert_product, stock_of
 from tests.e2e.conftest import bearer, server_env
 
 pytestmark = pytest.mark.e2e

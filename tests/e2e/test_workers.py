@@ -12,8 +12,8 @@ import psutil
 import pytest
 
 from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
-from server.devstack import start_server, stop_process, wait_for_grpc
-from tests.conftest import free_port, insert_product
+from server.devstack import free_port, start_server, stop_process, wait_for_grpc
+from tests.conftest import insert_product
 from tests.e2e.conftest import server_env
 
 pytestmark = pytest.mark.e2e
