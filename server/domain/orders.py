@@ -7,6 +7,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 
 from server.domain.errors import (
     DomainError,
@@ -111,10 +112,7 @@ def order_total(lines: Sequence[OrderLine]) -> Money:
                 for line in lines
             ],
         )
-    total = Money(currencies[0], lines[0].line_total.amount * 0)
-    for line in lines:
-        total = total.plus(line.line_total)
-    return total
+    return Money(currencies[0], sum((line.line_total.amount for line in lines), Decimal(0)))
 
 
 @dataclass(frozen=True, slots=True)

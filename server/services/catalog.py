@@ -99,11 +99,10 @@ class Catalog:
         return products, next_token
 
     async def get_product(self, product_id: str) -> Product:
-        async with self._reads.connect() as conn:
-            row = (await conn.execute(_GET_PRODUCT, {"id": uuid.UUID(product_id)})).first()
-        if row is None:
-            raise NotFound("product", product_id)
-        return product_from_row(row)
+        [found] = await self.get_products([product_id])
+        if isinstance(found, NotFound):
+            raise found
+        return found
 
     async def get_products(self, product_ids: Sequence[str]) -> list[Product | NotFound]:
         """Several lookups in one query: concurrent GetProduct calls share it (see app.py)."""

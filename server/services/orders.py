@@ -171,14 +171,14 @@ class Orders:
         self, conn: AsyncConnection, batch: Sequence[tuple[str, OrderRequest]]
     ) -> list[Order | DomainError]:
         outcomes: list[Order | DomainError | None] = [None] * len(batch)
+        fingerprints = [request.fingerprint() for _, request in batch]  # hashed once each
         # Copies of one request inside the batch share the first copy's outcome.
         first_of: dict[tuple[str, str], int] = {}
         copies: dict[int, int] = {}
         for index, (customer_id, request) in enumerate(batch):
             key = (customer_id, request.request_id)
             if key in first_of:
-                original = batch[first_of[key]][1]
-                if original.fingerprint() == request.fingerprint():
+                if fingerprints[first_of[key]] == fingerprints[index]:
                     copies[index] = first_of[key]
                 else:
                     outcomes[index] = RequestIdReused(request.request_id)
@@ -209,7 +209,7 @@ class Orders:
         replays: dict[int, uuid.UUID] = {}
         for row in seen:
             index = first_of[(row.customer_id, row.request_id)]
-            if row.request_fingerprint == batch[index][1].fingerprint():
+            if row.request_fingerprint == fingerprints[index]:
                 replays[index] = row.id
             else:
                 outcomes[index] = RequestIdReused(row.request_id)
@@ -224,7 +224,7 @@ class Orders:
                 outcomes[index] = allocation
 
         if accepted:
-            created = await self._write(conn, batch, accepted, taken)
+            created = await self._write(conn, batch, fingerprints, accepted, taken)
             for index, order_id, allocation in accepted:
                 customer_id = batch[index][0]
                 moment = created[order_id]
@@ -254,6 +254,7 @@ class Orders:
         self,
         conn: AsyncConnection,
         batch: Sequence[tuple[str, OrderRequest]],
+        fingerprints: Sequence[str],
         accepted: Sequence[tuple[int, uuid.UUID, Allocation]],
         taken: dict[str, int],
     ) -> dict[uuid.UUID, datetime]:
@@ -266,7 +267,7 @@ class Orders:
             "order_ids": [order_id for _, order_id, _ in accepted],
             "customers": [batch[index][0] for index, _, _ in accepted],
             "request_ids": [batch[index][1].request_id for index, _, _ in accepted],
-            "fingerprints": [batch[index][1].fingerprint() for index, _, _ in accepted],
+            "fingerprints": [fingerprints[index] for index, _, _ in accepted],
             "currencies": [allocation.total.currency for _, _, allocation in accepted],
             "totals": [allocation.total.amount for _, _, allocation in accepted],
             "product_ids": [uuid.UUID(p) for p in sorted(taken)],
