@@ -14,6 +14,7 @@ from tenacity import (
 # asks the client to run it again.
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 MAX_ATTEMPTS = 5
+UNIQUE_VIOLATION = "23505"
 
 
 def sqlstate(error: BaseException) -> str | None:

@@ -10,7 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from server.db.transactions import retrying_transaction, sqlstate
+from server.db.transactions import UNIQUE_VIOLATION, retrying_transaction, sqlstate
 from server.domain.catalog import (
     SKU_PATTERN,
     Product,
@@ -27,8 +27,6 @@ from server.domain.errors import (
 )
 from server.domain.pagination import decode_page_token, encode_page_token, invalid_page_token
 from server.services.rows import PRODUCT_COLUMNS, product_from_row
-
-UNIQUE_VIOLATION = "23505"
 
 _LIST_PRODUCTS = text(
     f"SELECT {PRODUCT_COLUMNS} FROM products WHERE sku > :after ORDER BY sku LIMIT :limit"

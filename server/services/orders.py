@@ -9,10 +9,15 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from server.db.transactions import is_retryable_conflict, retrying_transaction
+from server.db.transactions import (
+    UNIQUE_VIOLATION,
+    is_retryable_conflict,
+    retrying_transaction,
+    sqlstate,
+)
 from server.domain.errors import DomainError, NotFound, RequestIdReused
 from server.domain.identity import Principal
 from server.domain.money import Money
@@ -97,9 +102,13 @@ _RELEASE_STOCK = text(
 )
 _MARK_CANCELLED = text(
     """
-    UPDATE orders SET status = 'CANCELLED', cancel_request_id = :request_id, update_time = now()
+    UPDATE orders SET status = 'CANCELLED', cancel_request_id = :request_id,
+                      cancelled_by = :actor, update_time = now()
      WHERE id = :id
     """
+)
+_FIND_CANCELLATION = text(
+    "SELECT id FROM orders WHERE cancelled_by = :actor AND cancel_request_id = :request_id"
 )
 _LIST_ALL = text(
     f"""
@@ -299,25 +308,51 @@ class Orders:
             return await self._load_visible(conn, principal, order_id, lock=False)
 
     async def cancel_order(self, principal: Principal, order_id: str, request_id: str) -> Order:
-        """Cancels a pending order and releases its stock in the same transaction."""
-        async for attempt in retrying_transaction():
-            with attempt:
-                async with self._engine.begin() as conn:
-                    order = await self._load_visible(conn, principal, order_id, lock=True)
-                    if not must_release_stock_on_cancel(order.id, order.status):
-                        return order
-                    # Same ascending product order as place_order: no lock cycles.
-                    for line in sorted(order.lines, key=lambda line: line.product_id):
-                        await conn.execute(
-                            _RELEASE_STOCK,
-                            {"product_id": uuid.UUID(line.product_id), "quantity": line.quantity},
-                        )
-                    await conn.execute(
-                        _MARK_CANCELLED,
-                        {"id": uuid.UUID(order.id), "request_id": request_id or None},
-                    )
-                    return await self._load(conn, uuid.UUID(order.id))
+        """Cancels a pending order and releases its stock in the same transaction.
+
+        A `request_id` this caller already used to cancel another order is RequestIdReused;
+        the unique (cancelled_by, cancel_request_id) index decides concurrent attempts.
+        """
+        try:
+            async for attempt in retrying_transaction():
+                with attempt:
+                    async with self._engine.begin() as conn:
+                        return await self._cancel(conn, principal, order_id, request_id)
+        except IntegrityError as error:
+            if sqlstate(error) == UNIQUE_VIOLATION:
+                raise RequestIdReused(request_id) from None
+            raise
         raise AssertionError("unreachable: retrying_transaction re-raises")
+
+    async def _cancel(
+        self, conn: AsyncConnection, principal: Principal, order_id: str, request_id: str
+    ) -> Order:
+        if request_id:
+            previous = (
+                await conn.execute(
+                    _FIND_CANCELLATION, {"actor": principal.subject, "request_id": request_id}
+                )
+            ).first()
+            if previous is not None and str(previous.id) != order_id:
+                raise RequestIdReused(request_id)
+        order = await self._load_visible(conn, principal, order_id, lock=True)
+        if not must_release_stock_on_cancel(order.id, order.status):
+            return order
+        # Same ascending product order as place_orders: no lock cycles.
+        for line in sorted(order.lines, key=lambda line: line.product_id):
+            await conn.execute(
+                _RELEASE_STOCK,
+                {"product_id": uuid.UUID(line.product_id), "quantity": line.quantity},
+            )
+        await conn.execute(
+            _MARK_CANCELLED,
+            {
+                "id": uuid.UUID(order.id),
+                "request_id": request_id or None,
+                "actor": principal.subject,
+            },
+        )
+        return await self._load(conn, uuid.UUID(order.id))
 
     async def list_orders(
         self, principal: Principal, page_size: int, page_token: str

@@ -221,3 +221,38 @@ async def test_a_batch_fills_orders_in_arrival_order_each_all_or_nothing(
         getattr(outcomes[2], "id", None),
     ]
     assert stock_of(database_url, hot) == 0
+
+
+async def test_a_cancel_request_id_reused_for_another_order_is_refused(
+    orders: Orders, database_url: str
+) -> None:
+    product = insert_product(database_url, stock=10)
+    buyer = customer()
+    first = await orders.place_order(buyer.subject, order_request("x-1", [(product, 2)]))
+    second = await orders.place_order(buyer.subject, order_request("x-2", [(product, 3)]))
+    await orders.cancel_order(buyer, first.id, "cancel-once")
+    before = table_snapshot(database_url)
+    with pytest.raises(RequestIdReused):
+        await orders.cancel_order(buyer, second.id, "cancel-once")
+    assert table_snapshot(database_url) == before
+    replay = await orders.cancel_order(buyer, first.id, "cancel-once")
+    assert replay.id == first.id
+    assert replay.status is OrderStatus.CANCELLED
+    assert stock_of(database_url, product) == 7
+
+
+async def test_concurrent_cancels_of_two_orders_under_one_request_id_cancel_one(
+    orders: Orders, database_url: str
+) -> None:
+    product = insert_product(database_url, stock=10)
+    buyer = customer()
+    placed = [
+        await orders.place_order(buyer.subject, order_request(f"y-{i}", [(product, 1)]))
+        for i in range(2)
+    ]
+    results = await asyncio.gather(
+        *(orders.cancel_order(buyer, o.id, "same-cancel") for o in placed),
+        return_exceptions=True,
+    )
+    assert sorted(type(r).__name__ for r in results) == ["Order", "RequestIdReused"]
+    assert stock_of(database_url, product) == 9

@@ -314,8 +314,8 @@ class CancelOrderRequest(_message.Message):
     id: _builtins.str
     """The order id."""
     request_id: _builtins.str
-    """Idempotency key (AIP-155). Cancelling is idempotent by itself; the key
-    is checked for format and recorded on the order.
+    """Idempotency key (AIP-155). Cancelling is idempotent by itself; a key the
+    caller already used to cancel another order is REQUEST_ID_REUSED.
     """
     def __init__(
         self,
