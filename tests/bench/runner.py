@@ -10,8 +10,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import psutil  # type: ignore[import-untyped]
 
@@ -60,6 +62,8 @@ REST_HALF_RATE_NOTE = (
     "wrk has no fixed-rate (open-loop) mode and wrk2, which has, is not installed"
     " (no Debian package)"
 )
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -264,23 +268,9 @@ class Bench:
             f"{scenario}: {concurrency} gRPC clients over {config.generator_processes}"
             f" processes, {config.warmup:g} s warm-up + {config.seconds:g} s ..."
         )
-        orders = kind in ("order-spread", "flash-sale")
-        if orders:
-            self.checkpoint()
-        before = mark(self.db)
-        load, first, last = run_grpc_load(
-            kind=kind,
-            target=server.target,
-            concurrency=concurrency,
-            tokens=self.tokens,
-            processes=config.generator_processes,
-            channels_per_process=config.channels_per_process,
-            event_loop=config.generator_event_loop,
-            warmup=config.warmup,
-            seconds=config.seconds,
-            sample=self.sample,
+        load, first, last, result = self.checked_grpc_load(
+            kind, concurrency, warmup=config.warmup, seconds=config.seconds, sample=self.sample
         )
-        result = check(self.db, before, client_successes=load.ok_total if orders else 0)
         row = self.add_row(
             scenario=scenario,
             tool="grpc.aio",
@@ -296,16 +286,18 @@ class Bench:
         if config.half_seconds > 0 and row.throughput > 0:
             self.half_rate(row, kind)
 
-    def half_rate(self, row: Row, kind: str) -> None:
-        """The same scenario open loop at HALF_RATE_FRACTION of the throughput `row` reached;
-        its latency and its own invariant check go into `row`."""
+    def checked_grpc_load(
+        self,
+        kind: str,
+        concurrency: int,
+        *,
+        warmup: float,
+        seconds: float,
+        sample: Callable[[list[int]], T],
+        rate: float = 0.0,
+    ) -> tuple[LoadResult, T, T, CheckResult]:
+        """One gRPC load run followed by its invariant check (orders counted for orders)."""
         config, server = self.config, self.running_server()
-        rate = row.throughput * HALF_RATE_FRACTION
-        progress(
-            f"{row.scenario} at half rate: open loop, {rate:.0f} calls/s over"
-            f" {config.generator_processes} processes,"
-            f" {config.half_warmup:g} s warm-up + {config.half_seconds:g} s ..."
-        )
         orders = kind in ("order-spread", "flash-sale")
         if orders:
             self.checkpoint()
@@ -313,19 +305,39 @@ class Bench:
         load, first, last = run_grpc_load(
             kind=kind,
             target=server.target,
-            concurrency=row.concurrency,
+            concurrency=concurrency,
             tokens=self.tokens,
             processes=config.generator_processes,
             channels_per_process=config.channels_per_process,
             event_loop=config.generator_event_loop,
+            warmup=warmup,
+            seconds=seconds,
+            sample=sample,
+            rate=rate,
+        )
+        result = check(self.db, before, client_successes=load.ok_total if orders else 0)
+        return load, first, last, result
+
+    def half_rate(self, row: Row, kind: str) -> None:
+        """The same scenario open loop at HALF_RATE_FRACTION of the throughput `row` reached;
+        its latency and its own invariant check go into `row`."""
+        config = self.config
+        rate = row.throughput * HALF_RATE_FRACTION
+        progress(
+            f"{row.scenario} at half rate: open loop, {rate:.0f} calls/s over"
+            f" {config.generator_processes} processes,"
+            f" {config.half_warmup:g} s warm-up + {config.half_seconds:g} s ..."
+        )
+        # Orders of this run are checked on their own: the database must hold exactly the
+        # closed-loop run's orders plus these.
+        load, first, last, result = self.checked_grpc_load(
+            kind,
+            row.concurrency,
             warmup=config.half_warmup,
             seconds=config.half_seconds,
             sample=lambda pids: time.monotonic(),
             rate=rate,
         )
-        # Orders of this run are checked on their own: the database must hold exactly the
-        # closed-loop run's orders plus these.
-        result = check(self.db, before, client_successes=load.ok_total if orders else 0)
         seconds = last - first
         ordered = sorted(load.latencies_ms)
         row.half_target_rate = rate
