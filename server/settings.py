@@ -51,6 +51,37 @@ class Settings(BaseSettings):
     order_batch_max: int = Field(128, ge=1, validation_alias=_env("ORDER_BATCH_MAX"))
     order_batch_runners: int = Field(1, ge=1, validation_alias=_env("ORDER_BATCH_RUNNERS"))
 
+    # The payment provider (Stripe's API; localstripe in development and tests). The base
+    # URL is where the SDK sends requests: Stripe itself, or the fault-injecting Envoy
+    # listener in front of localstripe.
+    stripe_api_key: str = Field("sk_test_marketplace", validation_alias=_env("STRIPE_API_KEY"))
+    stripe_api_base: str = Field("https://api.stripe.com", validation_alias=_env("STRIPE_API_BASE"))
+    stripe_webhook_secret: str = Field(
+        "whsec_marketplace_development", validation_alias=_env("STRIPE_WEBHOOK_SECRET")
+    )
+    # Each provider call: this timeout per attempt, at most this many attempts.
+    provider_timeout_seconds: float = Field(5.0, gt=0, validation_alias=_env("PROVIDER_TIMEOUT"))
+    provider_max_attempts: int = Field(3, ge=1, validation_alias=_env("PROVIDER_MAX_ATTEMPTS"))
+    # The circuit opens after this many failed calls in a row and lets a probe through
+    # after this many seconds.
+    provider_breaker_threshold: int = Field(
+        5, ge=1, validation_alias=_env("PROVIDER_BREAKER_THRESHOLD")
+    )
+    provider_breaker_reset_seconds: float = Field(
+        30.0, gt=0, validation_alias=_env("PROVIDER_BREAKER_RESET")
+    )
+    # An order not paid within this time expires and its stock is released.
+    order_payment_timeout_seconds: float = Field(
+        900.0, gt=0, validation_alias=_env("ORDER_PAYMENT_TIMEOUT")
+    )
+    # Background work in every process: expiry of unpaid orders, reconciliation of payments
+    # and refunds whose outcome is unknown (a pending one is looked at once it is this old).
+    background_interval_seconds: float = Field(
+        5.0, gt=0, validation_alias=_env("BACKGROUND_INTERVAL")
+    )
+    reconcile_after_seconds: float = Field(30.0, ge=0, validation_alias=_env("RECONCILE_AFTER"))
+    background_batch_size: int = Field(100, ge=1, validation_alias=_env("BACKGROUND_BATCH"))
+
     event_loop: Literal["uvloop", "asyncio"] = Field("uvloop", validation_alias=_env("EVENT_LOOP"))
 
     shutdown_grace_seconds: float = Field(10.0, ge=0, validation_alias=_env("SHUTDOWN_GRACE"))

@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.type import money_pb2 as google_dot_type_dot_money__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n marketplace/order/v1/order.proto\x12\x14marketplace.order.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/type/money.proto\"\xb4\x02\n\x05Order\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x63ustomer_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x37\n\x06status\x18\x03 \x01(\x0e\x32!.marketplace.order.v1.OrderStatusB\x04\xe2\x41\x01\x03\x12.\n\x05items\x18\x04 \x03(\x0b\x32\x1f.marketplace.order.v1.OrderItem\x12\'\n\x05total\x18\x05 \x01(\x0b\x32\x12.google.type.MoneyB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"\xac\x01\n\tOrderItem\x12\x18\n\nproduct_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08quantity\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x11\n\x03sku\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12,\n\nunit_price\x18\x04 \x01(\x0b\x32\x12.google.type.MoneyB\x04\xe2\x41\x01\x03\x12,\n\nline_total\x18\x05 \x01(\x0b\x32\x12.google.type.MoneyB\x04\xe2\x41\x01\x03\"d\n\x12\x43reateOrderRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x34\n\x05items\x18\x02 \x03(\x0b\x32\x1f.marketplace.order.v1.OrderItemB\x04\xe2\x41\x01\x02\"A\n\x13\x43reateOrderResponse\x12*\n\x05order\x18\x01 \x01(\x0b\x32\x1b.marketplace.order.v1.Order\"#\n\x0fGetOrderRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\">\n\x10GetOrderResponse\x12*\n\x05order\x18\x01 \x01(\x0b\x32\x1b.marketplace.order.v1.Order\":\n\x11ListOrdersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x12ListOrdersResponse\x12+\n\x06orders\x18\x01 \x03(\x0b\x32\x1b.marketplace.order.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\":\n\x12\x43\x61ncelOrderRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"A\n\x13\x43\x61ncelOrderResponse\x12*\n\x05order\x18\x01 \x01(\x0b\x32\x1b.marketplace.order.v1.Order*\x9a\x01\n\x0bOrderStatus\x12\x1c\n\x18ORDER_STATUS_UNSPECIFIED\x10\x00\x12 \n\x1cORDER_STATUS_PENDING_PAYMENT\x10\x01\x12\x15\n\x11ORDER_STATUS_PAID\x10\x02\x12\x1a\n\x16ORDER_STATUS_CANCELLED\x10\x03\x12\x18\n\x14ORDER_STATUS_EXPIRED\x10\x04\x32\xfa\x03\n\x0cOrderService\x12y\n\x0b\x43reateOrder\x12(.marketplace.order.v1.CreateOrderRequest\x1a).marketplace.order.v1.CreateOrderResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\"\n/v1/orders:\x01*\x12r\n\x08GetOrder\x12%.marketplace.order.v1.GetOrderRequest\x1a&.marketplace.order.v1.GetOrderResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/orders/{id}\x12s\n\nListOrders\x12\'.marketplace.order.v1.ListOrdersRequest\x1a(.marketplace.order.v1.ListOrdersResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/orders\x12\x85\x01\n\x0b\x43\x61ncelOrder\x12(.marketplace.order.v1.CancelOrderRequest\x1a).marketplace.order.v1.CancelOrderResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/orders/{id}:cancel:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n marketplace/order/v1/order.proto\x12\x14marketplace.order.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/type/money.proto\"\xeb\x02\n\x05Order\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x63ustomer_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x37\n\x06status\x18\x03 \x01(\x0e\x32!.marketplace.order.v1.OrderStatusB\x04\xe2\x41\x01\x03\x12.\n\x05items\x18\x04 \x03(\x0b\x32\x1f.marketplace.order.v1.OrderItem\x12\'\n\x05total\x18\x05 \x01(\x0b\x32\x12.google.type.MoneyB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"\xac\x01\n\tOrderItem\x12\x18\n\nproduct_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08quantity\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x11\n\x03sku\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12,\n\nunit_price\x18\x04 \x01(\x0b\x32\x12.google.type.MoneyB\x04\xe2\x41\x01\x03\x12,\n\nline_total\x18\x05 \x01(\x0b\x32\x12.google.type.MoneyB\x04\xe2\x41\x01\x03\"d\n\x12\x43reateOrderRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x34\n\x05items\x18\x02 \x03(\x0b\x32\x1f.marketplace.order.v1.OrderItemB\x04\xe2\x41\x01\x02\"A\n\x13\x43reateOrderResponse\x12*\n\x05order\x18\x01 \x01(\x0b\x32\x1b.marketplace.order.v1.Order\"#\n\x0fGetOrderRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\">\n\x10GetOrderResponse\x12*\n\x05order\x18\x01 \x01(\x0b\x32\x1b.marketplace.order.v1.Order\":\n\x11ListOrdersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x12ListOrdersResponse\x12+\n\x06orders\x18\x01 \x03(\x0b\x32\x1b.marketplace.order.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\":\n\x12\x43\x61ncelOrderRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"A\n\x13\x43\x61ncelOrderResponse\x12*\n\x05order\x18\x01 \x01(\x0b\x32\x1b.marketplace.order.v1.Order*\xb5\x01\n\x0bOrderStatus\x12\x1c\n\x18ORDER_STATUS_UNSPECIFIED\x10\x00\x12 \n\x1cORDER_STATUS_PENDING_PAYMENT\x10\x01\x12\x15\n\x11ORDER_STATUS_PAID\x10\x02\x12\x1a\n\x16ORDER_STATUS_CANCELLED\x10\x03\x12\x18\n\x14ORDER_STATUS_EXPIRED\x10\x04\x12\x19\n\x15ORDER_STATUS_REFUNDED\x10\x05\x32\xfa\x03\n\x0cOrderService\x12y\n\x0b\x43reateOrder\x12(.marketplace.order.v1.CreateOrderRequest\x1a).marketplace.order.v1.CreateOrderResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\"\n/v1/orders:\x01*\x12r\n\x08GetOrder\x12%.marketplace.order.v1.GetOrderRequest\x1a&.marketplace.order.v1.GetOrderResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/orders/{id}\x12s\n\nListOrders\x12\'.marketplace.order.v1.ListOrdersRequest\x1a(.marketplace.order.v1.ListOrdersResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/orders\x12\x85\x01\n\x0b\x43\x61ncelOrder\x12(.marketplace.order.v1.CancelOrderRequest\x1a).marketplace.order.v1.CancelOrderResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/orders/{id}:cancel:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,6 +47,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ORDER'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
   _globals['_ORDER'].fields_by_name['update_time']._loaded_options = None
   _globals['_ORDER'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_ORDER'].fields_by_name['expire_time']._loaded_options = None
+  _globals['_ORDER'].fields_by_name['expire_time']._serialized_options = b'\342A\001\003'
   _globals['_ORDERITEM'].fields_by_name['product_id']._loaded_options = None
   _globals['_ORDERITEM'].fields_by_name['product_id']._serialized_options = b'\342A\001\002'
   _globals['_ORDERITEM'].fields_by_name['quantity']._loaded_options = None
@@ -73,28 +75,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ORDERSERVICE'].methods_by_name['ListOrders']._serialized_options = b'\202\323\344\223\002\014\022\n/v1/orders'
   _globals['_ORDERSERVICE'].methods_by_name['CancelOrder']._loaded_options = None
   _globals['_ORDERSERVICE'].methods_by_name['CancelOrder']._serialized_options = b'\202\323\344\223\002\033\"\026/v1/orders/{id}:cancel:\001*'
-  _globals['_ORDERSTATUS']._serialized_start=1215
-  _globals['_ORDERSTATUS']._serialized_end=1369
+  _globals['_ORDERSTATUS']._serialized_start=1270
+  _globals['_ORDERSTATUS']._serialized_end=1451
   _globals['_ORDER']._serialized_start=180
-  _globals['_ORDER']._serialized_end=488
-  _globals['_ORDERITEM']._serialized_start=491
-  _globals['_ORDERITEM']._serialized_end=663
-  _globals['_CREATEORDERREQUEST']._serialized_start=665
-  _globals['_CREATEORDERREQUEST']._serialized_end=765
-  _globals['_CREATEORDERRESPONSE']._serialized_start=767
-  _globals['_CREATEORDERRESPONSE']._serialized_end=832
-  _globals['_GETORDERREQUEST']._serialized_start=834
-  _globals['_GETORDERREQUEST']._serialized_end=869
-  _globals['_GETORDERRESPONSE']._serialized_start=871
-  _globals['_GETORDERRESPONSE']._serialized_end=933
-  _globals['_LISTORDERSREQUEST']._serialized_start=935
-  _globals['_LISTORDERSREQUEST']._serialized_end=993
-  _globals['_LISTORDERSRESPONSE']._serialized_start=995
-  _globals['_LISTORDERSRESPONSE']._serialized_end=1085
-  _globals['_CANCELORDERREQUEST']._serialized_start=1087
-  _globals['_CANCELORDERREQUEST']._serialized_end=1145
-  _globals['_CANCELORDERRESPONSE']._serialized_start=1147
-  _globals['_CANCELORDERRESPONSE']._serialized_end=1212
-  _globals['_ORDERSERVICE']._serialized_start=1372
-  _globals['_ORDERSERVICE']._serialized_end=1878
+  _globals['_ORDER']._serialized_end=543
+  _globals['_ORDERITEM']._serialized_start=546
+  _globals['_ORDERITEM']._serialized_end=718
+  _globals['_CREATEORDERREQUEST']._serialized_start=720
+  _globals['_CREATEORDERREQUEST']._serialized_end=820
+  _globals['_CREATEORDERRESPONSE']._serialized_start=822
+  _globals['_CREATEORDERRESPONSE']._serialized_end=887
+  _globals['_GETORDERREQUEST']._serialized_start=889
+  _globals['_GETORDERREQUEST']._serialized_end=924
+  _globals['_GETORDERRESPONSE']._serialized_start=926
+  _globals['_GETORDERRESPONSE']._serialized_end=988
+  _globals['_LISTORDERSREQUEST']._serialized_start=990
+  _globals['_LISTORDERSREQUEST']._serialized_end=1048
+  _globals['_LISTORDERSRESPONSE']._serialized_start=1050
+  _globals['_LISTORDERSRESPONSE']._serialized_end=1140
+  _globals['_CANCELORDERREQUEST']._serialized_start=1142
+  _globals['_CANCELORDERREQUEST']._serialized_end=1200
+  _globals['_CANCELORDERRESPONSE']._serialized_start=1202
+  _globals['_CANCELORDERRESPONSE']._serialized_end=1267
+  _globals['_ORDERSERVICE']._serialized_start=1454
+  _globals['_ORDERSERVICE']._serialized_end=1960
 # @@protoc_insertion_point(module_scope)

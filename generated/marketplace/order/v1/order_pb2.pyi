@@ -37,6 +37,8 @@ class _OrderStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OrderStat
     """Cancelled; its stock was released."""
     ORDER_STATUS_EXPIRED: _OrderStatus.ValueType  # 4
     """Not paid in time; its stock was released."""
+    ORDER_STATUS_REFUNDED: _OrderStatus.ValueType  # 5
+    """Paid, then refunded in full; its stock was released."""
 
 class OrderStatus(_OrderStatus, metaclass=_OrderStatusEnumTypeWrapper):
     """Where an order is in its life."""
@@ -51,6 +53,8 @@ ORDER_STATUS_CANCELLED: OrderStatus.ValueType  # 3
 """Cancelled; its stock was released."""
 ORDER_STATUS_EXPIRED: OrderStatus.ValueType  # 4
 """Not paid in time; its stock was released."""
+ORDER_STATUS_REFUNDED: OrderStatus.ValueType  # 5
+"""Paid, then refunded in full; its stock was released."""
 Global___OrderStatus: _TypeAlias = OrderStatus  # noqa: Y015
 
 @_typing.final
@@ -66,6 +70,7 @@ class Order(_message.Message):
     TOTAL_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier (a UUID)."""
     customer_id: _builtins.str
@@ -88,6 +93,10 @@ class Order(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the order last changed."""
 
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When an unpaid order expires and its stock is released."""
+
     def __init__(
         self,
         *,
@@ -98,10 +107,11 @@ class Order(_message.Message):
         total: _money_pb2.Money | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "total", b"total", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "total", b"total", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "customer_id", b"customer_id", "id", b"id", "items", b"items", "status", b"status", "total", b"total", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "customer_id", b"customer_id", "expire_time", b"expire_time", "id", b"id", "items", b"items", "status", b"status", "total", b"total", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -86,8 +86,9 @@ class OrderServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelOrder(self, request, context):
-        """Cancels a pending order and puts its stock back. Cancelling a cancelled
-        order returns it unchanged.
+        """Cancels an order and puts its stock back: a pending one at once, a paid
+        one after refunding its payment through the provider. Cancelling a
+        cancelled order returns it unchanged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

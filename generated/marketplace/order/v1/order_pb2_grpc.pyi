@@ -44,8 +44,9 @@ class OrderServiceStub:
     ListOrders: _grpc.UnaryUnaryMultiCallable[_order_pb2.ListOrdersRequest, _order_pb2.ListOrdersResponse]
     """Lists orders, newest first: the caller's own, or all for an admin."""
     CancelOrder: _grpc.UnaryUnaryMultiCallable[_order_pb2.CancelOrderRequest, _order_pb2.CancelOrderResponse]
-    """Cancels a pending order and puts its stock back. Cancelling a cancelled
-    order returns it unchanged.
+    """Cancels an order and puts its stock back: a pending one at once, a paid
+    one after refunding its payment through the provider. Cancelling a
+    cancelled order returns it unchanged.
     """
 
 @_typing.type_check_only
@@ -64,8 +65,9 @@ class OrderServiceAsyncStub(OrderServiceStub):
     ListOrders: _aio.UnaryUnaryMultiCallable[_order_pb2.ListOrdersRequest, _order_pb2.ListOrdersResponse]  # type: ignore[assignment]
     """Lists orders, newest first: the caller's own, or all for an admin."""
     CancelOrder: _aio.UnaryUnaryMultiCallable[_order_pb2.CancelOrderRequest, _order_pb2.CancelOrderResponse]  # type: ignore[assignment]
-    """Cancels a pending order and puts its stock back. Cancelling a cancelled
-    order returns it unchanged.
+    """Cancels an order and puts its stock back: a pending one at once, a paid
+    one after refunding its payment through the provider. Cancelling a
+    cancelled order returns it unchanged.
     """
 
 class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -105,8 +107,9 @@ class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _order_pb2.CancelOrderRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_order_pb2.CancelOrderResponse, _abc.Awaitable[_order_pb2.CancelOrderResponse]]:
-        """Cancels a pending order and puts its stock back. Cancelling a cancelled
-        order returns it unchanged.
+        """Cancels an order and puts its stock back: a pending one at once, a paid
+        one after refunding its payment through the provider. Cancelling a
+        cancelled order returns it unchanged.
         """
 
 def add_OrderServiceServicer_to_server(servicer: OrderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

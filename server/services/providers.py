@@ -1,0 +1,126 @@
+"""The payment provider port: what the payment use cases need of Stripe (or any provider).
+
+The adapter behind it owns timeouts and retries of single calls; the use cases own what a
+failure means for a payment. Amounts cross this boundary in minor units (cents), as every
+card provider counts them.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class IntentStatus(enum.StrEnum):
+    """A provider charge's state, reduced to what decides a payment's fate."""
+
+    # Created, not confirmed: nothing was charged and nothing will be without a confirm.
+    REQUIRES_CONFIRMATION = "REQUIRES_CONFIRMATION"
+    # The provider is still working on it (async methods, 3-D Secure, ...).
+    PROCESSING = "PROCESSING"
+    SUCCEEDED = "SUCCEEDED"
+    # Declined, cancelled or abandoned: nothing was charged.
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderIntent:
+    """One charge at the provider (a Stripe PaymentIntent)."""
+
+    reference: str  # the provider's id, e.g. "pi_..."
+    status: IntentStatus
+    amount_minor: int
+    currency: str  # ISO 4217, upper case
+    failure_code: str = ""
+    failure_message: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRefund:
+    reference: str  # e.g. "re_..."
+    intent_reference: str
+    amount_minor: int
+    succeeded: bool
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+class ProviderError(Exception):
+    """Base of every failure the adapter reports."""
+
+
+class ProviderUnavailable(ProviderError):
+    """The provider could not be reached or answered 5xx/429 after the adapter's retries,
+    in a way that says the request was not acted on (connection refused, 503 before the
+    request was handled). Counts against the circuit breaker."""
+
+
+class ProviderOutcomeUnknown(ProviderError):
+    """The request may have reached the provider but no answer came back (a timeout after
+    sending, a reset mid-response). The caller must find out by retrieving, never assume.
+    Counts against the circuit breaker."""
+
+
+class CardDeclined(ProviderError):
+    """The provider refused the payment method (declined, expired, unknown `pm_` id).
+    A customer's problem, not the provider's: never counts against the circuit breaker."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ProviderRejected(ProviderError):
+    """The provider refused the request as invalid (4xx other than a decline), e.g. a
+    refund larger than what is left, or confirming an intent that is no longer
+    confirmable. Not retryable and not the provider's fault."""
+
+    def __init__(self, code: str, message: str, status: int) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+class PaymentProvider(Protocol):
+    """A card payment provider. Every mutating call carries an idempotency key; the use
+    cases still never rely on the provider honouring it (they record intent ids first)."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def create_intent(
+        self,
+        *,
+        amount_minor: int,
+        currency: str,
+        payment_method: str,
+        metadata: Mapping[str, str],
+        idempotency_key: str,
+    ) -> ProviderIntent:
+        """Creates an unconfirmed charge: nothing is charged until confirm_intent."""
+        ...
+
+    async def confirm_intent(self, reference: str, *, idempotency_key: str) -> ProviderIntent:
+        """Charges. Raises CardDeclined when the card is refused."""
+        ...
+
+    async def retrieve_intent(self, reference: str) -> ProviderIntent: ...
+
+    async def cancel_intent(self, reference: str, *, idempotency_key: str) -> ProviderIntent:
+        """Cancels an unconfirmed intent so it can never be charged."""
+        ...
+
+    async def refund(
+        self,
+        intent_reference: str,
+        *,
+        amount_minor: int,
+        metadata: Mapping[str, str],
+        idempotency_key: str,
+    ) -> ProviderRefund: ...
+
+    async def list_refunds(self, intent_reference: str) -> list[ProviderRefund]: ...
