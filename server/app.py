@@ -14,11 +14,15 @@ from prometheus_client import start_http_server
 
 from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from marketplace.order.v1 import order_pb2, order_pb2_grpc
+from marketplace.payment.v1 import payment_pb2, payment_pb2_grpc
+from server.adapters.stripe_provider import StripeProvider
+from server.adapters.stripe_webhooks import StripeWebhooks
 from server.api.auth import TokenVerifier
 from server.api.catalog import CatalogServicer
 from server.api.health import DatabaseHealth
 from server.api.interceptor import RequestContextInterceptor
 from server.api.orders import OrderServicer
+from server.api.payments import PaymentServicer
 from server.db.engine import create_engine
 from server.domain.catalog import Product
 from server.domain.identity import Access
@@ -26,11 +30,15 @@ from server.domain.orders import Order, OrderRequest
 from server.observability import Metrics, configure_logging
 from server.services.batching import GroupCommitter
 from server.services.catalog import Catalog
+from server.services.circuit import GuardedProvider
 from server.services.orders import Orders
+from server.services.payments import Payments
+from server.services.upkeep import Upkeep, stop_task
 from server.settings import Settings
 
 CATALOG_SERVICE = catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name
 ORDER_SERVICE = order_pb2.DESCRIPTOR.services_by_name["OrderService"].full_name
+PAYMENT_SERVICE = payment_pb2.DESCRIPTOR.services_by_name["PaymentService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 # Who may call what. Unlisted unary RPCs need a valid token (deny by default); ownership
@@ -45,6 +53,12 @@ ACCESS_POLICIES: dict[str, Access] = {
     f"/{ORDER_SERVICE}/GetOrder": Access.AUTHENTICATED,
     f"/{ORDER_SERVICE}/ListOrders": Access.AUTHENTICATED,
     f"/{ORDER_SERVICE}/CancelOrder": Access.AUTHENTICATED,
+    f"/{PAYMENT_SERVICE}/CreatePayment": Access.CUSTOMER,
+    f"/{PAYMENT_SERVICE}/GetPayment": Access.AUTHENTICATED,
+    f"/{PAYMENT_SERVICE}/ListPayments": Access.AUTHENTICATED,
+    f"/{PAYMENT_SERVICE}/RefundPayment": Access.ADMIN,
+    # Authenticated by the provider's signature over the body, not by a bearer token.
+    f"/{PAYMENT_SERVICE}/HandleProviderWebhook": Access.PUBLIC,
     f"/{HEALTH_SERVICE}/Check": Access.PUBLIC,
     f"/{HEALTH_SERVICE}/List": Access.PUBLIC,
 }
@@ -93,7 +107,38 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     catalog_pb2_grpc.add_CatalogServiceServicer_to_server(
         CatalogServicer(catalog, product_lookup.submit), server
     )
-    orders = Orders(engine)
+    orders = Orders(engine, payment_window_seconds=settings.order_payment_timeout_seconds)
+    stripe_provider = StripeProvider(
+        api_key=settings.stripe_api_key,
+        api_base=settings.stripe_api_base,
+        timeout_seconds=settings.provider_timeout_seconds,
+        max_attempts=settings.provider_max_attempts,
+    )
+    provider = GuardedProvider(
+        stripe_provider,
+        threshold=settings.provider_breaker_threshold,
+        reset_seconds=settings.provider_breaker_reset_seconds,
+    )
+    # Work in flight holds a payment or refund away from the reconciler for this long: one
+    # provider call with every retry (each backoff is capped at 2 s), plus the grace
+    # period the operator chose.
+    lease_seconds = settings.reconcile_after_seconds + settings.provider_max_attempts * (
+        settings.provider_timeout_seconds + 2.0
+    )
+    payments = Payments(
+        engine,
+        orders,
+        provider,
+        lease_seconds=lease_seconds,
+        recheck_seconds=settings.reconcile_after_seconds,
+    )
+    upkeep = Upkeep(
+        engine,
+        payments,
+        provider,
+        batch_size=settings.background_batch_size,
+        lease_seconds=lease_seconds,
+    )
     # Concurrent CreateOrder calls share transactions (group commit): under a flash sale the
     # hot product's row lock is taken once per batch instead of once per order.
     order_committer: GroupCommitter[tuple[str, OrderRequest], Order] = GroupCommitter(
@@ -102,17 +147,21 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         runners=settings.order_batch_runners,
     )
     order_pb2_grpc.add_OrderServiceServicer_to_server(
-        OrderServicer(orders, order_committer.submit, metrics), server
+        OrderServicer(orders, order_committer.submit, payments.cancel_order, metrics), server
+    )
+    payment_pb2_grpc.add_PaymentServiceServicer_to_server(
+        PaymentServicer(payments, StripeWebhooks(settings.stripe_webhook_secret)), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (CATALOG_SERVICE, ORDER_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+        (CATALOG_SERVICE, ORDER_SERVICE, PAYMENT_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME),
+        server,
     )
     database_health = DatabaseHealth(
         health_servicer,
         engine,
-        (CATALOG_SERVICE, ORDER_SERVICE),
+        (CATALOG_SERVICE, ORDER_SERVICE, PAYMENT_SERVICE),
         settings.health_check_interval_seconds,
     )
 
@@ -123,6 +172,9 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     await server.start()
     await database_health.check_once()
     health_task = asyncio.create_task(database_health.run(), name="database-health")
+    upkeep_task = asyncio.create_task(
+        upkeep.run_forever(settings.background_interval_seconds), name="upkeep"
+    )
     _log.info("listening", address=f"{settings.grpc_host}:{port}")
 
     stopping = asyncio.Event()
@@ -135,10 +187,12 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     health_task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await health_task
+    await stop_task(upkeep_task)
     await database_health.shut_down()
     await server.stop(settings.shutdown_grace_seconds)
     await order_committer.stop()
     await product_lookup.stop()
+    await stripe_provider.aclose()
     await engine.dispose()
     _log.info("stopped")
 

@@ -9,15 +9,25 @@ from google.type import money_pb2
 
 from marketplace.catalog.v1 import catalog_pb2
 from marketplace.order.v1 import order_pb2
+from marketplace.payment.v1 import payment_pb2
 from server.domain.catalog import PriceInput, Product
-from server.domain.money import Money
+from server.domain.money import Money, money_problems
 from server.domain.orders import Order, OrderStatus
+from server.domain.payments import Payment, PaymentStatus
 
 _ORDER_STATUS = {
     OrderStatus.PENDING_PAYMENT: order_pb2.ORDER_STATUS_PENDING_PAYMENT,
     OrderStatus.PAID: order_pb2.ORDER_STATUS_PAID,
     OrderStatus.CANCELLED: order_pb2.ORDER_STATUS_CANCELLED,
     OrderStatus.EXPIRED: order_pb2.ORDER_STATUS_EXPIRED,
+    OrderStatus.REFUNDED: order_pb2.ORDER_STATUS_REFUNDED,
+}
+_PAYMENT_STATUS = {
+    PaymentStatus.PENDING: payment_pb2.PAYMENT_STATUS_PENDING,
+    PaymentStatus.SUCCEEDED: payment_pb2.PAYMENT_STATUS_SUCCEEDED,
+    PaymentStatus.FAILED: payment_pb2.PAYMENT_STATUS_FAILED,
+    PaymentStatus.REFUNDED: payment_pb2.PAYMENT_STATUS_REFUNDED,
+    PaymentStatus.PARTIALLY_REFUNDED: payment_pb2.PAYMENT_STATUS_PARTIALLY_REFUNDED,
 }
 
 
@@ -69,4 +79,31 @@ def order(value: Order) -> order_pb2.Order:
         total=money(value.total),
         create_time=timestamp(value.create_time),
         update_time=timestamp(value.update_time),
+        expire_time=timestamp(value.expire_time),
     )
+
+
+def payment(value: Payment) -> payment_pb2.Payment:
+    return payment_pb2.Payment(
+        id=value.id,
+        order_id=value.order_id,
+        amount=money(value.amount),
+        status=_PAYMENT_STATUS[value.status],
+        amount_refunded=money(value.amount_refunded),
+        provider=value.provider,
+        provider_reference=value.provider_reference,
+        failure_code=value.failure_code,
+        failure_message=value.failure_message,
+        create_time=timestamp(value.create_time),
+        update_time=timestamp(value.update_time),
+    )
+
+
+def optional_money(field: money_pb2.Money | None) -> tuple[Money | None, list[str]]:
+    """A request's optional Money field: the value (None when unset) and its problems."""
+    if field is None:
+        return None, []
+    problems = money_problems(field.currency_code, field.units, field.nanos)
+    if problems:
+        return None, problems
+    return Money.from_units_nanos(field.currency_code, field.units, field.nanos), []

@@ -19,6 +19,12 @@ from server.domain.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from server.services.circuit import CircuitOpen
+from server.services.providers import (
+    InvalidSignature,
+    ProviderOutcomeUnknown,
+    ProviderUnavailable,
+)
 
 ERROR_DOMAIN = "marketplace"
 # Details travel in a trailer, and gRPC clients refuse trailers over 8 KiB by default; a
@@ -88,9 +94,35 @@ def domain_error_status(error: DomainError) -> grpc.Status:
     raise TypeError(f"no status for {type(error).__name__}")
 
 
+def _retry_after(seconds: float) -> error_details_pb2.RetryInfo:
+    whole = int(seconds)
+    delay = duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
 def infrastructure_error_status(error: BaseException) -> grpc.Status | None:
-    """Statuses for failures that are not the caller's fault but are retryable."""
-    retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=200_000_000))
+    """Statuses for failures that are not the caller's fault but are retryable, and for
+    what dependencies say of a caller (a webhook whose signature does not verify)."""
+    retry = _retry_after(0.2)
+    if isinstance(error, InvalidSignature):
+        return _status(
+            code_pb2.UNAUTHENTICATED,
+            f"webhook rejected: {error}",
+            _error_info("INVALID_SIGNATURE"),
+        )
+    if isinstance(error, ProviderUnavailable | ProviderOutcomeUnknown):
+        # Nothing the caller did; what was recorded stays, and a retry with the same
+        # request_id resumes where this one stopped.
+        seconds = error.retry_after_seconds if isinstance(error, CircuitOpen) else 1.0
+        return _status(
+            code_pb2.UNAVAILABLE,
+            "the payment provider is unavailable; retry with the same request_id",
+            _error_info(
+                "PAYMENT_PROVIDER_UNAVAILABLE",
+                {"circuit": "open" if isinstance(error, CircuitOpen) else "closed"},
+            ),
+            _retry_after(max(seconds, 0.1)),
+        )
     if is_retryable_conflict(error):
         return _status(
             code_pb2.ABORTED,

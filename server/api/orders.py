@@ -11,6 +11,7 @@ from marketplace.order.v1 import order_pb2, order_pb2_grpc
 from server.api import convert
 from server.api.context import current_principal
 from server.domain import orders as rules
+from server.domain.identity import Principal
 from server.domain.orders import Order, OrderRequest
 from server.domain.pagination import page_size
 from server.domain.validation import Violations, check_request_id, parse_resource_id
@@ -19,14 +20,23 @@ from server.services.orders import Orders
 
 # Places one customer's order; in the server this is the group committer's submit.
 PlaceOrder = Callable[[tuple[str, OrderRequest]], Awaitable[Order]]
+# Cancels an order (a paid one is refunded first): the payments use case.
+CancelOrder = Callable[[Principal, str, str], Awaitable[Order]]
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class OrderServicer(order_pb2_grpc.OrderServiceServicer):
-    def __init__(self, orders: Orders, place_order: PlaceOrder, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        orders: Orders,
+        place_order: PlaceOrder,
+        cancel_order: CancelOrder,
+        metrics: Metrics,
+    ) -> None:
         self._orders = orders
         self._place_order = place_order
+        self._cancel_order = cancel_order
         self._metrics = metrics
 
     async def CreateOrder(
@@ -63,7 +73,7 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
         violations = Violations()
         check_request_id(violations, "request_id", request.request_id, required=False)
         violations.raise_if_any()
-        order = await self._orders.cancel_order(
+        order = await self._cancel_order(
             current_principal(), parse_resource_id("id", request.id), request.request_id
         )
         return order_pb2.CancelOrderResponse(order=convert.order(order))

@@ -29,6 +29,7 @@ class OrderStatus(enum.StrEnum):
     PAID = "PAID"
     CANCELLED = "CANCELLED"
     EXPIRED = "EXPIRED"
+    REFUNDED = "REFUNDED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,19 +188,77 @@ class Order:
     total: Money
     create_time: datetime
     update_time: datetime
+    expire_time: datetime
 
 
-def must_release_stock_on_cancel(order_id: str, status: OrderStatus) -> bool:
-    """Whether cancelling an order in `status` changes it (and releases its stock).
+class OrderEvent(enum.StrEnum):
+    """What can happen to an order after it is placed."""
 
-    Cancelling a cancelled order is a no-op so that retries are harmless.
+    PAYMENT_SUCCEEDED = "PAYMENT_SUCCEEDED"
+    PAYMENT_WINDOW_CLOSED = "PAYMENT_WINDOW_CLOSED"
+    CANCELLED = "CANCELLED"
+    REFUNDED_IN_FULL = "REFUNDED_IN_FULL"
+
+
+# The order lifecycle. Anything not listed is refused. A cancel of a PAID order is only
+# applied once its payment has been refunded (see cancellation()).
+_TRANSITIONS: dict[tuple[OrderStatus, OrderEvent], OrderStatus] = {
+    (OrderStatus.PENDING_PAYMENT, OrderEvent.PAYMENT_SUCCEEDED): OrderStatus.PAID,
+    (OrderStatus.PENDING_PAYMENT, OrderEvent.PAYMENT_WINDOW_CLOSED): OrderStatus.EXPIRED,
+    (OrderStatus.PENDING_PAYMENT, OrderEvent.CANCELLED): OrderStatus.CANCELLED,
+    (OrderStatus.PAID, OrderEvent.CANCELLED): OrderStatus.CANCELLED,
+    (OrderStatus.PAID, OrderEvent.REFUNDED_IN_FULL): OrderStatus.REFUNDED,
+}
+# Statuses in which the order holds its stock; leaving them gives the stock back.
+_HOLDS_STOCK = frozenset({OrderStatus.PENDING_PAYMENT, OrderStatus.PAID})
+
+
+def next_status(order_id: str, current: OrderStatus, event: OrderEvent) -> OrderStatus:
+    """The status `event` moves an order to, or FailedPrecondition when it cannot happen."""
+    target = _TRANSITIONS.get((current, event))
+    if target is None:
+        raise FailedPrecondition(
+            f"an order in status {current.value} cannot take {event.value}",
+            reason="ORDER_NOT_CANCELLABLE"
+            if event is OrderEvent.CANCELLED
+            else "INVALID_ORDER_TRANSITION",
+            metadata={"orderId": order_id, "status": current.value, "event": event.value},
+        )
+    return target
+
+
+def releases_stock(current: OrderStatus, target: OrderStatus) -> bool:
+    """Whether moving from `current` to `target` puts the order's units back on sale.
+
+    Exactly once per order: only the one transition out of a stock-holding status does.
     """
-    if status is OrderStatus.PENDING_PAYMENT:
-        return True
+    return current in _HOLDS_STOCK and target not in _HOLDS_STOCK
+
+
+class Cancellation(enum.Enum):
+    """What cancelling an order in a given status takes."""
+
+    NOTHING = "nothing"  # already cancelled: a retry is harmless
+    RELEASE_NOW = "release_now"  # pending: cancel and release stock in one transaction
+    REFUND_FIRST = "refund_first"  # paid: refund through the provider, then cancel
+
+
+def cancellation(order_id: str, status: OrderStatus) -> Cancellation:
     if status is OrderStatus.CANCELLED:
-        return False
+        return Cancellation.NOTHING
+    next_status(order_id, status, OrderEvent.CANCELLED)  # refuses what cannot be cancelled
+    if status is OrderStatus.PAID:
+        return Cancellation.REFUND_FIRST
+    return Cancellation.RELEASE_NOW
+
+
+def check_payable(order_id: str, status: OrderStatus, expire_time: datetime, now: datetime) -> None:
+    """A payment may start only for a pending order whose payment window is open."""
+    if status is OrderStatus.PENDING_PAYMENT and now < expire_time:
+        return
+    shown = status.value if status is not OrderStatus.PENDING_PAYMENT else "EXPIRED"
     raise FailedPrecondition(
-        f"an order in status {status.value} cannot be cancelled",
-        reason="ORDER_NOT_CANCELLABLE",
-        metadata={"orderId": order_id, "status": status.value},
+        f"order {order_id} cannot be paid: it is {shown}",
+        reason="ORDER_NOT_PAYABLE",
+        metadata={"orderId": order_id, "status": shown},
     )

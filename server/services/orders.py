@@ -23,14 +23,16 @@ from server.domain.identity import Principal
 from server.domain.money import Money
 from server.domain.orders import (
     Allocation,
+    Cancellation,
     Order,
     OrderRequest,
     OrderStatus,
     ProductStock,
     allocate,
-    must_release_stock_on_cancel,
+    cancellation,
 )
 from server.domain.pagination import decode_page_token, encode_page_token, invalid_page_token
+from server.domain.payments import payment_in_progress
 from server.services.rows import LINE_COLUMNS, ORDER_COLUMNS, order_from_rows
 
 # The order + stock transaction, for a batch of orders (a single order is a batch of one).
@@ -65,15 +67,16 @@ _WRITE_ORDERS = text(
     """
     WITH new_orders AS (
         INSERT INTO orders (id, customer_id, request_id, request_fingerprint, status,
-                            currency, total, create_time, update_time)
+                            currency, total, create_time, update_time, expire_time)
         SELECT o.id, o.customer_id, o.request_id, o.fingerprint, 'PENDING_PAYMENT',
-               o.currency, o.total, now(), now()
+               o.currency, o.total, now(), now(),
+               now() + make_interval(secs => CAST(:payment_window AS double precision))
           FROM unnest(CAST(:order_ids AS uuid[]), CAST(:customers AS text[]),
                       CAST(:request_ids AS text[]), CAST(:fingerprints AS text[]),
                       CAST(:currencies AS text[]), CAST(:totals AS numeric[]))
                AS o(id, customer_id, request_id, fingerprint, currency, total)
         ON CONFLICT (customer_id, request_id) DO NOTHING
-        RETURNING id, create_time
+        RETURNING id, create_time, expire_time
     ), stock AS (
         UPDATE products p SET stock = p.stock - d.quantity, update_time = now()
           FROM unnest(CAST(:product_ids AS uuid[]), CAST(:quantities AS bigint[]))
@@ -87,7 +90,7 @@ _WRITE_ORDERS = text(
                              CAST(:line_quantities AS int[]), CAST(:line_prices AS numeric[]),
                              CAST(:line_currencies AS text[]))
     )
-    SELECT id, create_time FROM new_orders
+    SELECT id, create_time, expire_time FROM new_orders
     """
 )
 _GET_ORDER = text(f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = :id")
@@ -97,8 +100,22 @@ _LINES_OF = text(
     f"SELECT {LINE_COLUMNS} FROM order_lines WHERE order_id = ANY(:order_ids)"
     " ORDER BY order_id, line_no"
 )
+# Giving stock back, for any number of orders: lock the products in ascending id order (the
+# order every writer uses, so no lock cycles), then add back what the orders' lines took.
+_LOCK_LINE_PRODUCTS = text(
+    """
+    SELECT id FROM products
+     WHERE id IN (SELECT product_id FROM order_lines WHERE order_id = ANY(:order_ids))
+     ORDER BY id FOR UPDATE
+    """
+)
 _RELEASE_STOCK = text(
-    "UPDATE products SET stock = stock + :quantity, update_time = now() WHERE id = :product_id"
+    """
+    UPDATE products p SET stock = p.stock + taken.quantity, update_time = now()
+      FROM (SELECT product_id, sum(quantity) AS quantity FROM order_lines
+             WHERE order_id = ANY(:order_ids) GROUP BY product_id) AS taken
+     WHERE p.id = taken.product_id
+    """
 )
 _MARK_CANCELLED = text(
     """
@@ -106,6 +123,9 @@ _MARK_CANCELLED = text(
                       cancelled_by = :actor, update_time = now()
      WHERE id = :id
     """
+)
+_PAYMENT_IN_FLIGHT = text(
+    "SELECT id FROM payments WHERE order_id = :order_id AND status = 'PENDING' LIMIT 1"
 )
 _FIND_CANCELLATION = text(
     "SELECT id FROM orders WHERE cancelled_by = :actor AND cancel_request_id = :request_id"
@@ -132,13 +152,30 @@ class _RequestIdRace(Exception):
     """Another transaction committed one of this batch's request ids first; run again."""
 
 
+class RefundNeeded(Exception):
+    """The order is paid: cancelling it is a refund first (the payments use case)."""
+
+    def __init__(self, order: Order) -> None:
+        super().__init__(f"order {order.id} is paid")
+        self.order = order
+
+
+async def release_stock(conn: AsyncConnection, order_ids: Sequence[uuid.UUID]) -> None:
+    """Puts the orders' units back on sale. The caller moves the orders out of a
+    stock-holding status in the same transaction, under the orders' row locks, so each
+    order's stock comes back exactly once."""
+    await conn.execute(_LOCK_LINE_PRODUCTS, {"order_ids": list(order_ids)})
+    await conn.execute(_RELEASE_STOCK, {"order_ids": list(order_ids)})
+
+
 def _is_connection_error(error: DBAPIError) -> bool:
     return error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
 
 
 class Orders:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, payment_window_seconds: float = 900.0) -> None:
         self._engine = engine
+        self._payment_window_seconds = payment_window_seconds
         # Single-statement reads run in autocommit: no BEGIN/ROLLBACK round trips around them.
         self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
 
@@ -236,7 +273,7 @@ class Orders:
             created = await self._write(conn, batch, fingerprints, accepted, taken)
             for index, order_id, allocation in accepted:
                 customer_id = batch[index][0]
-                moment = created[order_id]
+                moment, expiry = created[order_id]
                 outcomes[index] = Order(
                     id=str(order_id),
                     customer_id=customer_id,
@@ -245,6 +282,7 @@ class Orders:
                     total=allocation.total,
                     create_time=moment,
                     update_time=moment,
+                    expire_time=expiry,
                 )
         if replays:
             stored = await self._load_many(conn, list(replays.values()))
@@ -266,7 +304,7 @@ class Orders:
         fingerprints: Sequence[str],
         accepted: Sequence[tuple[int, uuid.UUID, Allocation]],
         taken: dict[str, int],
-    ) -> dict[uuid.UUID, datetime]:
+    ) -> dict[uuid.UUID, tuple[datetime, datetime]]:
         lines = [
             (order_id, number, line)
             for _, order_id, allocation in accepted
@@ -288,8 +326,12 @@ class Orders:
             "line_quantities": [line.quantity for _, _, line in lines],
             "line_prices": [line.unit_price.amount for _, _, line in lines],
             "line_currencies": [line.unit_price.currency for _, _, line in lines],
+            "payment_window": self._payment_window_seconds,
         }
-        created = {row.id: row.create_time for row in await conn.execute(_WRITE_ORDERS, params)}
+        created = {
+            row.id: (row.create_time, row.expire_time)
+            for row in await conn.execute(_WRITE_ORDERS, params)
+        }
         if len(created) != len(accepted):
             raise _RequestIdRace
         return created
@@ -336,14 +378,18 @@ class Orders:
             if previous is not None and str(previous.id) != order_id:
                 raise RequestIdReused(request_id)
         order = await self._load_visible(conn, principal, order_id, lock=True)
-        if not must_release_stock_on_cancel(order.id, order.status):
+        plan = cancellation(order.id, order.status)
+        if plan is Cancellation.NOTHING:
             return order
-        # Same ascending product order as place_orders: no lock cycles.
-        for line in sorted(order.lines, key=lambda line: line.product_id):
-            await conn.execute(
-                _RELEASE_STOCK,
-                {"product_id": uuid.UUID(line.product_id), "quantity": line.quantity},
-            )
+        if plan is Cancellation.REFUND_FIRST:
+            raise RefundNeeded(order)
+        in_flight = (
+            await conn.execute(_PAYMENT_IN_FLIGHT, {"order_id": uuid.UUID(order.id)})
+        ).first()
+        if in_flight is not None:
+            # Its charge may still succeed: cancelling now could keep money for nothing.
+            raise payment_in_progress(order.id, str(in_flight.id))
+        await release_stock(conn, [uuid.UUID(order.id)])
         await conn.execute(
             _MARK_CANCELLED,
             {

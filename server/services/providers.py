@@ -124,3 +124,16 @@ class PaymentProvider(Protocol):
     ) -> ProviderRefund: ...
 
     async def list_refunds(self, intent_reference: str) -> list[ProviderRefund]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderEvent:
+    """A verified webhook event. `intent` is set for events about a charge's outcome."""
+
+    id: str
+    type: str
+    intent: ProviderIntent | None
+
+
+class InvalidSignature(ProviderError):
+    """A webhook whose signature does not verify: not from the provider, or altered."""

@@ -12,7 +12,7 @@ from server.domain.orders import Order, OrderLine, OrderStatus
 PRODUCT_COLUMNS = (
     "id, sku, name, description, price_currency, price_amount, stock, create_time, update_time"
 )
-ORDER_COLUMNS = "id, customer_id, status, currency, total, create_time, update_time"
+ORDER_COLUMNS = "id, customer_id, status, currency, total, create_time, update_time, expire_time"
 LINE_COLUMNS = "order_id, product_id, sku, quantity, unit_price, currency"
 
 
@@ -47,4 +47,5 @@ def order_from_rows(row: Any, line_rows: Sequence[Any]) -> Order:
         total=Money(row.currency, row.total),
         create_time=row.create_time,
         update_time=row.update_time,
+        expire_time=row.expire_time,
     )

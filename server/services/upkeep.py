@@ -1,0 +1,219 @@
+"""Background work every server process runs: expiring unpaid orders and reconciling
+payments and refunds whose outcome is not known yet.
+
+Safe with any number of processes and replicas: each pass claims a bounded batch with
+`FOR UPDATE SKIP LOCKED`, so two processes never take the same row, and every change is
+conditional on the row still being in the state the pass saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import uuid
+from collections.abc import Awaitable, Callable
+
+import structlog
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from server.db.transactions import retrying_transaction
+from server.domain.orders import OrderEvent, OrderStatus, next_status, releases_stock
+from server.services.circuit import GuardedProvider
+from server.services.orders import release_stock
+from server.services.payments import Payments
+from server.services.providers import (
+    IntentStatus,
+    ProviderError,
+    ProviderIntent,
+    ProviderRejected,
+)
+
+_log = structlog.get_logger("marketplace.upkeep")
+
+# Orders whose payment window closed, with no payment in flight (its charge may still
+# succeed; the reconciler settles it first). Locked here, skipped by other processes.
+_CLAIM_EXPIRED_ORDERS = text(
+    """
+    SELECT o.id FROM orders o
+     WHERE o.status = 'PENDING_PAYMENT' AND o.expire_time <= now()
+       AND NOT EXISTS (SELECT 1 FROM payments p
+                        WHERE p.order_id = o.id AND p.status = 'PENDING')
+     ORDER BY o.expire_time
+     LIMIT :limit
+       FOR UPDATE OF o SKIP LOCKED
+    """
+)
+_MARK_EXPIRED = text(
+    """
+    UPDATE orders SET status = :status, update_time = now()
+     WHERE id = ANY(:ids) AND status = 'PENDING_PAYMENT'
+    """
+)
+# Claiming pushes the lease forward, so the row is not claimed again while it is worked on.
+_CLAIM_PAYMENTS = text(
+    """
+    UPDATE payments
+       SET next_check_time = now() + make_interval(secs => CAST(:lease AS double precision))
+     WHERE id IN (SELECT id FROM payments
+                   WHERE status = 'PENDING' AND next_check_time <= now()
+                   ORDER BY next_check_time LIMIT :limit
+                     FOR UPDATE SKIP LOCKED)
+    RETURNING id, provider_reference
+    """
+)
+_ABANDON_UNSENT_PAYMENT = text(
+    """
+    UPDATE payments SET status = 'FAILED', failure_code = 'abandoned',
+                        failure_message = :message, next_check_time = NULL, update_time = now()
+     WHERE id = :id AND status = 'PENDING' AND provider_reference IS NULL
+    """
+)
+_CLAIM_REFUNDS = text(
+    """
+    UPDATE refunds
+       SET next_check_time = now() + make_interval(secs => CAST(:lease AS double precision))
+     WHERE id IN (SELECT id FROM refunds
+                   WHERE status = 'PENDING' AND next_check_time <= now()
+                   ORDER BY next_check_time LIMIT :limit
+                     FOR UPDATE SKIP LOCKED)
+    RETURNING id, (SELECT provider_reference FROM payments WHERE id = payment_id)
+              AS intent_reference
+    """
+)
+
+
+class Upkeep:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        payments: Payments,
+        provider: GuardedProvider,
+        *,
+        batch_size: int,
+        lease_seconds: float,
+    ) -> None:
+        self._engine = engine
+        self._payments = payments
+        self._provider = provider
+        self._batch_size = batch_size
+        self._lease_seconds = lease_seconds
+
+    async def expire_orders(self) -> int:
+        """Expires one batch of unpaid orders, releasing their stock; returns how many."""
+        async for attempt in retrying_transaction():
+            with attempt:
+                async with self._engine.begin() as conn:
+                    rows = (
+                        await conn.execute(_CLAIM_EXPIRED_ORDERS, {"limit": self._batch_size})
+                    ).all()
+                    if not rows:
+                        return 0
+                    current = OrderStatus.PENDING_PAYMENT
+                    target = next_status("*", current, OrderEvent.PAYMENT_WINDOW_CLOSED)
+                    ids = [row.id for row in rows]
+                    if releases_stock(current, target):
+                        await release_stock(conn, ids)
+                    await conn.execute(_MARK_EXPIRED, {"ids": ids, "status": target.value})
+                    return len(ids)
+        raise AssertionError("unreachable: retrying_transaction re-raises")
+
+    async def reconcile_payments(self) -> int:
+        """Asks the provider about payments left PENDING past their lease."""
+        async with self._engine.begin() as conn:
+            claimed = (
+                await conn.execute(
+                    _CLAIM_PAYMENTS, {"lease": self._lease_seconds, "limit": self._batch_size}
+                )
+            ).all()
+        for row in claimed:
+            try:
+                await self._reconcile_payment(row.id, row.provider_reference)
+            except ProviderError as error:
+                # Left PENDING; the lease runs out and a later pass asks again.
+                _log.warning(
+                    "payment reconciliation deferred", payment_id=str(row.id), error=repr(error)
+                )
+        return len(claimed)
+
+    async def _reconcile_payment(self, payment_id: uuid.UUID, reference: str | None) -> None:
+        if reference is None:
+            # No intent was recorded, so none was ever confirmed: nothing was charged.
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    _ABANDON_UNSENT_PAYMENT,
+                    {"id": payment_id, "message": "the payment never reached the provider"},
+                )
+            return
+        intent = await self._provider.retrieve_intent(reference)
+        if intent.status is IntentStatus.REQUIRES_CONFIRMATION:
+            # Our confirm never arrived and its caller is long gone: make sure the intent
+            # can never be charged, then record the payment as failed.
+            try:
+                intent = await self._provider.cancel_intent(
+                    reference, idempotency_key=f"{payment_id}:cancel"
+                )
+            except ProviderRejected:
+                intent = await self._provider.retrieve_intent(reference)  # confirmed after all
+            if intent.status is IntentStatus.FAILED:
+                intent = ProviderIntent(
+                    reference=intent.reference,
+                    status=IntentStatus.FAILED,
+                    amount_minor=intent.amount_minor,
+                    currency=intent.currency,
+                    failure_code="abandoned",
+                    failure_message="the payment was not confirmed in time",
+                )
+        await self._payments.settle_payment(payment_id, intent)
+
+    async def reconcile_refunds(self) -> int:
+        """Finishes refunds left PENDING past their lease (including the refund step of a
+        paid order's cancellation): applies the provider's refund if it exists, else sends
+        it now."""
+        async with self._engine.begin() as conn:
+            claimed = (
+                await conn.execute(
+                    _CLAIM_REFUNDS, {"lease": self._lease_seconds, "limit": self._batch_size}
+                )
+            ).all()
+        for row in claimed:
+            try:
+                made = [
+                    refund
+                    for refund in await self._provider.list_refunds(row.intent_reference)
+                    if refund.metadata.get("refund_id") == str(row.id)
+                ]
+                if made:
+                    await self._payments.complete_refund(row.id, made[0])
+                else:
+                    await self._payments.run_refund(row.id)
+            except Exception as error:  # one refund's trouble must not stop the others
+                _log.warning(
+                    "refund reconciliation deferred", refund_id=str(row.id), error=repr(error)
+                )
+        return len(claimed)
+
+    async def run_forever(self, interval_seconds: float) -> None:
+        """Runs every pass, then sleeps a jittered interval (so processes spread out)."""
+        passes: list[tuple[str, Callable[[], Awaitable[int]]]] = [
+            ("expired_orders", self.expire_orders),
+            ("reconciled_payments", self.reconcile_payments),
+            ("reconciled_refunds", self.reconcile_refunds),
+        ]
+        while True:
+            for name, run_pass in passes:
+                try:
+                    count = await run_pass()
+                except Exception as error:  # the loop outlives any one failure (db outage)
+                    _log.warning("upkeep pass failed", upkeep=name, error=repr(error))
+                    continue
+                if count:
+                    _log.info("upkeep", **{name: count})
+            await asyncio.sleep(interval_seconds * random.uniform(0.5, 1.5))
+
+
+async def stop_task(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
