@@ -11,7 +11,7 @@ import pytest
 from server.domain.errors import FailedPrecondition, NotFound, OutOfStock, RequestIdReused
 from server.domain.identity import Principal, Role
 from server.domain.orders import OrderStatus, order_request
-from server.services.orders import Orders
+from server.services.orders import Orders, RefundNeeded
 from tests.conftest import insert_product, stock_of, table_snapshot
 
 pytestmark = pytest.mark.integration
@@ -137,15 +137,29 @@ async def test_concurrent_cancels_release_stock_exactly_once(
     assert stock_of(database_url, product) == 10
 
 
-async def test_only_pending_orders_can_be_cancelled(orders: Orders, database_url: str) -> None:
+async def test_expired_orders_cannot_be_cancelled(orders: Orders, database_url: str) -> None:
+    product = insert_product(database_url, stock=10)
+    buyer = customer()
+    order = await orders.place_order(buyer.subject, order_request("expired", [(product, 1)]))
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE orders SET status = 'EXPIRED' WHERE id = %s", (order.id,))
+    with pytest.raises(FailedPrecondition) as refused:
+        await orders.cancel_order(buyer, order.id, "")
+    assert refused.value.reason == "ORDER_NOT_CANCELLABLE"
+    assert stock_of(database_url, product) == 9
+
+
+async def test_cancelling_a_paid_order_is_left_to_the_refund_saga(
+    orders: Orders, database_url: str
+) -> None:
     product = insert_product(database_url, stock=10)
     buyer = customer()
     order = await orders.place_order(buyer.subject, order_request("paid", [(product, 1)]))
     with psycopg.connect(database_url) as conn:
         conn.execute("UPDATE orders SET status = 'PAID' WHERE id = %s", (order.id,))
-    with pytest.raises(FailedPrecondition) as refused:
+    with pytest.raises(RefundNeeded) as needed:
         await orders.cancel_order(buyer, order.id, "")
-    assert refused.value.reason == "ORDER_NOT_CANCELLABLE"
+    assert needed.value.order.id == order.id
     assert stock_of(database_url, product) == 9
 
 
