@@ -1,0 +1,1 @@
+"""Adapters: the outside world (payment providers, ...) behind the ports the services define."""

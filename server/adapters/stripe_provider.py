@@ -1,0 +1,431 @@
+"""Stripe behind the payment provider port, through the official SDK's async methods.
+
+Stripe itself, localstripe, or the fault-injecting Envoy listener in front of localstripe:
+which one it talks to is only `api_base`.
+
+Each call makes at most `max_attempts` attempts, each bounded by `timeout_seconds`, and
+retries only failures that say nothing against the request itself: connection errors,
+timeouts, 5xx, 429 (and refusals Stripe marks `Stripe-Should-Retry: true`). Every attempt
+of a mutating call carries the same idempotency key, yet nothing here relies on the provider
+honouring it: before a confirm, cancel or refund is sent again after an attempt that may
+have been acted on (a timeout, a 5xx, a reset mid-response), the adapter looks at the
+provider's state and returns what the earlier attempt did instead of doing it twice; a 400
+on a confirm or cancel gets the same look (the intent may have moved on without us).
+Creating an intent is simply retried: an unconfirmed intent charges nothing.
+
+Failures left after the last attempt: ProviderOutcomeUnknown when some attempt may have
+been acted on and no look settled it, ProviderUnavailable when none was (connection refused,
+429, a 503 that our egress proxy made up without forwarding). Reads are only ever
+ProviderUnavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, TypeVar
+
+import httpx
+import stripe
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from server.services.providers import (
+    CardDeclined,
+    IntentStatus,
+    ProviderIntent,
+    ProviderOutcomeUnknown,
+    ProviderRefund,
+    ProviderRejected,
+    ProviderUnavailable,
+)
+
+if TYPE_CHECKING:
+    from stripe.params import PaymentIntentCreateParams, RefundCreateParams, RefundListParams
+
+T = TypeVar("T")
+
+_log = structlog.get_logger("marketplace.payments")
+
+# Backoff between attempts: full jitter, exponential from this base, never longer than the cap.
+RETRY_BASE_SECONDS = 0.1
+RETRY_MAX_SECONDS = 2.0
+REFUNDS_PAGE_SIZE = 100
+
+_STATUSES: Mapping[str, IntentStatus] = {
+    "requires_confirmation": IntentStatus.REQUIRES_CONFIRMATION,
+    "processing": IntentStatus.PROCESSING,
+    "requires_action": IntentStatus.PROCESSING,
+    "requires_capture": IntentStatus.PROCESSING,
+    "succeeded": IntentStatus.SUCCEEDED,
+    "requires_payment_method": IntentStatus.FAILED,
+    "canceled": IntentStatus.FAILED,
+}
+
+# Bodies of 503s that a proxy between us and the provider (our egress Envoy) generates itself
+# when it never forwarded the request: an injected fault, or no connection to the upstream
+# ("reset reason: remote connection failure"). Envoy's other resets, such as "connection
+# termination", can come after the request went out, so they stay ambiguous.
+_NOT_FORWARDED_MARKERS = ("fault filter abort", "connection failure")
+
+# httpx failures that happen before a byte of the request left: nothing can have been acted on.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+class _Transient(Exception):
+    """One attempt failed in a way worth retrying; `maybe_acted` says whether the provider
+    may have carried it out anyway."""
+
+    def __init__(self, operation: str, cause: BaseException, *, maybe_acted: bool) -> None:
+        # The SDK wraps every network error in one long generic message; the cause says more.
+        if isinstance(cause, stripe.APIConnectionError) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        detail = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+        super().__init__(f"{operation}: {detail}")
+        self.maybe_acted = maybe_acted
+
+
+class StripeProvider:
+    """The payment provider port on Stripe's PaymentIntents and Refunds APIs.
+
+    Refunds carry `metadata["refund_id"]` = the idempotency key (added when the caller's
+    metadata lacks it, ValueError when it names another); that marker is how a retry
+    recognises a refund an earlier attempt made. A new call with a used key is not checked:
+    callers look at `list_refunds` first. A confirm that ended in a decline raises
+    CardDeclined, also when a look after a lost answer is what found the decline.
+    """
+
+    def __init__(
+        self, *, api_key: str, api_base: str, timeout_seconds: float, max_attempts: int
+    ) -> None:
+        if timeout_seconds <= 0 or max_attempts < 1:
+            raise ValueError("timeout_seconds must be positive and max_attempts at least 1")
+        # httpx's timeout bounds each phase (connect, every read); the deadline in _attempt
+        # bounds the whole attempt, which a trickle of bytes could otherwise stretch forever.
+        self._http = stripe.HTTPXClient(timeout=timeout_seconds)
+        # The SDK's own retries are off: ours look at the provider's state before repeating.
+        self._stripe = stripe.StripeClient(
+            api_key,
+            base_addresses={"api": api_base},
+            http_client=self._http,
+            max_network_retries=0,
+        )
+        self._timeout_seconds = timeout_seconds
+        self._max_attempts = max_attempts
+
+    @property
+    def name(self) -> str:
+        return "stripe"
+
+    async def aclose(self) -> None:
+        await self._http.close_async()  # type: ignore[no-untyped-call]
+
+    async def create_intent(
+        self,
+        *,
+        amount_minor: int,
+        currency: str,
+        payment_method: str,
+        metadata: Mapping[str, str],
+        idempotency_key: str,
+    ) -> ProviderIntent:
+        params: PaymentIntentCreateParams = {
+            "amount": amount_minor,
+            "currency": currency.lower(),
+            "payment_method": payment_method,
+            # Cards only: with Stripe's default (dynamic payment methods, some of which
+            # redirect) a server-side confirm without a return_url is refused. The SDK's API
+            # version (2026-10-28) no longer takes payment_method_types for this; localstripe
+            # 1.15 predates the new name, so devstack teaches the emulator (not this adapter).
+            "allowed_payment_method_types": ["card"],
+            "metadata": dict(metadata),
+        }
+
+        async def send() -> ProviderIntent:
+            try:
+                created = await self._attempt(
+                    "create_intent",
+                    lambda: self._stripe.v1.payment_intents.create_async(
+                        params, {"idempotency_key": idempotency_key}
+                    ),
+                )
+            except ProviderRejected as rejection:
+                # The payment method is the only object this request refers to. Stripe names
+                # it (400 resource_missing, param payment_method); localstripe answers a bare
+                # 404. Either way the customer gave us a card that does not exist.
+                if rejection.status == 404 and rejection.code in ("", "resource_missing"):
+                    raise CardDeclined("resource_missing", rejection.message) from rejection
+                raise
+            return intent_from_stripe(created)
+
+        return await self._mutate("create_intent", send, settle=None)
+
+    async def confirm_intent(self, reference: str, *, idempotency_key: str) -> ProviderIntent:
+        async def send() -> ProviderIntent:
+            confirmed = await self._attempt(
+                "confirm_intent",
+                lambda: self._stripe.v1.payment_intents.confirm_async(
+                    reference, options={"idempotency_key": idempotency_key}
+                ),
+            )
+            return intent_from_stripe(confirmed)
+
+        async def settle() -> ProviderIntent | None:
+            intent = intent_from_stripe(await self._fetch_intent("confirm_intent", reference))
+            return None if intent.status is IntentStatus.REQUIRES_CONFIRMATION else intent
+
+        return _charged(await self._mutate("confirm_intent", send, settle=settle))
+
+    async def retrieve_intent(self, reference: str) -> ProviderIntent:
+        return intent_from_stripe(
+            await self._read(
+                "retrieve_intent", lambda: self._fetch_intent("retrieve_intent", reference)
+            )
+        )
+
+    async def cancel_intent(self, reference: str, *, idempotency_key: str) -> ProviderIntent:
+        async def send() -> ProviderIntent:
+            cancelled = await self._attempt(
+                "cancel_intent",
+                lambda: self._stripe.v1.payment_intents.cancel_async(
+                    reference, options={"idempotency_key": idempotency_key}
+                ),
+            )
+            return intent_from_stripe(cancelled)
+
+        async def settle() -> ProviderIntent | None:
+            intent = await self._fetch_intent("cancel_intent", reference)
+            return intent_from_stripe(intent) if intent.status == "canceled" else None
+
+        return await self._mutate("cancel_intent", send, settle=settle)
+
+    async def refund(
+        self,
+        intent_reference: str,
+        *,
+        amount_minor: int,
+        metadata: Mapping[str, str],
+        idempotency_key: str,
+    ) -> ProviderRefund:
+        if metadata.get("refund_id", idempotency_key) != idempotency_key:
+            raise ValueError("metadata['refund_id'] must be the refund's idempotency key")
+        params: RefundCreateParams = {
+            "payment_intent": intent_reference,
+            "amount": amount_minor,
+            "metadata": {**metadata, "refund_id": idempotency_key},
+        }
+
+        async def send() -> ProviderRefund:
+            created = await self._attempt(
+                "refund",
+                lambda: self._stripe.v1.refunds.create_async(
+                    params, {"idempotency_key": idempotency_key}
+                ),
+            )
+            return _refund(created, intent_reference)
+
+        async def settle() -> ProviderRefund | None:
+            for existing in await self._fetch_refunds("refund", intent_reference):
+                if existing.metadata.get("refund_id") == idempotency_key:
+                    return existing
+            return None
+
+        return await self._mutate("refund", send, settle=settle)
+
+    async def list_refunds(self, intent_reference: str) -> list[ProviderRefund]:
+        return await self._read(
+            "list_refunds", lambda: self._fetch_refunds("list_refunds", intent_reference)
+        )
+
+    # --- one attempt -----------------------------------------------------------------------
+
+    async def _attempt(self, operation: str, request: Callable[[], Awaitable[T]]) -> T:
+        """One request within the deadline; every failure leaves as a port error or _Transient."""
+        try:
+            async with asyncio.timeout(self._timeout_seconds):
+                return await request()
+        except TimeoutError as error:
+            raise _Transient(operation, error, maybe_acted=True) from error
+        except stripe.StripeError as error:
+            raise _translate(operation, error) from error
+
+    async def _fetch_intent(self, operation: str, reference: str) -> stripe.PaymentIntent:
+        return await self._attempt(
+            operation, lambda: self._stripe.v1.payment_intents.retrieve_async(reference)
+        )
+
+    async def _fetch_refunds(self, operation: str, intent_reference: str) -> list[ProviderRefund]:
+        """All of an intent's refunds, one attempt per page."""
+        refunds: list[ProviderRefund] = []
+        params: RefundListParams = {"payment_intent": intent_reference, "limit": REFUNDS_PAGE_SIZE}
+        while True:
+            page = await self._attempt(
+                operation, lambda: self._stripe.v1.refunds.list_async(params)
+            )
+            refunds.extend(_refund(item, intent_reference) for item in page.data)
+            if not page.has_more or not page.data:
+                return refunds
+            params["starting_after"] = page.data[-1].id
+
+    # --- retries ---------------------------------------------------------------------------
+
+    def _retrying(self, operation: str) -> AsyncRetrying:
+        def log_retry(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome is not None else None
+            _log.warning(
+                "provider_retry",
+                provider=self.name,
+                operation=operation,
+                attempt=state.attempt_number,
+                error=str(error),
+            )
+
+        return AsyncRetrying(
+            stop=stop_after_attempt(self._max_attempts),
+            wait=wait_random_exponential(multiplier=RETRY_BASE_SECONDS, max=RETRY_MAX_SECONDS),
+            retry=retry_if_exception_type(_Transient),
+            before_sleep=log_retry,
+            reraise=True,
+        )
+
+    async def _read(self, operation: str, fetch: Callable[[], Awaitable[T]]) -> T:
+        """A read changes nothing, so whatever happened to it, it is just unavailable."""
+
+        # tenacity awaits only what is declared a coroutine function (a lambda is not).
+        async def attempt() -> T:
+            return await fetch()
+
+        try:
+            result: T = await self._retrying(operation)(attempt)
+        except _Transient as failure:
+            raise ProviderUnavailable(str(failure)) from failure
+        return result
+
+    async def _mutate(
+        self,
+        operation: str,
+        send: Callable[[], Awaitable[T]],
+        *,
+        settle: Callable[[], Awaitable[T | None]] | None,
+    ) -> T:
+        """Sends a change, retrying transient failures.
+
+        `settle` looks at the provider's state and returns the change's result if it has
+        already happened, else None. It runs before a retry that follows an attempt which may
+        have been acted on, and after a 400 (the object may have moved on without us: a
+        confirm of an intent that an earlier, unanswered attempt already charged).
+        """
+        maybe_acted = False
+
+        async def attempt() -> T:
+            nonlocal maybe_acted
+            if maybe_acted and settle is not None:
+                settled = await settle()
+                if settled is not None:
+                    return settled
+                maybe_acted = False  # the provider's state says the earlier attempt did nothing
+            try:
+                return await send()
+            except _Transient as failure:
+                maybe_acted = maybe_acted or failure.maybe_acted
+                raise
+            except ProviderRejected as rejection:
+                if rejection.status == 400 and settle is not None:
+                    settled = await settle()
+                    if settled is not None:
+                        return settled
+                raise
+
+        try:
+            result: T = await self._retrying(operation)(attempt)
+        except _Transient as failure:
+            if maybe_acted:
+                raise ProviderOutcomeUnknown(str(failure)) from failure
+            raise ProviderUnavailable(str(failure)) from failure
+        return result
+
+
+# --- translation ---------------------------------------------------------------------------
+
+
+def _translate(operation: str, error: stripe.StripeError) -> Exception:
+    status = error.http_status
+    if isinstance(error, stripe.APIConnectionError):
+        return _Transient(operation, error, maybe_acted=not isinstance(error.__cause__, _NOT_SENT))
+    if status is None or status >= 500:
+        body = error.http_body or ""
+        forwarded = not any(marker in body for marker in _NOT_FORWARDED_MARKERS)
+        return _Transient(operation, error, maybe_acted=forwarded)
+    headers = {name.lower(): value for name, value in (error.headers or {}).items()}
+    # 429: refused before being looked at. Stripe also marks refusals that a retry will get
+    # past (a 409 while another request with the same idempotency key is in flight).
+    if status == 429 or headers.get("stripe-should-retry") == "true":
+        return _Transient(operation, error, maybe_acted=False)
+    code = error.code or ""
+    message = _message(error)
+    if isinstance(error, stripe.CardError):
+        return CardDeclined(code or "card_declined", message)
+    param = getattr(error, "param", None)
+    if code == "resource_missing" and param == "payment_method":
+        return CardDeclined(code, message)
+    return ProviderRejected(code, message, status)
+
+
+def _message(error: stripe.StripeError) -> str:
+    details = error.error
+    message = getattr(details, "message", None) if details is not None else None
+    return message if isinstance(message, str) else str(error)
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def intent_from_stripe(raw: stripe.PaymentIntent) -> ProviderIntent:
+    """A PaymentIntent as the port sees it, from an API answer or a webhook event."""
+    # A status Stripe adds later is neither success nor failure to us: still in progress,
+    # for reconciliation to look at again.
+    status = _STATUSES.get(raw.status, IntentStatus.PROCESSING)
+    failure = raw.last_payment_error
+    failed = status is IntentStatus.FAILED and failure is not None
+    return ProviderIntent(
+        reference=raw.id,
+        status=status,
+        amount_minor=raw.amount,
+        currency=raw.currency.upper(),
+        failure_code=_text(getattr(failure, "code", None)) if failed else "",
+        failure_message=_text(getattr(failure, "message", None)) if failed else "",
+        metadata=_metadata(raw.metadata),
+    )
+
+
+def _charged(intent: ProviderIntent) -> ProviderIntent:
+    """A confirm that ended in a decline is a CardDeclined, whichever attempt saw it."""
+    if intent.status is IntentStatus.FAILED and intent.failure_code:
+        raise CardDeclined(intent.failure_code, intent.failure_message)
+    return intent
+
+
+def _refund(raw: stripe.Refund, intent_reference: str) -> ProviderRefund:
+    intent = raw.payment_intent
+    return ProviderRefund(
+        reference=raw.id,
+        intent_reference=(intent if isinstance(intent, str) else intent.id)
+        if intent is not None
+        else intent_reference,
+        amount_minor=raw.amount,
+        succeeded=raw.status == "succeeded",
+        metadata=_metadata(raw.metadata),
+    )
+
+
+def _metadata(raw: stripe.StripeObject | None) -> dict[str, str]:
+    if raw is None:
+        return {}
+    return {str(key): str(value) for key, value in raw.to_dict().items()}
