@@ -7,13 +7,15 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed-stamp
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: help install proto check-generated lint typecheck test test-unit test-integration test-e2e run token bench clean
+.PHONY: help install proto check-generated lint typecheck test test-unit test-integration test-e2e run token card bench clean
 
 help:
-	@echo "make run    - start PostgreSQL, the gRPC server and Envoy (Ctrl-C stops all)"
+	@echo "make run    - start PostgreSQL, localstripe, the gRPC server and Envoy (Ctrl-C stops all)"
 	@echo "make test   - lint, type-check, stale-generated check and the whole test suite"
 	@echo "make proto  - regenerate generated/ from protos/"
 	@echo "make token ROLE=admin SUB=alice - print a development JWT"
+	@echo "make card CARD=4242424242424242 - print a PaymentMethod id from the running localstripe"
+	@echo "                                  (4000000000000341 is declined when charged)"
 	@echo "make bench  - throughput, latency and CPU against same-run baselines (not part of test)"
 
 $(STAMP): pyproject.toml
@@ -59,6 +61,10 @@ ROLE ?= customer
 SUB ?= demo-customer
 token: $(STAMP)
 	@$(PY) -m server.devstack token --role $(ROLE) --sub $(SUB)
+
+CARD ?= 4242424242424242
+card: $(STAMP)
+	@$(PY) -m server.devstack card --number $(CARD)
 
 bench: $(STAMP)
 	$(PY) -m tests.bench

@@ -1,14 +1,18 @@
 """The local stack behind `make run`: PostgreSQL (embedded via pgserver unless DATABASE_URL
-is set), migrations, a demo catalog, the gRPC server and Envoy. The tests reuse the pieces.
+is set), migrations, a demo catalog, localstripe (a Stripe emulator) behind Envoy's
+fault-injecting egress listener, the gRPC server and Envoy. The tests reuse the pieces.
 
     python -m server.devstack            # run the stack until Ctrl-C
     python -m server.devstack token --role admin --sub alice
+    python -m server.devstack card --number 4242424242424242   # a PaymentMethod id
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import logging
 import os
 import secrets
 import signal
@@ -16,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping
@@ -37,6 +42,12 @@ ENVOY_TEMPLATE = REPO_ROOT / "envoy.yaml"
 DESCRIPTOR = REPO_ROOT / "generated" / "marketplace.binpb"
 BIN_DIR = Path(sys.executable).parent
 TOKEN_LIFETIME_SECONDS = 24 * 3600
+# localstripe accepts any secret key of this shape; the webhook secret signs its events.
+# Both are for the local emulator only (and the settings' defaults), never for Stripe.
+LOCALSTRIPE_API_KEY = "sk_test_marketplace"
+DEV_WEBHOOK_SECRET = "whsec_marketplace_development"  # noqa: S105
+WEBHOOK_PATH = "/v1/payments:webhook"
+SUCCESS_CARD = "4242424242424242"
 
 # Fixed ids so the README's examples work exactly as written.
 DEMO_PRODUCTS = (
@@ -150,13 +161,22 @@ def seed_demo_catalog(database_url: str) -> None:
             )
 
 
-def render_envoy_config(*, http_port: int, grpc_port: int, admin_port: int) -> str:
+def render_envoy_config(
+    *,
+    http_port: int,
+    grpc_port: int,
+    admin_port: int,
+    provider_proxy_port: int,
+    localstripe_port: int,
+) -> str:
     """envoy.yaml with this run's ports and an absolute descriptor path."""
     text = ENVOY_TEMPLATE.read_text()
     replacements = {
         "port_value: 9901}": f"port_value: {admin_port}}}",
         "port_value: 8080}": f"port_value: {http_port}}}",
         "port_value: 50051}": f"port_value: {grpc_port}}}",
+        "port_value: 8421}": f"port_value: {provider_proxy_port}}}",
+        "port_value: 8420}": f"port_value: {localstripe_port}}}",
         '"generated/marketplace.binpb"': f'"{DESCRIPTOR}"',
     }
     for old, new in replacements.items():
@@ -221,6 +241,98 @@ def wait_for_envoy(admin_port: int, process: subprocess.Popen[bytes], timeout: f
     raise TimeoutError("envoy did not become ready")
 
 
+def serve_localstripe(port: int) -> None:
+    """Runs localstripe on 127.0.0.1:`port` until SIGTERM, with two changes to the emulator.
+
+    Stripe's API (2026-09-30 onwards, and the SDK pins a newer version) restricts a
+    PaymentIntent to cards with `allowed_payment_method_types`; localstripe 1.15 knows only
+    the older `payment_method_types` and rejects unknown parameters, so it learns the new
+    name here rather than the adapter sending what real Stripe now refuses. And it pickles
+    its whole store to one fixed /tmp file on every write, which concurrent emulators would
+    share; every run starts empty anyway, so nothing is written.
+    Its own entry point also listens on every interface; this one only on loopback.
+    """
+    from aiohttp import web
+    from localstripe import resources
+    from localstripe.server import app
+
+    create_intent = resources.PaymentIntent.__init__
+
+    def accept_allowed_types(
+        intent: object, *args: Any, allowed_payment_method_types: Any = None, **kwargs: Any
+    ) -> None:
+        if allowed_payment_method_types is not None:
+            kwargs["payment_method_types"] = allowed_payment_method_types
+        create_intent(intent, *args, **kwargs)
+
+    resources.PaymentIntent.__init__ = accept_allowed_types
+    resources.Store.dump_to_disk = lambda store: None
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    web.run_app(app, host="127.0.0.1", port=port, shutdown_timeout=1, print=None)
+
+
+def start_localstripe(port: int, *, log: IO[Any] | int | None = None) -> subprocess.Popen[bytes]:
+    """localstripe in its own process, empty (see serve_localstripe)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "server.devstack", "localstripe", "--port", str(port)],
+        cwd=REPO_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT if log is not None else None,
+    )
+
+
+def _localstripe_request(
+    port: int, path: str, form: Mapping[str, str] | None = None, *, timeout: float = 5
+) -> bytes:
+    """One request to localstripe itself (not through Envoy); POST when `form` is given."""
+    data = urllib.parse.urlencode(form).encode() if form is not None else None
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=data,
+        headers={"Authorization": f"Bearer {LOCALSTRIPE_API_KEY}"},
+    )
+    # S310 fears file:// and custom schemes; this URL is always http://127.0.0.1.
+    with urllib.request.urlopen(request, timeout=timeout) as reply:  # noqa: S310
+        body: bytes = reply.read()
+        return body
+
+
+def wait_for_localstripe(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"localstripe exited with {process.returncode}")
+        with contextlib.suppress(OSError):
+            _localstripe_request(port, "/v1/payment_intents?limit=1", timeout=1)
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"localstripe on port {port} did not start")
+
+
+def register_localstripe_webhook(localstripe_port: int, url: str, secret: str) -> None:
+    """localstripe posts every event, signed with `secret`, to `url`."""
+    _localstripe_request(
+        localstripe_port, "/_config/webhooks/marketplace", {"url": url, "secret": secret}
+    )
+
+
+def create_test_payment_method(localstripe_port: int, card_number: str) -> str:
+    """A new card PaymentMethod at localstripe; its id (pm_...)."""
+    body = _localstripe_request(
+        localstripe_port,
+        "/v1/payment_methods",
+        {
+            "type": "card",
+            "card[number]": card_number,
+            "card[exp_month]": "12",
+            "card[exp_year]": "2030",
+            "card[cvc]": "123",
+        },
+    )
+    payment_method_id: str = json.loads(body)["id"]
+    return payment_method_id
+
+
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 15) -> int:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -252,6 +364,9 @@ def run() -> int:
     grpc_port = int(os.environ.get("GRPC_PORT", "50051"))
     http_port = int(os.environ.get("HTTP_PORT", "8080"))
     admin_port = int(os.environ.get("ENVOY_ADMIN_PORT", "9901"))
+    localstripe_port = int(os.environ.get("LOCALSTRIPE_PORT", "8420"))
+    provider_proxy_port = int(os.environ.get("PROVIDER_PROXY_PORT", "8421"))
+    webhook_secret = os.environ.get("STRIPE_WEBHOOK_SECRET", DEV_WEBHOOK_SECRET)
     secret = ensure_jwt_secret()
     DATA_DIR.mkdir(exist_ok=True)
     with database() as database_url:
@@ -260,13 +375,33 @@ def run() -> int:
         seed_demo_catalog(database_url)
         config_path = DATA_DIR / "envoy.yaml"
         config_path.write_text(
-            render_envoy_config(http_port=http_port, grpc_port=grpc_port, admin_port=admin_port)
+            render_envoy_config(
+                http_port=http_port,
+                grpc_port=grpc_port,
+                admin_port=admin_port,
+                provider_proxy_port=provider_proxy_port,
+                localstripe_port=localstripe_port,
+            )
         )
+        with (DATA_DIR / "localstripe.log").open("ab") as localstripe_log:
+            localstripe = start_localstripe(localstripe_port, log=localstripe_log)
+        try:
+            wait_for_localstripe(localstripe_port, localstripe)
+            register_localstripe_webhook(
+                localstripe_port, f"http://127.0.0.1:{http_port}{WEBHOOK_PATH}", webhook_secret
+            )
+        except BaseException:
+            stop_process(localstripe)
+            raise
         server = start_server(
             {
                 "DATABASE_URL": database_url,
                 "MARKETPLACE_JWT_SECRET": secret,
                 "GRPC_PORT": str(grpc_port),
+                # The server reaches localstripe through Envoy, where faults can be injected.
+                "STRIPE_API_BASE": f"http://127.0.0.1:{provider_proxy_port}",
+                "STRIPE_API_KEY": LOCALSTRIPE_API_KEY,
+                "STRIPE_WEBHOOK_SECRET": webhook_secret,
             }
         )
         with (DATA_DIR / "envoy.log").open("ab") as envoy_log:
@@ -286,12 +421,16 @@ def run() -> int:
                 f"   (grpcurl -plaintext 127.0.0.1:{grpc_port} list)\n"
                 f"  REST   http://127.0.0.1:{http_port}/v1/products\n"
                 f"  Envoy admin http://127.0.0.1:{admin_port}   envoy log: .data/envoy.log\n"
+                f"  localstripe http://127.0.0.1:{localstripe_port}"
+                f" (the server's Stripe, via Envoy on {provider_proxy_port})"
+                f"   log: .data/localstripe.log\n"
+                f"  a card: make card CARD={SUCCESS_CARD}\n"
                 f"\n  export CUSTOMER_TOKEN={customer}\n"
                 f"  export ADMIN_TOKEN={admin}\n"
                 f"\nCtrl-C stops everything.\n",
                 flush=True,
             )
-            while server.poll() is None and envoy.poll() is None:
+            while all(p.poll() is None for p in (server, envoy, localstripe)):
                 time.sleep(0.5)
             print("a component exited; stopping", file=sys.stderr)
             return 1
@@ -301,6 +440,7 @@ def run() -> int:
         finally:
             stop_process(envoy)
             stop_process(server)
+            stop_process(localstripe)
 
 
 def print_token(role: str, subject: str) -> int:
@@ -313,6 +453,16 @@ def print_token(role: str, subject: str) -> int:
     return 0
 
 
+def print_card(number: str) -> int:
+    port = int(os.environ.get("LOCALSTRIPE_PORT", "8420"))
+    try:
+        print(create_test_payment_method(port, number))
+    except OSError as error:
+        print(f"localstripe on port {port} did not answer ({error}); is `make run` up?")
+        return 1
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command")
@@ -321,9 +471,24 @@ def main() -> int:
         "--role", default="customer", help="customer, admin, or both: 'customer,admin'"
     )
     token.add_argument("--sub", default="demo-customer", help="the customer id")
+    card = commands.add_parser(
+        "card", help="print a new PaymentMethod id from the running localstripe"
+    )
+    card.add_argument(
+        "--number",
+        default=SUCCESS_CARD,
+        help="a Stripe test card: 4242424242424242 pays, 4000000000000341 is declined",
+    )
+    emulator = commands.add_parser("localstripe", help="run localstripe (used by `make run`)")
+    emulator.add_argument("--port", type=int, default=8420)
     options = parser.parse_args()
     if options.command == "token":
         return print_token(options.role, options.sub)
+    if options.command == "card":
+        return print_card(options.number)
+    if options.command == "localstripe":
+        serve_localstripe(options.port)
+        return 0
     return run()
 
 

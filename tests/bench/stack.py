@@ -293,8 +293,15 @@ class EnvoyProcess:
 def start_bench_envoy(grpc_port: int, scratch: Path) -> EnvoyProcess:
     http_port, admin_port = free_port(), free_port()
     config = scratch / "envoy.yaml"
+    # The bench runs no payments: the provider listener points at a port nobody serves.
     config.write_text(
-        render_envoy_config(http_port=http_port, grpc_port=grpc_port, admin_port=admin_port)
+        render_envoy_config(
+            http_port=http_port,
+            grpc_port=grpc_port,
+            admin_port=admin_port,
+            provider_proxy_port=free_port(),
+            localstripe_port=free_port(),
+        )
     )
     log = (scratch / "envoy.log").open("ab")
     envoy = EnvoyProcess(start_envoy(config, log=log), http_port, log)

@@ -1,4 +1,5 @@
-"""The real thing: the server as its own process and Envoy in front of it."""
+"""The real thing: the server as its own process, Envoy in front of it, and localstripe (a
+Stripe emulator) behind Envoy's fault-injecting provider listener."""
 
 from __future__ import annotations
 
@@ -14,15 +15,23 @@ import pytest
 from marketplace.catalog.v1 import catalog_pb2_grpc
 from marketplace.order.v1 import order_pb2_grpc
 from server.devstack import (
+    LOCALSTRIPE_API_KEY,
+    WEBHOOK_PATH,
     free_port,
+    register_localstripe_webhook,
     render_envoy_config,
     start_envoy,
+    start_localstripe,
     start_server,
     stop_process,
     wait_for_envoy,
     wait_for_grpc,
+    wait_for_localstripe,
 )
 from tests.conftest import JWT_SECRET
+from tests.payment_stack import FaultInjector, LocalStripe
+
+WEBHOOK_SECRET = "whsec_e2e_" + "x" * 24
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,8 @@ class Stack:
     admin_port: int
     database_url: str
     log_dir: Path
+    localstripe_port: int
+    provider_proxy_port: int
 
     @property
     def grpc_target(self) -> str:
@@ -41,8 +52,23 @@ class Stack:
     def rest_base(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def faults(self) -> FaultInjector:
+        """Faults between the server and localstripe."""
+        return FaultInjector(self.admin_port)
 
-def server_env(database_url: str, grpc_port: int) -> dict[str, str]:
+    @property
+    def localstripe(self) -> LocalStripe:
+        return LocalStripe(self.localstripe_port)
+
+
+def server_env(
+    database_url: str, grpc_port: int, provider_proxy_port: int | None = None
+) -> dict[str, str]:
+    """The server's environment. Without a provider port (tests that make no payments) the
+    provider is a port nobody listens on: never the real Stripe."""
+    if provider_proxy_port is None:
+        provider_proxy_port = free_port()
     return {
         "DATABASE_URL": database_url,
         "MARKETPLACE_JWT_SECRET": JWT_SECRET,
@@ -52,31 +78,66 @@ def server_env(database_url: str, grpc_port: int) -> dict[str, str]:
         "DB_POOL_SIZE": "20",
         "DB_MAX_OVERFLOW": "10",
         "LOG_LEVEL": "WARNING",
+        # localstripe, through Envoy's provider listener where tests inject faults
+        "STRIPE_API_BASE": f"http://127.0.0.1:{provider_proxy_port}",
+        "STRIPE_API_KEY": LOCALSTRIPE_API_KEY,
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        # short enough that failure drills finish in seconds
+        "PROVIDER_TIMEOUT": "1",
+        "PROVIDER_MAX_ATTEMPTS": "3",
+        "PROVIDER_BREAKER_THRESHOLD": "3",
+        "PROVIDER_BREAKER_RESET": "2",
+        "BACKGROUND_INTERVAL": "0.2",
+        "RECONCILE_AFTER": "1",
     }
 
 
 @pytest.fixture(scope="session")
 def stack(database_url: str) -> Iterator[Stack]:
     grpc_port, http_port, admin_port = free_port(), free_port(), free_port()
+    localstripe_port, provider_proxy_port = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="marketplace-e2e-") as scratch:
         log_dir = Path(scratch)
         config = log_dir / "envoy.yaml"
         config.write_text(
-            render_envoy_config(http_port=http_port, grpc_port=grpc_port, admin_port=admin_port)
+            render_envoy_config(
+                http_port=http_port,
+                grpc_port=grpc_port,
+                admin_port=admin_port,
+                provider_proxy_port=provider_proxy_port,
+                localstripe_port=localstripe_port,
+            )
         )
         with (
             (log_dir / "server.log").open("wb") as server_log,
             (log_dir / "envoy.log").open("wb") as envoy_log,
+            (log_dir / "localstripe.log").open("wb") as localstripe_log,
         ):
-            server = start_server(server_env(database_url, grpc_port), log=server_log)
+            localstripe = start_localstripe(localstripe_port, log=localstripe_log)
+            server = start_server(
+                server_env(database_url, grpc_port, provider_proxy_port), log=server_log
+            )
             envoy = start_envoy(config, log=envoy_log)
             try:
+                wait_for_localstripe(localstripe_port, localstripe)
+                register_localstripe_webhook(
+                    localstripe_port, f"http://127.0.0.1:{http_port}{WEBHOOK_PATH}", WEBHOOK_SECRET
+                )
                 wait_for_grpc(grpc_port, server)
                 wait_for_envoy(admin_port, envoy)
-                yield Stack(grpc_port, http_port, admin_port, database_url, log_dir)
+                yield Stack(
+                    grpc_port,
+                    http_port,
+                    admin_port,
+                    database_url,
+                    log_dir,
+                    localstripe_port,
+                    provider_proxy_port,
+                )
             finally:
                 stop_process(envoy)
                 exit_code = stop_process(server)
+                stop_process(localstripe)
         assert exit_code == 0, (log_dir / "server.log").read_text()[-4000:]
 
 

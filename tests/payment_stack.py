@@ -1,0 +1,198 @@
+"""Test helpers around the payment provider: localstripe (a Stripe emulator) behind Envoy's
+fault-injecting `provider_egress` listener, faults switched at run time, and a look at what
+localstripe actually holds, bypassing Envoy so that faults never blur the evidence."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from server.devstack import (
+    LOCALSTRIPE_API_KEY,
+    free_port,
+    render_envoy_config,
+    start_envoy,
+    start_localstripe,
+    stop_process,
+    wait_for_envoy,
+    wait_for_localstripe,
+)
+
+# Stripe's test cards, as localstripe knows them.
+SUCCESS_CARD = "4242424242424242"
+DECLINED_CARD = "4000000000000341"  # attaches fine, declined when charged
+
+EGRESS_STATS = "http.provider_egress."
+
+
+class FaultInjector:
+    """The fault filter on Envoy's provider listener, through the admin runtime."""
+
+    def __init__(self, admin_port: int) -> None:
+        self._admin = f"http://127.0.0.1:{admin_port}"
+
+    async def abort(self, http_status: int = 503, percent: int = 100) -> None:
+        """Envoy answers `http_status` ("fault filter abort") without forwarding."""
+        await self._set(
+            {"fault.http.abort.abort_percent": percent, "fault.http.abort.http_status": http_status}
+        )
+
+    async def delay(self, ms: int, percent: int = 100) -> None:
+        """Requests wait `ms` in Envoy before being forwarded (dropped if the caller leaves)."""
+        await self._set(
+            {
+                "fault.http.delay.fixed_delay_percent": percent,
+                "fault.http.delay.fixed_duration_ms": ms,
+            }
+        )
+
+    async def throttle_responses(self, percent: int = 100) -> None:
+        """Requests reach localstripe, whose answers then trickle back at 1 KiB/s: the
+        provider has acted long before the caller hears of it."""
+        await self._set({"fault.http.rate_limit.response_percent": percent})
+
+    async def clear(self) -> None:
+        await self._set(
+            {
+                "fault.http.abort.abort_percent": 0,
+                "fault.http.delay.fixed_delay_percent": 0,
+                "fault.http.rate_limit.response_percent": 0,
+            }
+        )
+
+    async def stat(self, name: str) -> int:
+        """One Envoy counter of the provider listener, e.g. "downstream_rq_total" (every
+        request that arrived) or "fault.aborts_injected"."""
+        async with httpx.AsyncClient(base_url=self._admin, timeout=5) as admin:
+            reply = await admin.get("/stats", params={"filter": f"^{EGRESS_STATS}{name}$"})
+        reply.raise_for_status()
+        for line in reply.text.splitlines():
+            key, _, value = line.partition(": ")
+            if key == EGRESS_STATS + name:
+                return int(value)
+        raise KeyError(name)
+
+    async def _set(self, values: dict[str, int]) -> None:
+        async with httpx.AsyncClient(base_url=self._admin, timeout=5) as admin:
+            reply = await admin.post("/runtime_modify", params=values)
+        reply.raise_for_status()
+
+
+class LocalStripe:
+    """localstripe's own API on its own port (not through Envoy)."""
+
+    def __init__(self, port: int) -> None:
+        self._base = f"http://127.0.0.1:{port}"
+
+    async def payment_method(self, card_number: str) -> str:
+        card = {"number": card_number, "exp_month": "12", "exp_year": "2030", "cvc": "123"}
+        form = {"type": "card", **{f"card[{key}]": value for key, value in card.items()}}
+        async with self._client() as client:
+            reply = await client.post("/v1/payment_methods", data=form)
+        reply.raise_for_status()
+        payment_method_id: str = reply.json()["id"]
+        return payment_method_id
+
+    async def list_payment_intents(self) -> list[dict[str, Any]]:
+        return await self._list("/v1/payment_intents")
+
+    async def intents_for_order(self, order_id: str) -> list[dict[str, Any]]:
+        intents = await self.list_payment_intents()
+        return [intent for intent in intents if intent["metadata"].get("order_id") == order_id]
+
+    async def intent(self, intent_id: str) -> dict[str, Any]:
+        async with self._client() as client:
+            reply = await client.get(f"/v1/payment_intents/{intent_id}")
+        reply.raise_for_status()
+        intent: dict[str, Any] = reply.json()
+        return intent
+
+    async def refunds_for(self, intent_id: str) -> list[dict[str, Any]]:
+        return await self._list("/v1/refunds", payment_intent=intent_id)
+
+    async def charges_for(self, intent_id: str) -> list[dict[str, Any]]:
+        # localstripe cannot filter charges by intent; an intent only shows its latest one.
+        charges = await self._list("/v1/charges")
+        return [charge for charge in charges if charge["payment_intent"] == intent_id]
+
+    async def _list(self, path: str, **filters: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        params: dict[str, str | int] = {**filters, "limit": 100}
+        async with self._client() as client:
+            while True:
+                reply = await client.get(path, params=params)
+                reply.raise_for_status()
+                page = reply.json()
+                items.extend(page["data"])
+                if not page["has_more"] or not page["data"]:
+                    return items
+                params["starting_after"] = page["data"][-1]["id"]
+
+    def _client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self._base,
+            headers={"Authorization": f"Bearer {LOCALSTRIPE_API_KEY}"},
+            timeout=10,
+        )
+
+
+@dataclass(frozen=True)
+class PaymentStack:
+    localstripe_port: int
+    provider_proxy_port: int
+    admin_port: int
+    log_dir: Path
+
+    @property
+    def api_base(self) -> str:
+        """Where the Stripe SDK is pointed: Envoy's egress listener, not localstripe."""
+        return f"http://127.0.0.1:{self.provider_proxy_port}"
+
+    @property
+    def faults(self) -> FaultInjector:
+        return FaultInjector(self.admin_port)
+
+    @property
+    def localstripe(self) -> LocalStripe:
+        return LocalStripe(self.localstripe_port)
+
+
+@contextlib.contextmanager
+def running_payment_stack() -> Iterator[PaymentStack]:
+    """localstripe and an Envoy in front of it on free ports, for tests without our server.
+
+    The Envoy runs the whole envoy.yaml; its REST listener points at a gRPC port nobody
+    listens on, which costs nothing.
+    """
+    localstripe_port, provider_proxy_port, admin_port = free_port(), free_port(), free_port()
+    with tempfile.TemporaryDirectory(prefix="marketplace-payments-") as scratch:
+        log_dir = Path(scratch)
+        config = log_dir / "envoy.yaml"
+        config.write_text(
+            render_envoy_config(
+                http_port=free_port(),
+                grpc_port=free_port(),
+                admin_port=admin_port,
+                provider_proxy_port=provider_proxy_port,
+                localstripe_port=localstripe_port,
+            )
+        )
+        with (
+            (log_dir / "localstripe.log").open("wb") as localstripe_log,
+            (log_dir / "envoy.log").open("wb") as envoy_log,
+        ):
+            localstripe = start_localstripe(localstripe_port, log=localstripe_log)
+            envoy = start_envoy(config, log=envoy_log)
+            try:
+                wait_for_localstripe(localstripe_port, localstripe)
+                wait_for_envoy(admin_port, envoy)
+                yield PaymentStack(localstripe_port, provider_proxy_port, admin_port, log_dir)
+            finally:
+                stop_process(envoy)
+                stop_process(localstripe)
