@@ -31,38 +31,49 @@ DECLINED_CARD = "4000000000000341"  # attaches fine, declined when charged
 EGRESS_STATS = "http.provider_egress."
 
 
+def _scope(confirm_only: bool) -> str:
+    """Runtime key prefix: every provider request, or only PaymentIntent confirms (the
+    second fault filter in envoy.yaml's provider_egress listener)."""
+    return "fault.confirm" if confirm_only else "fault.http"
+
+
 class FaultInjector:
     """The fault filter on Envoy's provider listener, through the admin runtime."""
 
     def __init__(self, admin_port: int) -> None:
         self._admin = f"http://127.0.0.1:{admin_port}"
 
-    async def abort(self, http_status: int = 503, percent: int = 100) -> None:
+    async def abort(
+        self, http_status: int = 503, percent: int = 100, *, confirm_only: bool = False
+    ) -> None:
         """Envoy answers `http_status` ("fault filter abort") without forwarding."""
+        scope = _scope(confirm_only)
         await self._set(
-            {"fault.http.abort.abort_percent": percent, "fault.http.abort.http_status": http_status}
+            {f"{scope}.abort.abort_percent": percent, f"{scope}.abort.http_status": http_status}
         )
 
-    async def delay(self, ms: int, percent: int = 100) -> None:
+    async def delay(self, ms: int, percent: int = 100, *, confirm_only: bool = False) -> None:
         """Requests wait `ms` in Envoy before being forwarded (dropped if the caller leaves)."""
+        scope = _scope(confirm_only)
         await self._set(
-            {
-                "fault.http.delay.fixed_delay_percent": percent,
-                "fault.http.delay.fixed_duration_ms": ms,
-            }
+            {f"{scope}.delay.fixed_delay_percent": percent, f"{scope}.delay.fixed_duration_ms": ms}
         )
 
-    async def throttle_responses(self, percent: int = 100) -> None:
+    async def throttle_responses(self, percent: int = 100, *, confirm_only: bool = False) -> None:
         """Requests reach localstripe, whose answers then trickle back at 1 KiB/s: the
         provider has acted long before the caller hears of it."""
-        await self._set({"fault.http.rate_limit.response_percent": percent})
+        await self._set({f"{_scope(confirm_only)}.rate_limit.response_percent": percent})
 
     async def clear(self) -> None:
         await self._set(
             {
-                "fault.http.abort.abort_percent": 0,
-                "fault.http.delay.fixed_delay_percent": 0,
-                "fault.http.rate_limit.response_percent": 0,
+                f"{scope}.{key}": 0
+                for scope in ("fault.http", "fault.confirm")
+                for key in (
+                    "abort.abort_percent",
+                    "delay.fixed_delay_percent",
+                    "rate_limit.response_percent",
+                )
             }
         )
 
