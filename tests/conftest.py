@@ -92,7 +92,15 @@ def insert_product(
 
 def table_snapshot(database_url: str) -> dict[str, list[tuple[object, ...]]]:
     """Every row of every table, to prove a refused request changed nothing."""
-    tables = ("products", "orders", "order_lines", "stock_adjustments")
+    tables = (
+        "products",
+        "orders",
+        "order_lines",
+        "stock_adjustments",
+        "payments",
+        "refunds",
+        "provider_events",
+    )
     with psycopg.connect(database_url) as conn:
         return {
             table: conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()

@@ -13,6 +13,7 @@ from google.protobuf import field_mask_pb2
 
 from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from marketplace.order.v1 import order_pb2, order_pb2_grpc
+from marketplace.payment.v1 import payment_pb2, payment_pb2_grpc
 from marketplace_client.errors import from_rpc_error
 from marketplace_client.money import to_money
 from marketplace_client.retry import RetryPolicy
@@ -34,7 +35,7 @@ class Page(NamedTuple, Generic[ItemT]):
 
 
 class MarketplaceClient:
-    """Async client for CatalogService and OrderService.
+    """Async client for CatalogService, OrderService and PaymentService.
 
     Give it a target (``"host:port"``) to own a channel, or an existing
     ``grpc.aio.Channel`` it will leave open. Failed calls raise
@@ -65,6 +66,7 @@ class MarketplaceClient:
         self._retry = retry or RetryPolicy()
         self._catalog = catalog_pb2_grpc.CatalogServiceStub(self._channel)
         self._orders = order_pb2_grpc.OrderServiceStub(self._channel)
+        self._payments = payment_pb2_grpc.PaymentServiceStub(self._channel)
 
     async def __aenter__(self) -> Self:
         return self
@@ -197,11 +199,71 @@ class MarketplaceClient:
         return follow_pages(self.list_orders_page, page_size)
 
     async def cancel_order(self, order_id: str, request_id: str | None = None) -> order_pb2.Order:
-        """Cancels a pending order; cancelling a cancelled order returns it unchanged."""
+        """Cancels an order (a paid one is refunded first); cancelling a cancelled order
+        returns it unchanged."""
         request = order_pb2.CancelOrderRequest(
             id=order_id, request_id=request_id or _new_request_id()
         )
         return (await self._call(self._orders.CancelOrder, request)).order
+
+    # Payments
+
+    async def create_payment(
+        self, order_id: str, payment_method: str, request_id: str | None = None
+    ) -> payment_pb2.Payment:
+        """Pays an order with a provider payment method id (`pm_...`, created on the
+        client side). A decline returns the payment FAILED; an outcome the provider did not
+        report in time returns it PENDING. Idempotent by `request_id`: retries of an
+        unavailable provider reuse it, so the order is never charged twice."""
+        request = payment_pb2.CreatePaymentRequest(
+            order_id=order_id,
+            payment_method=payment_method,
+            request_id=request_id or _new_request_id(),
+        )
+        return (await self._call(self._payments.CreatePayment, request)).payment
+
+    async def get_payment(self, payment_id: str) -> payment_pb2.Payment:
+        request = payment_pb2.GetPaymentRequest(id=payment_id)
+        return (await self._call(self._payments.GetPayment, request)).payment
+
+    async def list_payments_page(
+        self, order_id: str, page_size: int = 0, page_token: str = ""
+    ) -> Page[payment_pb2.Payment]:
+        """One page of an order's payments, newest first."""
+        request = payment_pb2.ListPaymentsRequest(
+            order_id=order_id, page_size=page_size, page_token=page_token
+        )
+        response = await self._call(self._payments.ListPayments, request)
+        return Page(list(response.payments), response.next_page_token)
+
+    def list_payments(
+        self, order_id: str, page_size: int = 0
+    ) -> AsyncIterator[payment_pb2.Payment]:
+        """Every payment of an order, newest first, fetching pages as needed."""
+
+        async def fetch(size: int, token: str) -> Page[payment_pb2.Payment]:
+            return await self.list_payments_page(order_id, size, token)
+
+        return follow_pages(fetch, page_size)
+
+    async def refund_payment(
+        self,
+        payment_id: str,
+        *,
+        amount: Decimal | str | None = None,
+        currency: str | None = None,
+        reason: str = "",
+        request_id: str | None = None,
+    ) -> payment_pb2.Payment:
+        """Refunds `amount` (everything left when omitted; admin only)."""
+        if (amount is None) != (currency is None):
+            raise ValueError("amount and currency must be given together")
+        request = payment_pb2.RefundPaymentRequest(
+            id=payment_id, reason=reason, request_id=request_id or _new_request_id()
+        )
+        if amount is not None and currency is not None:
+            request.amount.CopyFrom(to_money(amount, currency))
+        return (await self._call(self._payments.RefundPayment, request)).payment
 
     async def _call(
         self,

@@ -16,6 +16,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from marketplace.catalog.v1 import catalog_pb2
 from marketplace.order.v1 import order_pb2
+from marketplace.payment.v1 import payment_pb2
 from marketplace_client import (
     AbortedError,
     AlreadyExistsError,
@@ -262,3 +263,32 @@ def test_money_round_trips_exactly(amount: str | int, units: int, nanos: int) ->
 def test_money_refuses_to_round() -> None:
     with pytest.raises(ValueError, match="nine decimal places"):
         to_money("0.0000000001", "EUR")
+
+
+async def test_payments_through_the_client(
+    channel: grpc.aio.Channel, stack: Stack, tokens: Tokens, database_url: str
+) -> None:
+    product = insert_product(database_url, stock=10, price="7.25")
+    customer = MarketplaceClient(channel, token=tokens.customer("client-payer"))
+    admin = MarketplaceClient(channel, token=tokens.admin())
+    order = await customer.create_order([(product, 2)])
+    card = await stack.localstripe.payment_method("4242424242424242")
+    payment = await customer.create_payment(order.id, card)
+    assert payment.status == payment_pb2.PAYMENT_STATUS_SUCCEEDED
+    assert to_decimal(payment.amount) == Decimal("14.50")
+    assert [p.id async for p in customer.list_payments(order.id, page_size=1)] == [payment.id]
+    with pytest.raises(PermissionDeniedError):
+        await customer.refund_payment(payment.id)
+    refunded = await admin.refund_payment(payment.id, amount="4.50", currency="USD", reason="dent")
+    assert refunded.status == payment_pb2.PAYMENT_STATUS_PARTIALLY_REFUNDED
+    assert to_decimal(refunded.amount_refunded) == Decimal("4.50")
+    with pytest.raises(FailedPreconditionError) as refused:
+        await admin.refund_payment(payment.id, amount="10.01", currency="USD")
+    assert refused.value.reason == "REFUND_EXCEEDS_PAYMENT"
+    with pytest.raises(FailedPreconditionError) as not_payable:
+        await customer.create_payment(order.id, card)
+    assert not_payable.value.reason == "ORDER_NOT_PAYABLE"
+    cancelled = await customer.cancel_order(order.id)
+    assert cancelled.status == order_pb2.ORDER_STATUS_CANCELLED
+    assert stock_of(database_url, product) == 10
+    assert (await admin.get_payment(payment.id)).status == payment_pb2.PAYMENT_STATUS_REFUNDED
