@@ -26,6 +26,7 @@ def test_grpcurl_lists_every_service(stack: Stack) -> None:
     assert {
         "marketplace.catalog.v1.CatalogService",
         "marketplace.order.v1.OrderService",
+        "marketplace.payment.v1.PaymentService",
         "grpc.health.v1.Health",
     } <= set(listed)
 
