@@ -118,6 +118,9 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         stripe_provider,
         threshold=settings.provider_breaker_threshold,
         reset_seconds=settings.provider_breaker_reset_seconds,
+        on_state_change=lambda name, state: metrics.provider_circuit_open.labels(name).set(
+            1 if state == "opened" else 0
+        ),
     )
     # Work in flight holds a payment or refund away from the reconciler for this long: one
     # provider call with every retry (each backoff is capped at 2 s), plus the grace
@@ -150,7 +153,8 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         OrderServicer(orders, order_committer.submit, payments.cancel_order, metrics), server
     )
     payment_pb2_grpc.add_PaymentServiceServicer_to_server(
-        PaymentServicer(payments, StripeWebhooks(settings.stripe_webhook_secret)), server
+        PaymentServicer(payments, StripeWebhooks(settings.stripe_webhook_secret), metrics),
+        server,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

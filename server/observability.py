@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 def configure_logging(level: str, log_format: str) -> None:
@@ -35,6 +35,8 @@ class Metrics:
     rpc_total: Counter
     rpc_seconds: Histogram
     orders_placed: Counter
+    payments_answered: Counter
+    provider_circuit_open: Gauge
 
     @classmethod
     def create(cls) -> Metrics:
@@ -53,5 +55,18 @@ class Metrics:
             ),
             orders_placed=Counter(
                 "marketplace_orders_placed_total", "Orders created", registry=registry
+            ),
+            payments_answered=Counter(
+                "marketplace_payments_answered_total",
+                "CreatePayment answers by the payment's status (SUCCEEDED, FAILED, PENDING)",
+                ["status"],
+                registry=registry,
+            ),
+            provider_circuit_open=Gauge(
+                "marketplace_payment_provider_circuit_open",
+                "1 while the payment provider's circuit is open in a worker",
+                ["provider"],
+                registry=registry,
+                multiprocess_mode="livemax",
             ),
         )

@@ -13,6 +13,7 @@ from server.api.context import current_principal
 from server.domain import payments as rules
 from server.domain.pagination import page_size
 from server.domain.validation import parse_resource_id
+from server.observability import Metrics
 from server.services.payments import Payments
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -21,9 +22,10 @@ SIGNATURE_HEADER = "stripe-signature"
 
 
 class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
-    def __init__(self, payments: Payments, webhooks: StripeWebhooks) -> None:
+    def __init__(self, payments: Payments, webhooks: StripeWebhooks, metrics: Metrics) -> None:
         self._payments = payments
         self._webhooks = webhooks
+        self._metrics = metrics
 
     async def CreatePayment(
         self, request: payment_pb2.CreatePaymentRequest, context: Context
@@ -32,6 +34,7 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
             request.order_id, request.request_id, request.payment_method
         )
         payment = await self._payments.create_payment(current_principal(), payment_request)
+        self._metrics.payments_answered.labels(payment.status.value).inc()
         return payment_pb2.CreatePaymentResponse(payment=convert.payment(payment))
 
     async def GetPayment(

@@ -42,8 +42,17 @@ class CircuitOpen(ProviderUnavailable):
 class GuardedProvider:
     """The PaymentProvider port, with every call passing through the provider's circuit."""
 
-    def __init__(self, provider: PaymentProvider, *, threshold: int, reset_seconds: float) -> None:
+    def __init__(
+        self,
+        provider: PaymentProvider,
+        *,
+        threshold: int,
+        reset_seconds: float,
+        on_state_change: Callable[[str, str], None] | None = None,
+    ) -> None:
+        """`on_state_change(provider, state)` hears "opened", "half-opened", "closed"."""
         self._provider = provider
+        self._on_state_change = on_state_change
         self._reset_seconds = reset_seconds
         self._breakers = AsyncCircuitBreakerFactory(
             default_threshold=threshold,
@@ -57,8 +66,12 @@ class GuardedProvider:
         return self._provider.name
 
     def _on_event(self, circuit: str, event_name: str, event: object) -> None:
-        if event_name == "state_changed":
-            _log.warning("payment provider circuit", provider=circuit, state=str(event))
+        if event_name != "state_changed":
+            return
+        state = str(getattr(event, "state", event))
+        _log.warning("payment provider circuit", provider=circuit, state=state)
+        if self._on_state_change is not None:
+            self._on_state_change(circuit, state)
 
     async def raise_if_open(self) -> None:
         """Fails fast while the circuit is open, so a caller can refuse before any work."""
