@@ -89,7 +89,7 @@ class PaymentRequest:
 
     def fingerprint(self) -> str:
         """What a retry under the same request_id must repeat exactly."""
-        return _digest(f"pay;{self.order_id};{self.payment_method}")
+        return fingerprint_of(f"pay;{self.order_id};{self.payment_method}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +101,11 @@ class RefundRequest:
 
     def fingerprint(self) -> str:
         amount = "rest" if self.amount is None else f"{self.amount.currency}{self.amount.amount}"
-        return _digest(f"refund;{self.payment_id};{amount};{self.reason}")
+        return fingerprint_of(f"refund;{self.payment_id};{amount};{self.reason}")
 
 
-def _digest(canonical: str) -> str:
+def fingerprint_of(canonical: str) -> str:
+    """What a request under one request_id must repeat, as stored (64 hex characters)."""
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

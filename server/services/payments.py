@@ -43,6 +43,7 @@ from server.domain.payments import (
     PaymentStatus,
     RefundRequest,
     RefundStatus,
+    fingerprint_of,
     from_minor_units,
     payment_in_progress,
     refund_amount,
@@ -441,7 +442,7 @@ class Payments:
             payment=payment,
             actor=_AUTOMATIC_REFUND_ACTOR,
             request_id=f"auto-refund:{payment.id}",
-            fingerprint=f"auto-refund:{payment.id}",
+            fingerprint=fingerprint_of(f"auto-refund;{payment.id}"),
             amount=payment.amount,
             reason="payment arrived for an order that is not payable",
             cancels_order=False,
@@ -710,7 +711,7 @@ class Payments:
         if OrderStatus(order.status) is not OrderStatus.PAID:
             return None  # cancelled meanwhile (a concurrent retry finished first)
         key = request_id or _AUTOMATIC_CANCEL_KEY.format(order_id=order_id)
-        fingerprint = f"cancel:{order_id}"
+        fingerprint = fingerprint_of(f"cancel;{order_id}")
         earlier = (
             await conn.execute(
                 _FIND_REFUND_REQUEST, {"actor": principal.subject, "request_id": key}

@@ -1,0 +1,212 @@
+"""Payment use cases on a real PostgreSQL and localstripe behind the fault-injecting Envoy,
+without our gRPC server: the steps that must survive a provider outage or a crash between
+them, and the reconciler that finishes them."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
+
+import psycopg
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from server.adapters.stripe_provider import StripeProvider
+from server.domain.identity import Principal, Role
+from server.domain.money import Money
+from server.domain.orders import OrderStatus, order_request
+from server.domain.payments import PaymentStatus, payment_request, refund_request
+from server.services.circuit import CircuitOpen, GuardedProvider
+from server.services.orders import Orders
+from server.services.payments import Payments
+from server.services.providers import ProviderUnavailable
+from server.services.upkeep import Upkeep
+from tests.conftest import insert_product, stock_of
+from tests.payment_stack import (
+    SUCCESS_CARD,
+    PaymentStack,
+    running_payment_stack,
+)
+
+pytestmark = pytest.mark.integration
+
+ADMIN = Principal("root", frozenset({Role.ADMIN}))
+
+
+@pytest.fixture(scope="module")
+def payment_stack() -> Iterator[PaymentStack]:
+    with running_payment_stack() as stack:
+        yield stack
+
+
+class World:
+    """Payments wired as the server wires them, with a lease of 0 so the reconciler may
+    take over at once (the test plays the crash)."""
+
+    def __init__(self, engine: AsyncEngine, stack: PaymentStack) -> None:
+        self.stack = stack
+        self.stripe = StripeProvider(
+            api_key="sk_test_marketplace",
+            api_base=stack.api_base,
+            timeout_seconds=1,
+            max_attempts=2,
+        )
+        self.provider = GuardedProvider(self.stripe, threshold=3, reset_seconds=1)
+        self.orders = Orders(engine)
+        self.payments = Payments(
+            engine, self.orders, self.provider, lease_seconds=0, recheck_seconds=0
+        )
+        self.upkeep = Upkeep(engine, self.payments, self.provider, batch_size=10, lease_seconds=60)
+
+    async def paid_order(self, database_url: str, *, stock: int = 10) -> tuple[str, str, str]:
+        """A product, a customer's order of 2 units and its succeeded payment."""
+        product = insert_product(database_url, stock=stock, price="12.50")
+        customer = Principal(f"saga-{uuid.uuid4().hex[:8]}", frozenset({Role.CUSTOMER}))
+        order = await self.orders.place_order(
+            customer.subject, order_request(f"o-{uuid.uuid4()}", [(product, 2)])
+        )
+        card = await self.stack.localstripe.payment_method(SUCCESS_CARD)
+        payment = await self.payments.create_payment(
+            customer, payment_request(order.id, f"p-{uuid.uuid4()}", card)
+        )
+        assert payment.status is PaymentStatus.SUCCEEDED
+        return product, order.id, payment.id
+
+
+@pytest.fixture
+async def world(engine: AsyncEngine, payment_stack: PaymentStack) -> AsyncIterator[World]:
+    built = World(engine, payment_stack)
+    yield built
+    await payment_stack.faults.clear()
+    await built.stripe.aclose()
+
+
+def _order_status(database_url: str, order_id: str) -> str:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT status FROM orders WHERE id = %s", (order_id,)).fetchone()
+    assert row is not None
+    status: str = row[0]
+    return status
+
+
+async def _refunded_at_provider(stack: PaymentStack, order_id: str) -> int:
+    [intent] = [
+        i for i in await stack.localstripe.intents_for_order(order_id) if i["status"] == "succeeded"
+    ]
+    return sum(refund["amount"] for refund in await stack.localstripe.refunds_for(intent["id"]))
+
+
+async def test_a_cancellation_cut_short_by_an_outage_is_finished_by_the_reconciler(
+    world: World, database_url: str
+) -> None:
+    product, order_id, payment_id = await world.paid_order(database_url)
+    owner = await world.orders.get_order(ADMIN, order_id)
+    customer = Principal(owner.customer_id, frozenset({Role.CUSTOMER}))
+    await world.stack.faults.abort(503)
+    with pytest.raises(ProviderUnavailable):
+        await world.payments.cancel_order(customer, order_id, "cancel-1")
+    # The saga's first step is stored; nothing was refunded or released yet.
+    assert _order_status(database_url, order_id) == OrderStatus.PAID.value
+    assert stock_of(database_url, product) == 8
+    assert await _refunded_at_provider(world.stack, order_id) == 0
+
+    await world.stack.faults.clear()
+    assert await world.upkeep.reconcile_refunds() == 1
+    assert _order_status(database_url, order_id) == OrderStatus.CANCELLED.value
+    assert stock_of(database_url, product) == 10
+    assert await _refunded_at_provider(world.stack, order_id) == 2500
+    payment = await world.payments.get_payment(ADMIN, payment_id)
+    assert payment.status is PaymentStatus.REFUNDED
+    # A retry of the cancel, and another reconciler pass, change nothing more.
+    again = await world.payments.cancel_order(customer, order_id, "cancel-1")
+    assert again.status is OrderStatus.CANCELLED
+    assert await world.upkeep.reconcile_refunds() == 0
+    assert stock_of(database_url, product) == 10
+    assert await _refunded_at_provider(world.stack, order_id) == 2500
+
+
+async def test_a_refund_made_at_the_provider_but_not_recorded_is_applied_not_repeated(
+    world: World, database_url: str
+) -> None:
+    """The crash between Stripe's refund and our commit: the refund row is PENDING, Stripe
+    has the refund (found by its metadata), and the reconciler applies it once."""
+    product, order_id, payment_id = await world.paid_order(database_url)
+    refund_id = uuid.uuid4()
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            """
+            INSERT INTO refunds (id, payment_id, actor, request_id, request_fingerprint,
+                                 currency, amount, reason, cancels_order, status,
+                                 next_check_time)
+            VALUES (%s, %s, 'root', %s, %s, 'USD', 25, 'crashed', true, 'PENDING', now())
+            """,
+            (refund_id, payment_id, f"crash-{refund_id}", "0" * 64),
+        )
+        reference = conn.execute(
+            "SELECT provider_reference FROM payments WHERE id = %s", (payment_id,)
+        ).fetchone()
+    assert reference is not None
+    made = await world.stripe.refund(
+        reference[0],
+        amount_minor=2500,
+        metadata={"refund_id": str(refund_id)},
+        idempotency_key=str(refund_id),
+    )
+    assert made.succeeded
+    assert await world.upkeep.reconcile_refunds() == 1
+    assert await _refunded_at_provider(world.stack, order_id) == 2500  # not refunded twice
+    assert _order_status(database_url, order_id) == OrderStatus.CANCELLED.value
+    assert stock_of(database_url, product) == 10
+
+
+async def test_partial_then_full_refund_restocks_once(world: World, database_url: str) -> None:
+    product, order_id, payment_id = await world.paid_order(database_url)
+    partial = await world.payments.refund_payment(
+        ADMIN, refund_request(payment_id, "r-part", Money("USD", Decimal("5")), [], "dent")
+    )
+    assert partial.status is PaymentStatus.PARTIALLY_REFUNDED
+    assert _order_status(database_url, order_id) == OrderStatus.PAID.value
+    assert stock_of(database_url, product) == 8
+    full = await world.payments.refund_payment(
+        ADMIN, refund_request(payment_id, "r-rest", None, [], "")
+    )
+    assert full.status is PaymentStatus.REFUNDED
+    assert full.amount_refunded.amount == Decimal("25")
+    assert _order_status(database_url, order_id) == OrderStatus.REFUNDED.value
+    assert stock_of(database_url, product) == 10
+    replay = await world.payments.refund_payment(
+        ADMIN, refund_request(payment_id, "r-rest", None, [], "")
+    )
+    assert replay == full
+    assert await _refunded_at_provider(world.stack, order_id) == 2500
+
+
+async def test_the_circuit_opens_and_refuses_without_writing(
+    world: World, database_url: str
+) -> None:
+    product = insert_product(database_url, stock=10)
+    customer = Principal(f"circuit-{uuid.uuid4().hex[:8]}", frozenset({Role.CUSTOMER}))
+    card = await world.stack.localstripe.payment_method(SUCCESS_CARD)
+    await world.stack.faults.abort(503)
+    failures = 0
+    with pytest.raises(CircuitOpen) as opened:  # noqa: PT012 - the loop is the arrangement
+        for attempt in range(5):
+            order = await world.orders.place_order(
+                customer.subject, order_request(f"c-{attempt}", [(product, 1)])
+            )
+            try:
+                await world.payments.create_payment(
+                    customer, payment_request(order.id, f"pay-{attempt}", card)
+                )
+            except CircuitOpen:
+                raise
+            except ProviderUnavailable:
+                failures += 1
+    assert failures == 3
+    assert opened.value.retry_after_seconds <= 1
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT count(*) FROM payments WHERE customer_id = %s", (customer.subject,)
+        ).fetchone()
+    assert rows == (3,)  # the refused attempt wrote nothing
