@@ -17,6 +17,8 @@ from marketplace.order.v1 import order_pb2_grpc
 from server.devstack import (
     LOCALSTRIPE_API_KEY,
     WEBHOOK_PATH,
+    create_database,
+    drop_database,
     free_port,
     register_localstripe_webhook,
     render_envoy_config,
@@ -90,6 +92,15 @@ def server_env(
         "BACKGROUND_INTERVAL": "0.2",
         "RECONCILE_AFTER": "1",
     }
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_server_url: str) -> Iterator[str]:
+    """The end-to-end servers' own database. Their background passes (expiry, reconciliation)
+    sweep every row they can see, so they must not see the integration tests' rows."""
+    url = create_database(postgres_server_url, "marketplace_e2e")
+    yield url
+    drop_database(postgres_server_url, url)
 
 
 @pytest.fixture(scope="session")
