@@ -418,7 +418,7 @@ def run() -> int:
             print(
                 f"\nMarketplace is up.\n"
                 f"  gRPC   127.0.0.1:{grpc_port}"
-                f"   (grpcurl -plaintext 127.0.0.1:{grpc_port} list)\n"
+                f"   (.venv/bin/grpcurl -plaintext 127.0.0.1:{grpc_port} list)\n"
                 f"  REST   http://127.0.0.1:{http_port}/v1/products\n"
                 f"  Envoy admin http://127.0.0.1:{admin_port}   envoy log: .data/envoy.log\n"
                 f"  localstripe http://127.0.0.1:{localstripe_port}"

@@ -123,6 +123,10 @@ class BenchConfig:
     output: str = field(
         default_factory=lambda: os.environ.get("BENCH_OUTPUT", "bench-results.json")
     )
+    # A directory: py-spy records every server worker during each gRPC scenario's load and
+    # writes one speedscope profile per worker there. Sampling costs CPU, so figures from a
+    # profiled run are for finding hot spots, not for the table.
+    profile_dir: str | None = field(default_factory=lambda: os.environ.get("BENCH_PROFILE") or None)
     # Comma-separated subset of SCENARIO_NAMES (development); empty runs them all.
     only: tuple[str, ...] = field(
         default_factory=lambda: tuple(

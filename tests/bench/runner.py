@@ -6,11 +6,12 @@ import contextlib
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -268,9 +269,10 @@ class Bench:
             f"{scenario}: {concurrency} gRPC clients over {config.generator_processes}"
             f" processes, {config.warmup:g} s warm-up + {config.seconds:g} s ..."
         )
-        load, first, last, result = self.checked_grpc_load(
-            kind, concurrency, warmup=config.warmup, seconds=config.seconds, sample=self.sample
-        )
+        with self.profiling(scenario, server, config.warmup + config.seconds):
+            load, first, last, result = self.checked_grpc_load(
+                kind, concurrency, warmup=config.warmup, seconds=config.seconds, sample=self.sample
+            )
         row = self.add_row(
             scenario=scenario,
             tool="grpc.aio",
@@ -285,6 +287,47 @@ class Bench:
         )
         if config.half_seconds > 0 and row.throughput > 0:
             self.half_rate(row, kind)
+
+    @contextlib.contextmanager
+    def profiling(self, scenario: str, server: ServerProcess, seconds: float) -> Iterator[None]:
+        """With BENCH_PROFILE set, py-spy samples each server worker while the load runs."""
+        if self.config.profile_dir is None:
+            yield
+            return
+        directory = Path(self.config.profile_dir).resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        root = psutil.Process(server.process.pid)
+        # SERVER_WORKERS=1 serves in the supervisor's own process; otherwise its children.
+        workers = root.children() or [root]
+        spy = Path(sys.executable).with_name("py-spy")
+        recorders = [
+            subprocess.Popen(
+                [
+                    str(spy),
+                    "record",
+                    "--nonblocking",
+                    "--format",
+                    "speedscope",
+                    "--rate",
+                    "200",
+                    "--duration",
+                    str(int(seconds) + 1),
+                    "--pid",
+                    str(worker.pid),
+                    "--output",
+                    str(directory / f"{scenario}-{worker.pid}.speedscope.json"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+            )
+            for worker in workers
+        ]
+        try:
+            yield
+        finally:
+            for recorder in recorders:
+                recorder.wait(timeout=60)
+            progress(f"  profiles of {len(recorders)} worker(s) written to {directory}")
 
     def checked_grpc_load(
         self,

@@ -95,7 +95,9 @@ class Order(_message.Message):
 
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
-        """When an unpaid order expires and its stock is released."""
+        """When an unpaid order expires and its stock is released: set while the order awaits
+        payment and on an expired order, absent once it is paid, cancelled or refunded.
+        """
 
     def __init__(
         self,
