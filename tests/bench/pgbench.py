@@ -37,7 +37,7 @@ FLASH_SALE_LINES = f"""\
 
 # Not part of the server's transaction: what the server computes in Python before it
 # (a fresh order id, the request id and fingerprint, the lines' SKUs and prices, the total,
-# all as the array parameters it binds). pgbench can only make strings with SQL, so one
+# all as the array parameters it binds, and the payment window in seconds). pgbench can only make strings with SQL, so one
 # extra round trip per order does it here, outside the transaction, and \gset keeps the
 # results. SKU and price follow the seeding formula (tests/bench/config.py), so they are what
 # the locked rows hold; the end-of-scenario check verifies every line against its product.
@@ -70,7 +70,8 @@ SELECT '{' || string_agg(l.product_id, ',' ORDER BY l.product_id) || '}' AS ids,
        '{' || string_agg(l.sku, ',' ORDER BY l.line_no) || '}' AS line_skus,
        '{' || string_agg('1', ',') || '}' AS line_quantities,
        '{' || string_agg(l.unit_price::text, ',' ORDER BY l.line_no) || '}' AS line_prices,
-       '{' || string_agg('USD', ',') || '}' AS line_currencies
+       '{' || string_agg('USD', ',') || '}' AS line_currencies,
+       900 AS payment_window
   FROM o CROSS JOIN l
  GROUP BY o.id, o.customer_id, o.request_id, o.fingerprint \\gset
 """
