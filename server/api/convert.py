@@ -83,9 +83,7 @@ def order(value: Order) -> order_pb2.Order:
         total=money(value.total),
         create_time=timestamp(value.create_time),
         update_time=timestamp(value.update_time),
-        expire_time=(
-            timestamp(value.expire_time) if value.status in _EXPIRING_STATUSES else None
-        ),
+        expire_time=(timestamp(value.expire_time) if value.status in _EXPIRING_STATUSES else None),
     )
 
 

@@ -15,6 +15,7 @@ from tenacity import (
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 MAX_ATTEMPTS = 5
 UNIQUE_VIOLATION = "23505"
+FOREIGN_KEY_VIOLATION = "23503"
 
 
 def sqlstate(error: BaseException) -> str | None:

@@ -6,10 +6,12 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from psycopg.rows import namedtuple_row
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from server.db.driver import driver_connection, psycopg_sql
 from server.db.transactions import UNIQUE_VIOLATION, retrying_transaction, sqlstate
 from server.domain.catalog import (
     SKU_PATTERN,
@@ -32,7 +34,10 @@ _LIST_PRODUCTS = text(
     f"SELECT {PRODUCT_COLUMNS} FROM products WHERE sku > :after ORDER BY sku LIMIT :limit"
 )
 _GET_PRODUCT = text(f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = :id")
-_GET_PRODUCTS = text(f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = ANY(CAST(:ids AS uuid[]))")
+# The hottest read: on psycopg directly (server/db/driver.py).
+_GET_PRODUCTS_SQL = psycopg_sql(
+    f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = ANY(CAST(:ids AS uuid[]))"
+)
 _INSERT_PRODUCT = text(
     f"""
     INSERT INTO products (id, sku, name, description, price_currency, price_amount, stock,
@@ -105,9 +110,11 @@ class Catalog:
     async def get_products(self, product_ids: Sequence[str]) -> list[Product | NotFound]:
         """Several lookups in one query: concurrent GetProduct calls share it (see app.py)."""
         wanted = sorted({uuid.UUID(p) for p in product_ids})
-        async with self._reads.connect() as conn:
-            rows = (await conn.execute(_GET_PRODUCTS, {"ids": wanted})).all()
-        found = {str(row.id): product_from_row(row) for row in rows}
+        async with self._reads.connect() as conn, driver_connection(conn) as driver:
+            lookup = driver.cursor(row_factory=namedtuple_row)
+            rows = await (await lookup.execute(_GET_PRODUCTS_SQL, {"ids": wanted})).fetchall()
+        products = [product_from_row(row) for row in rows]
+        found = {product.id: product for product in products}
         return [found.get(p) or NotFound("product", p) for p in product_ids]
 
     async def create_product(self, draft: ProductDraft) -> Product:

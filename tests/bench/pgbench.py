@@ -37,10 +37,11 @@ FLASH_SALE_LINES = f"""\
 
 # Not part of the server's transaction: what the server computes in Python before it
 # (a fresh order id, the request id and fingerprint, the lines' SKUs and prices, the total,
-# all as the array parameters it binds, and the payment window in seconds). pgbench can only make strings with SQL, so one
-# extra round trip per order does it here, outside the transaction, and \gset keeps the
-# results. SKU and price follow the seeding formula (tests/bench/config.py), so they are what
-# the locked rows hold; the end-of-scenario check verifies every line against its product.
+# all as the array parameters it binds, and the payment window in seconds). pgbench can
+# only make strings with SQL, so one extra round trip per order does it here, outside the
+# transaction, and \gset keeps the results. SKU and price follow the seeding formula
+# (tests/bench/config.py), so they are what the locked rows hold; the end-of-scenario check
+# verifies every line against its product.
 PARAMETERS = """\
 WITH o AS MATERIALIZED (
   SELECT gen_random_uuid()::text AS id,
@@ -97,7 +98,7 @@ def order_sql() -> OrderSql:
     """The server's order statements; fails loudly if they bind a parameter pgbench lacks."""
     from server.services import orders
 
-    statements = tuple(str(getattr(orders, name).text) for name in SERVER_STATEMENTS)
+    statements = tuple(str(getattr(orders, name)) for name in SERVER_STATEMENTS)
     unbound = set(_VARIABLE.findall(" ".join(statements))) - _BUILT
     if unbound:
         raise RuntimeError(

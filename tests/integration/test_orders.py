@@ -270,3 +270,53 @@ async def test_concurrent_cancels_of_two_orders_under_one_request_id_cancel_one(
     )
     assert sorted(type(r).__name__ for r in results) == ["Order", "RequestIdReused"]
     assert stock_of(database_url, product) == 9
+
+
+async def _race_with_an_uncommitted_order(
+    orders: Orders, database_url: str, *, same_lines: bool
+) -> tuple[str, object]:
+    """Another transaction has inserted this customer's order under request id R but not
+    committed when our transaction looks R up (and finds nothing); it commits while ours
+    waits on R's unique key. Returns the other order's id and our outcome."""
+    theirs, ours = insert_product(database_url, stock=5), insert_product(database_url, stock=5)
+    buyer = customer()
+    their_request = order_request("raced", [(theirs, 1)])
+    our_request = order_request("raced", [(theirs, 1)] if same_lines else [(ours, 2)])
+    other_id = str(uuid.uuid4())
+    async with await psycopg.AsyncConnection.connect(database_url) as other:
+        await other.execute(
+            "INSERT INTO orders (id, customer_id, request_id, request_fingerprint, status,"
+            " currency, total, create_time, update_time, expire_time)"
+            " VALUES (%s, %s, 'raced', %s, 'PENDING_PAYMENT', 'USD', 10, now(), now(),"
+            "         now() + interval '15 minutes')",
+            (other_id, buyer.subject, their_request.fingerprint()),
+        )
+        await other.execute(
+            "INSERT INTO order_lines (order_id, line_no, product_id, sku, quantity,"
+            " unit_price, currency) SELECT %s, 1, id, sku, 1, 10, 'USD'"
+            " FROM products WHERE id = %s",
+            (other_id, theirs),
+        )
+        await other.execute("UPDATE products SET stock = stock - 1 WHERE id = %s", (theirs,))
+        placing = asyncio.ensure_future(orders.place_order(buyer.subject, our_request))
+        await asyncio.sleep(0.5)  # ours is now waiting on their lock (product or request id)
+        assert not placing.done()
+        await other.commit()
+    outcome = await asyncio.gather(placing, return_exceptions=True)
+    assert stock_of(database_url, ours) == 5
+    assert stock_of(database_url, theirs) == 4
+    return other_id, outcome[0]
+
+
+async def test_a_request_id_committed_meanwhile_with_other_lines_is_reused_not_internal(
+    orders: Orders, database_url: str
+) -> None:
+    _, outcome = await _race_with_an_uncommitted_order(orders, database_url, same_lines=False)
+    assert isinstance(outcome, RequestIdReused), outcome
+
+
+async def test_a_retry_racing_its_first_attempt_gets_the_first_attempts_order(
+    orders: Orders, database_url: str
+) -> None:
+    other_id, outcome = await _race_with_an_uncommitted_order(orders, database_url, same_lines=True)
+    assert getattr(outcome, "id", None) == other_id, outcome
