@@ -362,6 +362,11 @@ def _translate(operation: str, error: stripe.StripeError) -> Exception:
         body = error.http_body or ""
         forwarded = not any(marker in body for marker in _NOT_FORWARDED_MARKERS)
         return _Transient(operation, error, maybe_acted=forwarded)
+    if status == 409:
+        # Another request with the same idempotency key is still in flight (our own retry
+        # racing an unanswered attempt): it may yet act, so look at the provider's state
+        # before sending again, as after a timeout.
+        return _Transient(operation, error, maybe_acted=True)
     headers = {name.lower(): value for name, value in (error.headers or {}).items()}
     # 429: refused before being looked at. Stripe also marks refusals that a retry will get
     # past (a 409 while another request with the same idempotency key is in flight).
@@ -421,6 +426,8 @@ def _refund(raw: stripe.Refund, intent_reference: str) -> ProviderRefund:
         else intent_reference,
         amount_minor=raw.amount,
         succeeded=raw.status == "succeeded",
+        # pending / requires_action refunds still move money later: only these are final.
+        failed=raw.status in ("failed", "canceled"),
         metadata=_metadata(raw.metadata),
     )
 

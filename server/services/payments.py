@@ -56,6 +56,7 @@ from server.services.orders import Orders, RefundNeeded, release_stock
 from server.services.providers import (
     CardDeclined,
     IntentStatus,
+    ProviderError,
     ProviderEvent,
     ProviderIntent,
     ProviderOutcomeUnknown,
@@ -119,6 +120,28 @@ _RECHECK_PAYMENT_LATER = text(
        SET update_time = now(),
            next_check_time = now() + make_interval(secs => CAST(:after AS double precision))
      WHERE id = :id
+    """
+)
+_OTHER_LIVE_PAYMENT = text(
+    """
+    SELECT id FROM payments
+     WHERE order_id = :order_id AND id <> CAST(:id AS uuid)
+       AND status IN ('PENDING', 'SUCCEEDED', 'REFUNDED', 'PARTIALLY_REFUNDED')
+    """
+)
+_REOPEN_PAYMENT = text(
+    """
+    UPDATE payments SET status = 'PENDING', failure_code = '', failure_message = '',
+                        update_time = now()
+     WHERE id = :id AND status = 'FAILED'
+    """
+)
+_RECHECK_REFUND_LATER = text(
+    """
+    UPDATE refunds
+       SET update_time = now(),
+           next_check_time = now() + make_interval(secs => CAST(:after AS double precision))
+     WHERE id = :id AND status = 'PENDING'
     """
 )
 _SET_ORDER_STATUS = text("UPDATE orders SET status = :status, update_time = now() WHERE id = :id")
@@ -336,6 +359,10 @@ class Payments:
         except CardDeclined as declined:
             return await self._settle_failure(payment.id, declined.code, declined.message)
         except ProviderRejected as rejected:
+            if reference:
+                # The confirm was refused, but the intent may have been charged by another
+                # attempt: only the intent's own state may fail the payment.
+                return await self._settle_rejected_confirm(payment.id, reference, rejected)
             return await self._settle_failure(payment.id, rejected.code, rejected.message)
         except ProviderOutcomeUnknown:
             # The charge may or may not have happened: only the provider can say, and the
@@ -343,6 +370,18 @@ class Payments:
             _log.warning("payment outcome unknown", payment_id=payment.id)
             return await self._load(uuid.UUID(payment.id))
         return await self.settle_payment(uuid.UUID(payment.id), intent)
+
+    async def _settle_rejected_confirm(
+        self, payment_id: str, reference: str, rejected: ProviderRejected
+    ) -> Payment:
+        try:
+            intent = await self._provider.retrieve_intent(reference)
+        except ProviderError:
+            _log.warning("confirm refused and intent unknown", payment_id=payment_id)
+            return await self._load(uuid.UUID(payment_id))  # PENDING: the reconciler asks
+        if intent.status in (IntentStatus.SUCCEEDED, IntentStatus.PROCESSING):
+            return await self.settle_payment(uuid.UUID(payment_id), intent)
+        return await self._settle_failure(payment_id, rejected.code, rejected.message)
 
     async def _record_reference(self, payment_id: str, reference: str) -> str | None:
         async with self._engine.begin() as conn:
@@ -392,7 +431,10 @@ class Payments:
         current = (await conn.execute(_GET_PAYMENT, {"id": payment_id})).one()
         order = (await conn.execute(_LOCK_ORDER, {"id": current.order_id})).one()
         payment = payment_from_row((await conn.execute(_LOCK_PAYMENT, {"id": payment_id})).one())
-        if payment.status is not PaymentStatus.PENDING:
+        if payment.status is PaymentStatus.FAILED and intent.status is IntentStatus.SUCCEEDED:
+            if not await self._revive_failed_payment(conn, payment, current.order_id):
+                return
+        elif payment.status is not PaymentStatus.PENDING:
             return  # settled already (by the call, a webhook or the reconciler): once only
         if intent.status is IntentStatus.FAILED:
             await conn.execute(
@@ -448,6 +490,29 @@ class Payments:
             cancels_order=False,
             lease=0.0,
         )
+
+    async def _revive_failed_payment(
+        self, conn: AsyncConnection, payment: Payment, order_id: uuid.UUID
+    ) -> bool:
+        """The provider charged a payment we recorded as failed (a confirm we took for
+        refused went through after all). The money is real: unless another payment of the
+        order is live, the payment goes back to PENDING so it settles as a success (paying
+        the order, or refunding itself if the order can no longer be paid)."""
+        other = (
+            await conn.execute(_OTHER_LIVE_PAYMENT, {"order_id": order_id, "id": payment.id})
+        ).first()
+        if other is not None:
+            _log.error(
+                "order charged twice: a payment recorded as failed was charged while another"
+                " is live; refund it at the provider",
+                payment_id=payment.id,
+                live_payment_id=str(other.id),
+                order_id=str(order_id),
+            )
+            return False
+        _log.warning("a failed payment was charged after all", payment_id=payment.id)
+        await conn.execute(_REOPEN_PAYMENT, {"id": uuid.UUID(payment.id)})
+        return True
 
     # --- reading --------------------------------------------------------------------
 
@@ -637,10 +702,17 @@ class Payments:
         """Applies a refund the provider made: the payment's refunded amount and status and,
         when it empties a paid order's payment, the order's status and its stock, all in one
         transaction and exactly once."""
-        if not refunded.succeeded:
+        if refunded.failed:
             async with self._engine.begin() as conn:
                 await conn.execute(
                     _FAIL_REFUND, {"id": refund_id, "message": "the provider failed the refund"}
+                )
+            return
+        if not refunded.succeeded:
+            # Still on its way (pending at the card network): the reconciler asks again.
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    _RECHECK_REFUND_LATER, {"id": refund_id, "after": self._recheck_seconds}
                 )
             return
         async for attempt in retrying_transaction():

@@ -44,6 +44,8 @@ class ProviderRefund:
     intent_reference: str
     amount_minor: int
     succeeded: bool
+    # Final without moving money. Neither succeeded nor failed: still on its way.
+    failed: bool = False
     metadata: Mapping[str, str] = field(default_factory=dict)
 
 

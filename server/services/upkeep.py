@@ -60,7 +60,9 @@ _CLAIM_PAYMENTS = text(
                    WHERE status = 'PENDING' AND next_check_time <= now()
                    ORDER BY next_check_time LIMIT :limit
                      FOR UPDATE SKIP LOCKED)
-    RETURNING id, provider_reference
+    RETURNING id, provider_reference,
+              (SELECT o.expire_time <= now() FROM orders o WHERE o.id = order_id)
+              AS window_closed
     """
 )
 _ABANDON_UNSENT_PAYMENT = text(
@@ -129,7 +131,7 @@ class Upkeep:
             ).all()
         for row in claimed:
             try:
-                await self._reconcile_payment(row.id, row.provider_reference)
+                await self._reconcile_payment(row.id, row.provider_reference, row.window_closed)
             except ProviderError as error:
                 # Left PENDING; the lease runs out and a later pass asks again.
                 _log.warning(
@@ -137,7 +139,9 @@ class Upkeep:
                 )
         return len(claimed)
 
-    async def _reconcile_payment(self, payment_id: uuid.UUID, reference: str | None) -> None:
+    async def _reconcile_payment(
+        self, payment_id: uuid.UUID, reference: str | None, window_closed: bool
+    ) -> None:
         if reference is None:
             # No intent was recorded, so none was ever confirmed: nothing was charged.
             async with self._engine.begin() as conn:
@@ -147,9 +151,13 @@ class Upkeep:
                 )
             return
         intent = await self._provider.retrieve_intent(reference)
-        if intent.status is IntentStatus.REQUIRES_CONFIRMATION:
-            # Our confirm never arrived and its caller is long gone: make sure the intent
-            # can never be charged, then record the payment as failed.
+        stuck = intent.status is IntentStatus.PROCESSING and window_closed
+        if intent.status is IntentStatus.REQUIRES_CONFIRMATION or stuck:
+            # Our confirm never arrived and its caller is long gone, or the charge still
+            # waits (on the customer's 3-D Secure, say) after the order's payment window
+            # closed: make sure the intent can never be charged, then record the payment as
+            # failed, so the order can expire and its stock go back on sale. An intent the
+            # provider will not cancel (it is charging it now) is settled as it stands.
             try:
                 intent = await self._provider.cancel_intent(
                     reference, idempotency_key=f"{payment_id}:cancel"

@@ -4,8 +4,10 @@ them, and the reconciler that finishes them."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import psycopg
@@ -20,16 +22,20 @@ from server.domain.payments import PaymentStatus, payment_request, refund_reques
 from server.services.circuit import CircuitOpen, GuardedProvider
 from server.services.orders import Orders
 from server.services.payments import Payments
-from server.services.providers import ProviderUnavailable
+from server.services.providers import IntentStatus, ProviderIntent, ProviderUnavailable
 from server.services.upkeep import Upkeep
 from tests.conftest import insert_product, stock_of
 from tests.payment_stack import (
+    DECLINED_CARD,
     SUCCESS_CARD,
     PaymentStack,
     running_payment_stack,
 )
 
 pytestmark = pytest.mark.integration
+
+# localstripe's test card that asks for 3-D Secure when charged
+AUTHENTICATION_CARD = "4000002500003155"
 
 ADMIN = Principal("root", frozenset({Role.ADMIN}))
 
@@ -210,3 +216,90 @@ async def test_the_circuit_opens_and_refuses_without_writing(
             "SELECT count(*) FROM payments WHERE customer_id = %s", (customer.subject,)
         ).fetchone()
     assert rows == (3,)  # the refused attempt wrote nothing
+
+
+async def _declined_then(world: World, database_url: str) -> tuple[Principal, str, str, str]:
+    """A customer's order of 2 x 12.50 and a payment of it recorded FAILED (declined)."""
+    product = insert_product(database_url, stock=10, price="12.50")
+    customer = Principal(f"late-{uuid.uuid4().hex[:8]}", frozenset({Role.CUSTOMER}))
+    order = await world.orders.place_order(
+        customer.subject, order_request(f"o-{uuid.uuid4()}", [(product, 2)])
+    )
+    declined_card = await world.stack.localstripe.payment_method(DECLINED_CARD)
+    failed = await world.payments.create_payment(
+        customer, payment_request(order.id, f"p-{uuid.uuid4()}", declined_card)
+    )
+    assert failed.status is PaymentStatus.FAILED
+    return customer, product, order.id, failed.id
+
+
+def _late_success(payment_id: str) -> ProviderIntent:
+    """The provider's later word that it charged the order's 25.00 after all."""
+    return ProviderIntent(
+        reference=f"pi_late_{payment_id[:8]}",
+        status=IntentStatus.SUCCEEDED,
+        amount_minor=2500,
+        currency="USD",
+    )
+
+
+async def test_a_payment_recorded_failed_that_the_provider_charged_pays_the_order(
+    world: World, database_url: str
+) -> None:
+    _, product, order_id, payment_id = await _declined_then(world, database_url)
+
+    settled = await world.payments.settle_payment(uuid.UUID(payment_id), _late_success(payment_id))
+
+    assert settled.status is PaymentStatus.SUCCEEDED
+    assert _order_status(database_url, order_id) == "PAID"
+    assert stock_of(database_url, product) == 8
+
+
+async def test_a_late_charge_of_a_failed_payment_never_makes_a_second_live_payment(
+    world: World, database_url: str
+) -> None:
+    customer, product, order_id, payment_id = await _declined_then(world, database_url)
+    card = await world.stack.localstripe.payment_method(SUCCESS_CARD)
+    paid = await world.payments.create_payment(
+        customer, payment_request(order_id, f"p-{uuid.uuid4()}", card)
+    )
+    assert paid.status is PaymentStatus.SUCCEEDED
+
+    settled = await world.payments.settle_payment(uuid.UUID(payment_id), _late_success(payment_id))
+
+    # Left for an operator (logged as a double charge); nothing here may break the paid order.
+    assert settled.status is PaymentStatus.FAILED
+    assert _order_status(database_url, order_id) == "PAID"
+    assert stock_of(database_url, product) == 8
+
+
+async def test_a_charge_waiting_on_3d_secure_past_the_window_is_cancelled_and_the_order_expires(
+    engine: AsyncEngine, world: World, database_url: str
+) -> None:
+    quick = Orders(engine, payment_window_seconds=1)
+    payments = Payments(engine, quick, world.provider, lease_seconds=0, recheck_seconds=0)
+    upkeep = Upkeep(engine, payments, world.provider, batch_size=50, lease_seconds=60)
+    product = insert_product(database_url, stock=10, price="12.50")
+    customer = Principal(f"3ds-{uuid.uuid4().hex[:8]}", frozenset({Role.CUSTOMER}))
+    order = await quick.place_order(
+        customer.subject, order_request(f"o-{uuid.uuid4()}", [(product, 2)])
+    )
+    card = await world.stack.localstripe.payment_method(AUTHENTICATION_CARD)
+    waiting = await payments.create_payment(
+        customer, payment_request(order.id, f"p-{uuid.uuid4()}", card)
+    )
+    # The customer never authenticates: the payment waits, and holds the order.
+    assert waiting.status is PaymentStatus.PENDING
+    assert await upkeep.expire_orders() == 0
+
+    # The order's own deadline, set by the database; same machine, same clock.
+    await asyncio.sleep(max(0.0, (order.expire_time - datetime.now(UTC)).total_seconds()) + 0.1)
+    while await upkeep.reconcile_payments():
+        pass
+    settled = await payments.get_payment(customer, waiting.id)
+    assert settled.status is PaymentStatus.FAILED
+    [intent] = await world.stack.localstripe.intents_for_order(order.id)
+    assert intent["status"] == "canceled"
+    assert await upkeep.expire_orders() >= 1
+    assert _order_status(database_url, order.id) == "EXPIRED"
+    assert stock_of(database_url, product) == 10

@@ -374,3 +374,23 @@ async def test_a_refund_that_cannot_be_checked_is_unknown_and_not_repeated(
 
     await faults.clear()
     assert [r["amount"] for r in await localstripe.refunds_for(paid.reference)] == [400]
+
+
+async def test_a_confirm_answered_409_key_in_use_is_checked_never_taken_as_refused(
+    provider: StripeProvider, localstripe: LocalStripe, faults: FaultInjector
+) -> None:
+    # 409 is Stripe's "a request with this idempotency key is still in flight": that
+    # request may yet charge, so the adapter must not report the confirm as refused (the
+    # payment would be failed while the money is taken).
+    created = await create_intent(provider, localstripe, order_id=new_key())
+    await faults.abort(409, confirm_only=True)
+
+    with pytest.raises(ProviderOutcomeUnknown):
+        await provider.confirm_intent(created.reference, idempotency_key=new_key())
+
+    await faults.clear()
+    truth = await provider.retrieve_intent(created.reference)
+    assert truth.status is IntentStatus.REQUIRES_CONFIRMATION
+    paid = await provider.confirm_intent(created.reference, idempotency_key=new_key())
+    assert paid.status is IntentStatus.SUCCEEDED
+    assert len(await localstripe.charges_for(created.reference)) == 1

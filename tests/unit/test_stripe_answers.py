@@ -1,0 +1,56 @@
+"""How the Stripe adapter reads Stripe's answers, without any network."""
+
+from __future__ import annotations
+
+import pytest
+import stripe
+
+from server.adapters.stripe_provider import _refund, _Transient, _translate
+from server.services.providers import ProviderRejected
+
+
+def _refund_in(status: str) -> stripe.Refund:
+    return stripe.Refund.construct_from(
+        {"id": "re_1", "status": status, "amount": 2500, "payment_intent": "pi_1", "metadata": {}},
+        "sk_test_x",
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "succeeded", "failed"),
+    [
+        ("succeeded", True, False),
+        ("pending", False, False),
+        ("requires_action", False, False),
+        ("failed", False, True),
+        ("canceled", False, True),
+    ],
+)
+def test_only_final_refund_states_are_success_or_failure(
+    status: str, succeeded: bool, failed: bool
+) -> None:
+    refund = _refund(_refund_in(status), "pi_1")
+    assert (refund.succeeded, refund.failed) == (succeeded, failed)
+    assert (refund.reference, refund.intent_reference, refund.amount_minor) == (
+        "re_1",
+        "pi_1",
+        2500,
+    )
+
+
+def test_a_409_is_a_request_in_flight_that_may_yet_act() -> None:
+    in_use = stripe.IdempotencyError(
+        "Keys for idempotent requests can only be used ...", http_status=409
+    )
+    translated = _translate("confirm", in_use)
+    assert isinstance(translated, _Transient)
+    assert translated.maybe_acted
+
+
+def test_a_400_is_a_refusal() -> None:
+    bad = stripe.InvalidRequestError(
+        "No such payment_intent", "intent", code="resource_missing", http_status=400
+    )
+    translated = _translate("confirm", bad)
+    assert isinstance(translated, ProviderRejected)
+    assert translated.status == 400
