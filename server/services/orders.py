@@ -131,8 +131,15 @@ _MARK_CANCELLED = text(
 _PAYMENT_IN_FLIGHT = text(
     "SELECT id FROM payments WHERE order_id = :order_id AND status = 'PENDING' LIMIT 1"
 )
+# A cancel request id is taken by a cancelled order, or by a paid order's cancellation still
+# refunding (it takes the id when its refund completes).
 _FIND_CANCELLATION = text(
-    "SELECT id FROM orders WHERE cancelled_by = :actor AND cancel_request_id = :request_id"
+    """
+    SELECT id FROM orders WHERE cancelled_by = :actor AND cancel_request_id = :request_id
+    UNION ALL
+    SELECT p.order_id FROM refunds r JOIN payments p ON p.id = r.payment_id
+     WHERE r.actor = :actor AND r.request_id = :request_id AND r.cancels_order
+    """
 )
 _LIST_ALL = text(
     f"""
@@ -381,8 +388,8 @@ class Orders:
                 await conn.execute(
                     _FIND_CANCELLATION, {"actor": principal.subject, "request_id": request_id}
                 )
-            ).first()
-            if previous is not None and str(previous.id) != order_id:
+            ).all()
+            if any(str(row.id) != order_id for row in previous):
                 raise RequestIdReused(request_id)
         order = await self._load_visible(conn, principal, order_id, lock=True)
         plan = cancellation(order.id, order.status)

@@ -792,6 +792,14 @@ class Payments:
         if earlier is not None:
             if earlier.request_fingerprint != fingerprint:
                 raise RequestIdReused(key)
+            if earlier.status == RefundStatus.FAILED:
+                # The order is still PAID: answering OK would claim a cancellation that did
+                # not happen. The provider refused the refund; an operator must look.
+                raise FailedPrecondition(
+                    "the payment provider refused this cancellation's refund",
+                    reason="REFUND_REJECTED",
+                    metadata={"orderId": order_id, "refundId": str(earlier.id)},
+                )
             return earlier.id if earlier.status == RefundStatus.PENDING else None
         payment = await self._paid_payment_of(conn, order.id)
         pending = (

@@ -45,6 +45,9 @@ _CLAIM_EXPIRED_ORDERS = text(
        FOR UPDATE OF o SKIP LOCKED
     """
 )
+_PAYMENTS_IN_FLIGHT = text(
+    "SELECT DISTINCT order_id FROM payments WHERE order_id = ANY(:ids) AND status = 'PENDING'"
+)
 _MARK_EXPIRED = text(
     """
     UPDATE orders SET status = :status, update_time = now()
@@ -112,9 +115,20 @@ class Upkeep:
                     ).all()
                     if not rows:
                         return 0
+                    # The claim's NOT EXISTS saw the payments as of its snapshot; a payment
+                    # committed between that snapshot and our row lock is seen only by a
+                    # new statement. Its order stays for the reconciler to settle first.
+                    paying = {
+                        row.order_id
+                        for row in await conn.execute(
+                            _PAYMENTS_IN_FLIGHT, {"ids": [row.id for row in rows]}
+                        )
+                    }
+                    ids = [row.id for row in rows if row.id not in paying]
+                    if not ids:
+                        return 0
                     current = OrderStatus.PENDING_PAYMENT
                     target = next_status("*", current, OrderEvent.PAYMENT_WINDOW_CLOSED)
-                    ids = [row.id for row in rows]
                     if releases_stock(current, target):
                         await release_stock(conn, ids)
                     await conn.execute(_MARK_EXPIRED, {"ids": ids, "status": target.value})

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.adapters.stripe_provider import StripeProvider
+from server.domain.errors import RequestIdReused
 from server.domain.identity import Principal, Role
 from server.domain.money import Money
 from server.domain.orders import OrderStatus, order_request
@@ -303,3 +304,30 @@ async def test_a_charge_waiting_on_3d_secure_past_the_window_is_cancelled_and_th
     assert await upkeep.expire_orders() >= 1
     assert _order_status(database_url, order.id) == "EXPIRED"
     assert stock_of(database_url, product) == 10
+
+
+async def test_a_cancel_request_id_held_by_a_paid_orders_refunding_cancellation_is_taken(
+    world: World, database_url: str
+) -> None:
+    _, paid_id, _ = await world.paid_order(database_url)
+    owner = await world.orders.get_order(ADMIN, paid_id)
+    customer = Principal(owner.customer_id, frozenset({Role.CUSTOMER}))
+    other = insert_product(database_url, stock=5)
+    pending = await world.orders.place_order(
+        customer.subject, order_request(f"o-{uuid.uuid4()}", [(other, 1)])
+    )
+    await world.stack.faults.abort(503)
+    with pytest.raises(ProviderUnavailable):
+        await world.payments.cancel_order(customer, paid_id, "cancel-shared")
+    await world.stack.faults.clear()
+
+    # The paid order's cancellation holds "cancel-shared" while its refund is pending: the
+    # pending order may not take it (else the refund could never be applied).
+    with pytest.raises(RequestIdReused):
+        await world.payments.cancel_order(customer, pending.id, "cancel-shared")
+    assert _order_status(database_url, pending.id) == OrderStatus.PENDING_PAYMENT.value
+
+    assert await world.upkeep.reconcile_refunds() == 1
+    assert _order_status(database_url, paid_id) == OrderStatus.CANCELLED.value
+    with pytest.raises(RequestIdReused):
+        await world.payments.cancel_order(customer, pending.id, "cancel-shared")
