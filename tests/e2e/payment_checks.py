@@ -310,6 +310,12 @@ class Ledger:
         self.initial_stock[product_id] = stock
         return product_id
 
+    async def place(self, shopper: Shopper, *items: tuple[str, int]) -> order_pb2.Order:
+        """`shopper` orders `items`; the order is checked by `assert_balanced`."""
+        order = await shopper.place_order(*items)
+        self.track(order.id)
+        return order
+
     def track(self, *order_ids: str) -> None:
         self.orders.extend(order_id for order_id in order_ids if order_id not in self.orders)
 

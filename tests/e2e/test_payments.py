@@ -140,8 +140,7 @@ async def test_a_card_pays_the_order_once_whatever_the_replays(
     stack: Stack, buyer: Shopper, ledger: Ledger
 ) -> None:
     product = ledger.product(stock=5, price="12.50")
-    order = await buyer.place_order((product, 2))
-    ledger.track(order.id)
+    order = await ledger.place(buyer, (product, 2))
     method = await card(stack)
     request_id = str(uuid.uuid4())
 
@@ -173,8 +172,7 @@ async def test_rest_pays_reads_and_lists_like_grpc(
 ) -> None:
     headers = {"authorization": f"Bearer {buyer.token}"}
     product = ledger.product(stock=4, price="9.99")
-    order = await buyer.place_order((product, 3))
-    ledger.track(order.id)
+    order = await ledger.place(buyer, (product, 3))
     method = await card(stack)
     body = {"requestId": str(uuid.uuid4()), "paymentMethod": method}
 
@@ -225,8 +223,7 @@ async def test_a_declined_card_fails_the_payment_and_another_card_pays(
     stack: Stack, buyer: Shopper, ledger: Ledger
 ) -> None:
     product = ledger.product(stock=3, price="40.00")
-    order = await buyer.place_order((product, 1))
-    ledger.track(order.id)
+    order = await ledger.place(buyer, (product, 1))
 
     declined = await buyer.pay(order.id, await card(stack, DECLINED_CARD))
     assert declined.status == FAILED
@@ -253,8 +250,7 @@ async def test_a_provider_outage_is_unavailable_and_the_same_request_id_resumes(
     stack: Stack, buyer: Shopper, ledger: Ledger, faults: FaultInjector
 ) -> None:
     product = ledger.product(stock=2)
-    order = await buyer.place_order((product, 1))
-    ledger.track(order.id)
+    order = await ledger.place(buyer, (product, 1))
     method = await card(stack)
     request_id = str(uuid.uuid4())
     aborted_before = await faults.stat("fault.aborts_injected")
@@ -288,8 +284,7 @@ async def test_a_hanging_charge_stays_pending_until_the_reconciler_settles_it(
     stack: Stack, buyer: Shopper, ledger: Ledger, faults: FaultInjector
 ) -> None:
     product = ledger.product(stock=2)
-    order = await buyer.place_order((product, 1))
-    ledger.track(order.id)
+    order = await ledger.place(buyer, (product, 1))
 
     # Every confirm waits 2.5 s in Envoy, longer than the 1 s each attempt may take: the
     # adapter gives up on each (the outcome is unknown to it) and the call answers PENDING.
@@ -383,8 +378,7 @@ async def test_concurrent_payments_of_one_order_charge_it_once(
     product = ledger.product(stock=10, price="3.00")
     async with grpc.aio.insecure_channel(stack.grpc_target) as other_channel:
         for _ in range(5):
-            order = await buyer.place_order((product, 1))
-            ledger.track(order.id)
+            order = await ledger.place(buyer, (product, 1))
             methods = [await card(stack), await card(stack)]
             outcomes = await asyncio.gather(
                 buyer.pay(order.id, methods[0]),
@@ -413,8 +407,7 @@ async def test_webhooks_need_the_providers_signature_and_apply_once(
     stack: Stack, rest: httpx.AsyncClient, buyer: Shopper, ledger: Ledger, faults: FaultInjector
 ) -> None:
     product = ledger.product(stock=2, price="15.00")
-    order = await buyer.place_order((product, 1))
-    ledger.track(order.id)
+    order = await ledger.place(buyer, (product, 1))
     method = await card(stack)
     async with localstripe_webhooks_lost(stack):
         # A charge the provider made whose answer never reached us: the confirm's answer
@@ -497,8 +490,7 @@ async def test_a_server_killed_after_the_charge_is_reconciled_after_restart(
             wait_for_grpc(port, server)
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 payer = Shopper(channel, token)
-                order = await payer.place_order((product, 1))
-                ledger.track(order.id)
+                order = await ledger.place(payer, (product, 1))
                 method = await card(stack)
                 await faults.throttle_responses(confirm_only=True)
                 paying = asyncio.ensure_future(payer.pay(order.id, method))
@@ -632,8 +624,7 @@ async def test_a_partial_refund_then_the_rest_refunds_the_order(
     stack: Stack, rest: httpx.AsyncClient, buyer: Shopper, admin: Shopper, ledger: Ledger
 ) -> None:
     product = ledger.product(stock=5, price="10.00")
-    order = await buyer.place_order((product, 3))
-    ledger.track(order.id)
+    order = await ledger.place(buyer, (product, 3))
     paid = await buyer.pay(order.id, await card(stack))
 
     part = await admin.refund(paid.id, "12.50")
@@ -671,8 +662,7 @@ async def test_refunds_are_for_admins_and_payments_for_their_owner(
     stack: Stack, buyer: Shopper, tokens: Tokens, ledger: Ledger
 ) -> None:
     product = ledger.product(stock=2, price="5.00")
-    order = await buyer.place_order((product, 1))
-    ledger.track(order.id)
+    order = await ledger.place(buyer, (product, 1))
     paid = await buyer.pay(order.id, await card(stack))
     rows_before = order_snapshot(stack.database_url, order.id)
 

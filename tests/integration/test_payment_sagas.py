@@ -19,7 +19,7 @@ from server.domain.errors import RequestIdReused
 from server.domain.identity import Principal, Role
 from server.domain.money import Money
 from server.domain.orders import OrderStatus, order_request
-from server.domain.payments import PaymentStatus, payment_request, refund_request
+from server.domain.payments import Payment, PaymentStatus, payment_request, refund_request
 from server.services.circuit import CircuitOpen, GuardedProvider
 from server.services.orders import Orders
 from server.services.payments import Payments
@@ -68,17 +68,27 @@ class World:
 
     async def paid_order(self, database_url: str, *, stock: int = 10) -> tuple[str, str, str]:
         """A product, a customer's order of 2 units and its succeeded payment."""
+        _, product, order_id, payment = await self.order_paid_with(
+            database_url, SUCCESS_CARD, stock=stock
+        )
+        assert payment.status is PaymentStatus.SUCCEEDED
+        return product, order_id, payment.id
+
+    async def order_paid_with(
+        self, database_url: str, card_number: str, *, stock: int = 10
+    ) -> tuple[Principal, str, str, Payment]:
+        """A new customer's order of 2 x 12.50 of a new product, and a payment of it with a
+        localstripe test card: the customer, product id, order id and payment."""
         product = insert_product(database_url, stock=stock, price="12.50")
         customer = Principal(f"saga-{uuid.uuid4().hex[:8]}", frozenset({Role.CUSTOMER}))
         order = await self.orders.place_order(
             customer.subject, order_request(f"o-{uuid.uuid4()}", [(product, 2)])
         )
-        card = await self.stack.localstripe.payment_method(SUCCESS_CARD)
+        card = await self.stack.localstripe.payment_method(card_number)
         payment = await self.payments.create_payment(
             customer, payment_request(order.id, f"p-{uuid.uuid4()}", card)
         )
-        assert payment.status is PaymentStatus.SUCCEEDED
-        return product, order.id, payment.id
+        return customer, product, order.id, payment
 
 
 @pytest.fixture
@@ -221,17 +231,9 @@ async def test_the_circuit_opens_and_refuses_without_writing(
 
 async def _declined_then(world: World, database_url: str) -> tuple[Principal, str, str, str]:
     """A customer's order of 2 x 12.50 and a payment of it recorded FAILED (declined)."""
-    product = insert_product(database_url, stock=10, price="12.50")
-    customer = Principal(f"late-{uuid.uuid4().hex[:8]}", frozenset({Role.CUSTOMER}))
-    order = await world.orders.place_order(
-        customer.subject, order_request(f"o-{uuid.uuid4()}", [(product, 2)])
-    )
-    declined_card = await world.stack.localstripe.payment_method(DECLINED_CARD)
-    failed = await world.payments.create_payment(
-        customer, payment_request(order.id, f"p-{uuid.uuid4()}", declined_card)
-    )
+    customer, product, order_id, failed = await world.order_paid_with(database_url, DECLINED_CARD)
     assert failed.status is PaymentStatus.FAILED
-    return customer, product, order.id, failed.id
+    return customer, product, order_id, failed.id
 
 
 def _late_success(payment_id: str) -> ProviderIntent:
