@@ -61,10 +61,6 @@ def product(value: Product) -> catalog_pb2.Product:
     )
 
 
-# A paid, cancelled or refunded order no longer expires: its deadline is history.
-_EXPIRING_STATUSES = frozenset({OrderStatus.PENDING_PAYMENT, OrderStatus.EXPIRED})
-
-
 def order(value: Order) -> order_pb2.Order:
     return order_pb2.Order(
         id=value.id,
@@ -83,7 +79,7 @@ def order(value: Order) -> order_pb2.Order:
         total=money(value.total),
         create_time=timestamp(value.create_time),
         update_time=timestamp(value.update_time),
-        expire_time=(timestamp(value.expire_time) if value.status in _EXPIRING_STATUSES else None),
+        expire_time=(None if value.payment_deadline is None else timestamp(value.payment_deadline)),
     )
 
 

@@ -190,6 +190,14 @@ class Order:
     update_time: datetime
     expire_time: datetime
 
+    @property
+    def payment_deadline(self) -> datetime | None:
+        """When an unpaid order expires: while it awaits payment, and the moment it did once
+        expired. A paid, cancelled or refunded order has none; its deadline is history."""
+        if self.status in (OrderStatus.PENDING_PAYMENT, OrderStatus.EXPIRED):
+            return self.expire_time
+        return None
+
 
 class OrderEvent(enum.StrEnum):
     """What can happen to an order after it is placed."""
