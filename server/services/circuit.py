@@ -10,9 +10,10 @@ count. The state is per process: every worker learns of an outage by itself, wit
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from purgatory import AsyncCircuitBreakerFactory
@@ -83,6 +84,15 @@ class GuardedProvider:
                 raise CircuitOpen(self.name, remaining)
 
     async def _call(self, operation: Callable[[], Awaitable[Result]]) -> Result:
+        # A caller that gives up (its deadline, a disconnect) is not a provider failure, and
+        # must not cut a charge off halfway either: the call runs to its end in its own task,
+        # so the breaker hears the provider's real outcome, and what the call did is
+        # recorded by whoever settles the payment (the reconciler, if nobody waits).
+        call = asyncio.ensure_future(self._guarded(operation))
+        call.add_done_callback(_consume_outcome)
+        return await asyncio.shield(call)
+
+    async def _guarded(self, operation: Callable[[], Awaitable[Result]]) -> Result:
         breaker = await self._breakers.get_breaker(self.name)
         try:
             async with breaker:
@@ -142,3 +152,9 @@ class GuardedProvider:
 
     async def list_refunds(self, intent_reference: str) -> list[ProviderRefund]:
         return await self._call(lambda: self._provider.list_refunds(intent_reference))
+
+
+def _consume_outcome(call: asyncio.Future[Any]) -> None:
+    """Retrieves the outcome of a call whose caller left, so it is not reported unseen."""
+    if not call.cancelled():
+        call.exception()
