@@ -23,6 +23,7 @@ from server.api.health import DatabaseHealth
 from server.api.interceptor import RequestContextInterceptor
 from server.api.orders import OrderServicer
 from server.api.payments import PaymentServicer
+from server.db.driver import DriverPool
 from server.db.engine import create_engine
 from server.domain.catalog import Product
 from server.domain.identity import Access
@@ -81,6 +82,17 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         connect_timeout_seconds=settings.db_connect_timeout_seconds,
         statement_timeout_ms=settings.db_statement_timeout_ms,
     )
+    # The order transaction and product lookups run on psycopg's own pool (see
+    # server/db/driver.py). Only the group-commit runners use it, each holding at most one
+    # connection at a time: one per order runner and one for product lookups, plus a spare
+    # for the few other callers of a product lookup.
+    hot_path = DriverPool(
+        settings.database_url,
+        size=settings.order_batch_runners + 2,
+        timeout_seconds=settings.db_pool_timeout_seconds,
+        connect_timeout_seconds=settings.db_connect_timeout_seconds,
+        statement_timeout_ms=settings.db_statement_timeout_ms,
+    )
     verifier = TokenVerifier(
         secret=settings.jwt_secret,
         public_key_file=settings.jwt_public_key_file,
@@ -98,7 +110,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         # worker, sharing the port with its siblings is the point.
         options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
     )
-    catalog = Catalog(engine)
+    catalog = Catalog(engine, hot_path)
     # Concurrent GetProduct calls share one `WHERE id = ANY(...)` query: per call, the
     # database round trip and driver work are the dominant cost of a cheap read.
     product_lookup: GroupCommitter[str, Product] = GroupCommitter(
@@ -107,7 +119,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     catalog_pb2_grpc.add_CatalogServiceServicer_to_server(
         CatalogServicer(catalog, product_lookup.submit), server
     )
-    orders = Orders(engine, payment_window_seconds=settings.order_payment_timeout_seconds)
+    orders = Orders(engine, hot_path, payment_window_seconds=settings.order_payment_timeout_seconds)
     stripe_provider = StripeProvider(
         api_key=settings.stripe_api_key,
         api_base=settings.stripe_api_base,
@@ -171,6 +183,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
 
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     port = server.add_insecure_port(address)
+    await hot_path.open()
     order_committer.start()
     product_lookup.start()
     await server.start()
@@ -197,6 +210,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     await order_committer.stop()
     await product_lookup.stop()
     await stripe_provider.aclose()
+    await hot_path.close()
     await engine.dispose()
     _log.info("stopped")
 

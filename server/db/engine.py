@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -38,12 +39,22 @@ def create_engine(
         # a database restart fails once (UNAVAILABLE, retryable); SQLAlchemy then recognises
         # the disconnect and discards every pooled connection, so the pool heals itself.
         pool_pre_ping=False,
-        connect_args={
-            "connect_timeout": connect_timeout_seconds,
-            "options": f"-c statement_timeout={statement_timeout_ms}",
-            "application_name": "marketplace",
-        },
+        connect_args=connect_options(connect_timeout_seconds, statement_timeout_ms),
     )
+
+
+def connect_options(connect_timeout_seconds: int, statement_timeout_ms: int) -> dict[str, Any]:
+    """libpq connection parameters shared by SQLAlchemy's pool and the hot-path pool."""
+    return {
+        "connect_timeout": connect_timeout_seconds,
+        "options": f"-c statement_timeout={statement_timeout_ms}",
+        "application_name": "marketplace",
+    }
+
+
+def libpq_url(database_url: str) -> str:
+    """DATABASE_URL as libpq (and so psycopg) reads it."""
+    return "postgresql://" + sqlalchemy_url(database_url)[len("postgresql+psycopg://") :]
 
 
 def upgrade_schema(database_url: str) -> None:

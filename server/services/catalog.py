@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from server.db.driver import driver_connection, psycopg_sql
+from server.db.driver import DriverPool, psycopg_sql
 from server.db.transactions import UNIQUE_VIOLATION, retrying_transaction, sqlstate
 from server.domain.catalog import (
     SKU_PATTERN,
@@ -82,8 +82,9 @@ _APPLY_ADJUSTMENT = text(
 
 
 class Catalog:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, hot_path: DriverPool) -> None:
         self._engine = engine
+        self._hot_path = hot_path
         # Single-statement reads run in autocommit: no BEGIN/ROLLBACK round trips around them.
         self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
 
@@ -110,7 +111,7 @@ class Catalog:
     async def get_products(self, product_ids: Sequence[str]) -> list[Product | NotFound]:
         """Several lookups in one query: concurrent GetProduct calls share it (see app.py)."""
         wanted = sorted({uuid.UUID(p) for p in product_ids})
-        async with self._reads.connect() as conn, driver_connection(conn) as driver:
+        async with self._hot_path.connection() as driver:
             lookup = driver.cursor(row_factory=namedtuple_row)
             rows = await (await lookup.execute(_GET_PRODUCTS_SQL, {"ids": wanted})).fetchall()
         products = [product_from_row(row) for row in rows]

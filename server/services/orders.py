@@ -8,11 +8,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from server.db.driver import driver_connection, psycopg_sql
+from server.db.driver import DriverPool, psycopg_sql
 from server.db.transactions import (
     FOREIGN_KEY_VIOLATION,
     UNIQUE_VIOLATION,
@@ -184,8 +185,11 @@ def _is_connection_error(error: DBAPIError) -> bool:
 
 
 class Orders:
-    def __init__(self, engine: AsyncEngine, *, payment_window_seconds: float = 900.0) -> None:
+    def __init__(
+        self, engine: AsyncEngine, hot_path: DriverPool, *, payment_window_seconds: float = 900.0
+    ) -> None:
         self._engine = engine
+        self._hot_path = hot_path
         self._payment_window_seconds = payment_window_seconds
         # Single-statement reads run in autocommit: no BEGIN/ROLLBACK round trips around them.
         self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -209,8 +213,14 @@ class Orders:
         try:
             async for attempt in retrying_transaction(extra=_RequestIdRace):
                 with attempt:
-                    async with self._engine.begin() as conn:
-                        return await self._place_batch(conn, batch)
+                    # BEGIN waits in the pipeline and goes out with the batch's first
+                    # statements; COMMIT goes out when the block ends.
+                    async with (
+                        self._hot_path.connection() as driver,
+                        driver.pipeline() as pipeline,
+                        driver.transaction(),
+                    ):
+                        placed = await self._place_batch(driver, pipeline, batch)
         except DBAPIError as error:
             if len(batch) == 1 or is_retryable_conflict(error) or _is_connection_error(error):
                 raise
@@ -222,12 +232,25 @@ class Orders:
                 except DomainError as failure:
                     outcomes.append(failure)
             return outcomes
-        raise AssertionError("unreachable: retrying_transaction re-raises")
+        # Retries are answered with the order they stored, read after the transaction: it
+        # was committed by an earlier one, and a replay returns its current state anyway.
+        replayed = [outcome for outcome in placed if isinstance(outcome, uuid.UUID)]
+        stored: dict[uuid.UUID, Order] = {}
+        if replayed:
+            async with self._reads.connect() as conn:
+                stored = await self._load_many(conn, replayed)
+        return [
+            stored[outcome] if isinstance(outcome, uuid.UUID) else outcome for outcome in placed
+        ]
 
     async def _place_batch(
-        self, conn: AsyncConnection, batch: Sequence[tuple[str, OrderRequest]]
-    ) -> list[Order | DomainError]:
-        outcomes: list[Order | DomainError | None] = [None] * len(batch)
+        self,
+        driver: psycopg.AsyncConnection[Any],
+        pipeline: psycopg.AsyncPipeline,
+        batch: Sequence[tuple[str, OrderRequest]],
+    ) -> list[Order | DomainError | uuid.UUID]:
+        """One transaction for the batch; a retry's outcome is its stored order's id."""
+        outcomes: list[Order | DomainError | uuid.UUID | None] = [None] * len(batch)
         fingerprints = [request.fingerprint() for _, request in batch]  # hashed once each
         # Copies of one request inside the batch share the first copy's outcome.
         first_of: dict[tuple[str, str], int] = {}
@@ -244,20 +267,19 @@ class Orders:
 
         product_ids = sorted({line.product_id for _, request in batch for line in request.lines})
         firsts = sorted(first_of.values())
-        async with driver_connection(conn) as driver, driver.pipeline() as pipeline:
-            locking = await driver.execute(
-                _LOCK_PRODUCTS_SQL, {"ids": [uuid.UUID(p) for p in product_ids]}
-            )
-            finding = await driver.execute(
-                _FIND_BY_REQUEST_IDS_SQL,
-                {
-                    "customers": [batch[i][0] for i in firsts],
-                    "request_ids": [batch[i][1].request_id for i in firsts],
-                },
-            )
-            await pipeline.sync()
-            locked = await locking.fetchall()
-            seen = await finding.fetchall()
+        locking = await driver.execute(
+            _LOCK_PRODUCTS_SQL, {"ids": [uuid.UUID(p) for p in product_ids]}
+        )
+        finding = await driver.execute(
+            _FIND_BY_REQUEST_IDS_SQL,
+            {
+                "customers": [batch[i][0] for i in firsts],
+                "request_ids": [batch[i][1].request_id for i in firsts],
+            },
+        )
+        await pipeline.sync()
+        locked = await locking.fetchall()
+        seen = await finding.fetchall()
         products = {
             str(product_id): ProductStock(sku, Money(currency, amount), stock)
             for product_id, stock, sku, currency, amount in locked
@@ -281,7 +303,7 @@ class Orders:
                 outcomes[index] = allocation
 
         if accepted:
-            created = await self._write(conn, batch, fingerprints, accepted, taken)
+            created = await self._write(driver, batch, fingerprints, accepted, taken)
             for index, order_id, allocation in accepted:
                 customer_id = batch[index][0]
                 moment, expiry = created[order_id]
@@ -295,14 +317,12 @@ class Orders:
                     update_time=moment,
                     expire_time=expiry,
                 )
-        if replays:
-            stored = await self._load_many(conn, list(replays.values()))
-            for index, order_id in replays.items():
-                outcomes[index] = stored[order_id]
+        for index, order_id in replays.items():
+            outcomes[index] = order_id
         for index, first_index in copies.items():
             outcomes[index] = outcomes[first_index]
 
-        results: list[Order | DomainError] = []
+        results: list[Order | DomainError | uuid.UUID] = []
         for outcome in outcomes:
             assert outcome is not None
             results.append(outcome)
@@ -310,7 +330,7 @@ class Orders:
 
     async def _write(
         self,
-        conn: AsyncConnection,
+        driver: psycopg.AsyncConnection[Any],
         batch: Sequence[tuple[str, OrderRequest]],
         fingerprints: Sequence[str],
         accepted: Sequence[tuple[int, uuid.UUID, Allocation]],
@@ -340,10 +360,9 @@ class Orders:
             "payment_window": self._payment_window_seconds,
         }
         try:
-            async with driver_connection(conn) as driver:
-                rows = await (await driver.execute(_WRITE_ORDERS_SQL, params)).fetchall()
-        except IntegrityError as error:
-            if sqlstate(error) in _INTEGRITY_RACES:
+            rows = await (await driver.execute(_WRITE_ORDERS_SQL, params)).fetchall()
+        except psycopg.errors.IntegrityError as error:
+            if error.sqlstate in _INTEGRITY_RACES:
                 raise _RequestIdRace from error
             raise
         if len(rows) != len(accepted):

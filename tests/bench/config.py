@@ -43,6 +43,7 @@ HALF_RATE_FRACTION = 0.5
 HALF_RATE_P99_TARGET_MS = 25.0
 
 SCENARIO_NAMES = (
+    "grpc-bare",
     "noop",
     "catalog-read",
     "pgbench:order-spread",

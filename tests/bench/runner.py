@@ -43,6 +43,7 @@ from tests.bench.stack import (
     EnvoyProcess,
     ServerProcess,
     bench_database,
+    start_bare_server,
     start_bench_envoy,
     start_bench_server,
     tree_cpu_by_process,
@@ -52,6 +53,7 @@ from tests.bench.stack import (
 from tests.bench.wrk import ensure_wrk, run_wrk
 
 BASELINES = {
+    "noop": "grpc-bare",
     "catalog-read": "noop",
     "order-spread": "pgbench:order-spread",
     "flash-sale@64": "pgbench:flash-sale@64",
@@ -470,6 +472,20 @@ class Bench:
             },
         )
 
+    def bare_grpc_scenario(self, scenario: str, concurrency: int) -> None:
+        """`noop` against a bare grpc.aio server instead of ours: grpc.aio's own cost per
+        call here, which no change to our code can go below (the main server idles)."""
+        saved, bare = (
+            self.server,
+            start_bare_server(self.config.server_workers, self.scratch / "bare-server.log"),
+        )
+        self.server = bare
+        try:
+            self.grpc_scenario(scenario, "noop", concurrency)
+        finally:
+            self.server = saved
+            bare.stop()
+
     def rest_scenario(self, scenario: str, concurrency: int) -> None:
         config, server = self.config, self.running_server()
         wrk = ensure_wrk()
@@ -532,6 +548,8 @@ class Bench:
         concurrency = config.concurrency
         low, high = config.flash_sale_concurrency
         self.start_server(config.server_workers)
+        if wants("grpc-bare"):
+            self.bare_grpc_scenario("grpc-bare", concurrency)
         if wants("noop"):
             self.grpc_scenario("noop", "noop", concurrency)
         if wants("catalog-read"):

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.adapters.stripe_provider import StripeProvider
+from server.db.driver import DriverPool
 from server.db.engine import create_engine
 from server.domain.errors import FailedPrecondition
 from server.domain.identity import Principal, Role
@@ -51,10 +52,11 @@ def _upkeep(engine: AsyncEngine, orders: Orders) -> Upkeep:
 
 
 @pytest.fixture
-async def sweepers(database_url: str) -> AsyncIterator[list[Upkeep]]:
-    """Two sweepers with their own connection pools, as two server processes have."""
+async def sweepers(database_url: str, hot_path: DriverPool) -> AsyncIterator[list[Upkeep]]:
+    """Two sweepers with their own connection pools, as two server processes have (they
+    never place orders, so they share the hot-path pool)."""
     engines = [_engine(database_url), _engine(database_url)]
-    yield [_upkeep(engine, Orders(engine)) for engine in engines]
+    yield [_upkeep(engine, Orders(engine, hot_path)) for engine in engines]
     for engine in engines:
         await engine.dispose()
 
@@ -68,11 +70,11 @@ def _status_of(database_url: str, order_ids: list[str]) -> dict[str, str]:
 
 
 async def test_two_sweepers_expire_each_order_once_and_release_stock_once(
-    engine: AsyncEngine, database_url: str, sweepers: list[Upkeep]
+    engine: AsyncEngine, hot_path: DriverPool, database_url: str, sweepers: list[Upkeep]
 ) -> None:
     hot = insert_product(database_url, stock=100)
     other = insert_product(database_url, stock=100)
-    quick = Orders(engine, payment_window_seconds=0.05)
+    quick = Orders(engine, hot_path, payment_window_seconds=0.05)
     placed = [
         await quick.place_order(
             f"cust-{n}", order_request(f"exp-{n}", [(hot, 2), (other, 1)] if n % 2 else [(hot, 3)])
@@ -125,10 +127,10 @@ def _insert_pending_payment(database_url: str, order_id: str, customer_id: str) 
 
 
 async def test_an_order_with_a_payment_in_flight_neither_expires_nor_cancels(
-    engine: AsyncEngine, database_url: str, sweepers: list[Upkeep]
+    engine: AsyncEngine, hot_path: DriverPool, database_url: str, sweepers: list[Upkeep]
 ) -> None:
     product = insert_product(database_url, stock=5)
-    quick = Orders(engine, payment_window_seconds=0.05)
+    quick = Orders(engine, hot_path, payment_window_seconds=0.05)
     order = await quick.place_order("cust-flight", order_request("f-1", [(product, 2)]))
     payment_id = _insert_pending_payment(database_url, order.id, "cust-flight")
     await asyncio.sleep(0.1)

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.adapters.stripe_provider import StripeProvider
+from server.db.driver import DriverPool
 from server.domain.errors import RequestIdReused
 from server.domain.identity import Principal, Role
 from server.domain.money import Money
@@ -51,7 +52,7 @@ class World:
     """Payments wired as the server wires them, with a lease of 0 so the reconciler may
     take over at once (the test plays the crash)."""
 
-    def __init__(self, engine: AsyncEngine, stack: PaymentStack) -> None:
+    def __init__(self, engine: AsyncEngine, hot_path: DriverPool, stack: PaymentStack) -> None:
         self.stack = stack
         self.stripe = StripeProvider(
             api_key="sk_test_marketplace",
@@ -60,7 +61,7 @@ class World:
             max_attempts=2,
         )
         self.provider = GuardedProvider(self.stripe, threshold=3, reset_seconds=1)
-        self.orders = Orders(engine)
+        self.orders = Orders(engine, hot_path)
         self.payments = Payments(
             engine, self.orders, self.provider, lease_seconds=0, recheck_seconds=0
         )
@@ -92,8 +93,10 @@ class World:
 
 
 @pytest.fixture
-async def world(engine: AsyncEngine, payment_stack: PaymentStack) -> AsyncIterator[World]:
-    built = World(engine, payment_stack)
+async def world(
+    engine: AsyncEngine, hot_path: DriverPool, payment_stack: PaymentStack
+) -> AsyncIterator[World]:
+    built = World(engine, hot_path, payment_stack)
     yield built
     await payment_stack.faults.clear()
     await built.stripe.aclose()
@@ -277,9 +280,9 @@ async def test_a_late_charge_of_a_failed_payment_never_makes_a_second_live_payme
 
 
 async def test_a_charge_waiting_on_3d_secure_past_the_window_is_cancelled_and_the_order_expires(
-    engine: AsyncEngine, world: World, database_url: str
+    engine: AsyncEngine, hot_path: DriverPool, world: World, database_url: str
 ) -> None:
-    quick = Orders(engine, payment_window_seconds=1)
+    quick = Orders(engine, hot_path, payment_window_seconds=1)
     payments = Payments(engine, quick, world.provider, lease_seconds=0, recheck_seconds=0)
     upkeep = Upkeep(engine, payments, world.provider, batch_size=50, lease_seconds=60)
     product = insert_product(database_url, stock=10, price="12.50")
