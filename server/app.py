@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 
 import grpc
@@ -192,6 +193,13 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     upkeep_task = asyncio.create_task(
         upkeep.run_forever(settings.background_interval_seconds), name="upkeep"
     )
+    # Everything allocated so far (modules, protobuf descriptors, SQLAlchemy metadata, about
+    # 130,000 objects) lives as long as the process. Frozen out of the collector's reach, a
+    # full collection no longer walks them all. Measured under order load: a full collection
+    # every several seconds stalled the event loop, and every call in flight, for 80-110 ms;
+    # frozen, it takes about 3 ms.
+    gc.collect()
+    gc.freeze()
     _log.info("listening", address=f"{settings.grpc_host}:{port}")
 
     stopping = asyncio.Event()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -39,10 +40,10 @@ from server.domain.payments import payment_in_progress
 from server.services.rows import LINE_COLUMNS, ORDER_COLUMNS, order_from_rows
 
 # The order + stock transaction, for a batch of orders (a single order is a batch of one).
-# Three round trips whatever the batch size: BEGIN + lock + look up retries (pipelined),
-# write, COMMIT. They run on psycopg directly (server/db/driver.py); the `:name` text is the
-# one source of truth, converted once for psycopg and imported as is by the benchmark's
-# pgbench baseline.
+# Two round trips whatever the batch size, in psycopg's pipeline mode: BEGIN + lock + look up
+# retries, then write + COMMIT. The row locks are held for one round trip. The statements
+# run on psycopg directly (server/db/driver.py); the `:name` text is the one source of
+# truth, converted once for psycopg and imported as is by the benchmark's pgbench baseline.
 #
 # 1. Lock every product of the batch in ascending id order, in one statement: all writers
 #    lock rows in the same global order, so two transactions never wait on each other in a
@@ -184,6 +185,49 @@ def _is_connection_error(error: DBAPIError) -> bool:
     return error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
 
 
+@dataclass
+class _Decided:
+    """One batch transaction's decisions; the accepted orders' create and expiry times come
+    from the write, whose answer arrives with COMMIT's."""
+
+    batch: Sequence[tuple[str, OrderRequest]]
+    decided: list[Order | DomainError | uuid.UUID | None]
+    copies: dict[int, int]  # a copy of a request in the batch -> its first copy
+    accepted: list[tuple[int, uuid.UUID, Allocation]]
+    written: psycopg.AsyncCursor[Any] | None
+
+    async def outcomes(self) -> list[Order | DomainError | uuid.UUID]:
+        outcomes = list(self.decided)
+        if self.written is not None:
+            created = {
+                order_id: (moment, expiry)
+                for order_id, moment, expiry in await self.written.fetchall()
+            }
+            # Every accepted order was inserted: one skipped by ON CONFLICT would have left
+            # its lines without an order, failing the foreign key and the whole transaction.
+            if len(created) != len(self.accepted):
+                raise RuntimeError("an accepted order was not written, yet the batch committed")
+            for index, order_id, allocation in self.accepted:
+                moment, expiry = created[order_id]
+                outcomes[index] = Order(
+                    id=str(order_id),
+                    customer_id=self.batch[index][0],
+                    status=OrderStatus.PENDING_PAYMENT,
+                    lines=allocation.lines,
+                    total=allocation.total,
+                    create_time=moment,
+                    update_time=moment,
+                    expire_time=expiry,
+                )
+        for index, first_index in self.copies.items():
+            outcomes[index] = outcomes[first_index]
+        results: list[Order | DomainError | uuid.UUID] = []
+        for outcome in outcomes:
+            assert outcome is not None
+            results.append(outcome)
+        return results
+
+
 class Orders:
     def __init__(
         self, engine: AsyncEngine, hot_path: DriverPool, *, payment_window_seconds: float = 900.0
@@ -213,14 +257,20 @@ class Orders:
         try:
             async for attempt in retrying_transaction(extra=_RequestIdRace):
                 with attempt:
-                    # BEGIN waits in the pipeline and goes out with the batch's first
-                    # statements; COMMIT goes out when the block ends.
-                    async with (
-                        self._hot_path.connection() as driver,
-                        driver.pipeline() as pipeline,
-                        driver.transaction(),
-                    ):
-                        placed = await self._place_batch(driver, pipeline, batch)
+                    try:
+                        async with self._hot_path.connection() as driver:
+                            # BEGIN waits in the pipeline and goes out with the first
+                            # statements; COMMIT is queued behind the write when the
+                            # transaction block ends, and both go out as the pipeline closes.
+                            async with driver.pipeline() as pipeline, driver.transaction():
+                                decided = await self._place_batch(driver, pipeline, batch)
+                            placed = await decided.outcomes()
+                    except IntegrityError as error:
+                        # The write's violation surfaces with its COMMIT: a retry of one of
+                        # these orders committed meanwhile (see _WRITE_ORDERS).
+                        if sqlstate(error) in _INTEGRITY_RACES:
+                            raise _RequestIdRace from error
+                        raise
         except DBAPIError as error:
             if len(batch) == 1 or is_retryable_conflict(error) or _is_connection_error(error):
                 raise
@@ -248,8 +298,8 @@ class Orders:
         driver: psycopg.AsyncConnection[Any],
         pipeline: psycopg.AsyncPipeline,
         batch: Sequence[tuple[str, OrderRequest]],
-    ) -> list[Order | DomainError | uuid.UUID]:
-        """One transaction for the batch; a retry's outcome is its stored order's id."""
+    ) -> _Decided:
+        """Locks, decides and queues the write; a retry's outcome is its stored order's id."""
         outcomes: list[Order | DomainError | uuid.UUID | None] = [None] * len(batch)
         fingerprints = [request.fingerprint() for _, request in batch]  # hashed once each
         # Copies of one request inside the batch share the first copy's outcome.
@@ -302,31 +352,12 @@ class Orders:
             else:
                 outcomes[index] = allocation
 
-        if accepted:
-            created = await self._write(driver, batch, fingerprints, accepted, taken)
-            for index, order_id, allocation in accepted:
-                customer_id = batch[index][0]
-                moment, expiry = created[order_id]
-                outcomes[index] = Order(
-                    id=str(order_id),
-                    customer_id=customer_id,
-                    status=OrderStatus.PENDING_PAYMENT,
-                    lines=allocation.lines,
-                    total=allocation.total,
-                    create_time=moment,
-                    update_time=moment,
-                    expire_time=expiry,
-                )
         for index, order_id in replays.items():
             outcomes[index] = order_id
-        for index, first_index in copies.items():
-            outcomes[index] = outcomes[first_index]
-
-        results: list[Order | DomainError | uuid.UUID] = []
-        for outcome in outcomes:
-            assert outcome is not None
-            results.append(outcome)
-        return results
+        written = None
+        if accepted:
+            written = await self._write(driver, batch, fingerprints, accepted, taken)
+        return _Decided(batch, outcomes, copies, accepted, written)
 
     async def _write(
         self,
@@ -335,7 +366,8 @@ class Orders:
         fingerprints: Sequence[str],
         accepted: Sequence[tuple[int, uuid.UUID, Allocation]],
         taken: dict[str, int],
-    ) -> dict[uuid.UUID, tuple[datetime, datetime]]:
+    ) -> psycopg.AsyncCursor[Any]:
+        """Queues the write in the pipeline; its rows are read once COMMIT is answered."""
         lines = [
             (order_id, number, line)
             for _, order_id, allocation in accepted
@@ -359,15 +391,7 @@ class Orders:
             "line_currencies": [line.unit_price.currency for _, _, line in lines],
             "payment_window": self._payment_window_seconds,
         }
-        try:
-            rows = await (await driver.execute(_WRITE_ORDERS_SQL, params)).fetchall()
-        except psycopg.errors.IntegrityError as error:
-            if error.sqlstate in _INTEGRITY_RACES:
-                raise _RequestIdRace from error
-            raise
-        if len(rows) != len(accepted):
-            raise _RequestIdRace
-        return {order_id: (created, expiry) for order_id, created, expiry in rows}
+        return await driver.execute(_WRITE_ORDERS_SQL, params)
 
     async def _load_many(
         self, conn: AsyncConnection, order_ids: Sequence[uuid.UUID]
