@@ -86,34 +86,38 @@ class DriverPool:
             reconnect_timeout=timeout_seconds,
         )
         self._opened = False
+        self._closed = False
         self._checking: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         """Starts connecting in the background; the first caller waits for a connection."""
+        if self._closed:
+            raise PoolTimeoutError("the hot-path pool is closed (the server is stopping)")
         if not self._opened:
             self._opened = True
             await self._pool.open(wait=False)
 
     async def close(self) -> None:
+        self._closed = True
         if self._checking is not None:
+            # Checking talks to the database with no deadline: never wait on it to stop.
+            self._checking.cancel()
             await asyncio.gather(self._checking, return_exceptions=True)
         if self._opened:
-            self._opened = False
             await self._pool.close()
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A connection in autocommit mode (`driver.transaction()` for a transaction),
         with psycopg's errors re-raised as SQLAlchemy's."""
-        await self.open()
         try:
+            await self.open()
             async with self._pool.connection() as driver:
                 with sqlalchemy_errors(driver):
                     yield driver
         except PoolTimeout as error:
             raise PoolTimeoutError(str(error)) from error
-        except psycopg.Error as error:  # connecting failed: nothing was sent
-            self._check_idle_connections()
+        except psycopg.Error as error:  # from the pool itself (closed, too many waiting)
             raise DBAPIError.instance(
                 None, None, error, psycopg.Error, connection_invalidated=True
             ) from error

@@ -258,12 +258,18 @@ class Orders:
             async for attempt in retrying_transaction(extra=_RequestIdRace):
                 with attempt:
                     try:
-                        async with self._hot_path.connection() as driver:
-                            # BEGIN waits in the pipeline and goes out with the first
-                            # statements; COMMIT is queued behind the write when the
-                            # transaction block ends, and both go out as the pipeline closes.
-                            async with driver.pipeline() as pipeline, driver.transaction():
-                                decided = await self._place_batch(driver, pipeline, batch)
+                        async with (
+                            self._hot_path.connection() as driver,
+                            driver.pipeline() as pipeline,
+                        ):
+                            # BEGIN and COMMIT are queued by hand: psycopg's transaction()
+                            # would sync the pipeline on entry and exit (5 round trips).
+                            # BEGIN goes out with the locks; COMMIT with the write. On any
+                            # error the pool rolls the connection back.
+                            await driver.execute("BEGIN")
+                            decided = await self._place_batch(driver, pipeline, batch)
+                            await driver.execute("COMMIT")
+                            await pipeline.sync()
                             placed = await decided.outcomes()
                     except IntegrityError as error:
                         # The write's violation surfaces with its COMMIT: a retry of one of

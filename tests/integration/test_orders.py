@@ -7,7 +7,10 @@ import uuid
 
 import psycopg
 import pytest
+from psycopg.pq import TransactionStatus
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from server.db.driver import DriverPool
 from server.domain.errors import FailedPrecondition, NotFound, OutOfStock, RequestIdReused
 from server.domain.identity import Principal, Role
 from server.domain.orders import OrderStatus, order_request
@@ -320,3 +323,29 @@ async def test_a_retry_racing_its_first_attempt_gets_the_first_attempts_order(
 ) -> None:
     other_id, outcome = await _race_with_an_uncommitted_order(orders, database_url, same_lines=True)
     assert getattr(outcome, "id", None) == other_id, outcome
+
+
+async def test_a_write_that_failed_at_commit_leaves_the_connection_clean_for_the_next_order(
+    engine: AsyncEngine, database_url: str
+) -> None:
+    """The write goes out with COMMIT in one pipeline; when it fails (here on the foreign
+    key, a retry having won), the one pooled connection must come back usable."""
+    pool = DriverPool(
+        database_url,
+        size=1,
+        timeout_seconds=5,
+        connect_timeout_seconds=3,
+        statement_timeout_ms=5000,
+    )
+    try:
+        orders = Orders(engine, pool)
+        _, outcome = await _race_with_an_uncommitted_order(orders, database_url, same_lines=False)
+        assert isinstance(outcome, RequestIdReused), outcome
+        async with pool.connection() as driver:
+            assert driver.info.transaction_status is TransactionStatus.IDLE
+        product = insert_product(database_url, stock=3)
+        placed = await orders.place_order(customer().subject, order_request("next", [(product, 1)]))
+        assert placed.status is OrderStatus.PENDING_PAYMENT
+        assert stock_of(database_url, product) == 2
+    finally:
+        await pool.close()
