@@ -368,8 +368,8 @@ def _translate(operation: str, error: stripe.StripeError) -> Exception:
         # before sending again, as after a timeout.
         return _Transient(operation, error, maybe_acted=True)
     headers = {name.lower(): value for name, value in (error.headers or {}).items()}
-    # 429: refused before being looked at. Stripe also marks refusals that a retry will get
-    # past (a 409 while another request with the same idempotency key is in flight).
+    # 429: refused before being looked at; Stripe also marks other refusals that a retry
+    # will get past with Stripe-Should-Retry (409s are handled above: they may yet act).
     if status == 429 or headers.get("stripe-should-retry") == "true":
         return _Transient(operation, error, maybe_acted=False)
     code = error.code or ""

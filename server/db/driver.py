@@ -85,17 +85,15 @@ class DriverPool:
             # next caller starts a fresh attempt at once).
             reconnect_timeout=timeout_seconds,
         )
-        self._opened = False
-        self._closed = False
+        self._closed = False  # by us: psycopg_pool's own flag is also set before opening
         self._checking: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         """Starts connecting in the background; the first caller waits for a connection."""
         if self._closed:
             raise PoolTimeoutError("the hot-path pool is closed (the server is stopping)")
-        if not self._opened:
-            self._opened = True
-            await self._pool.open(wait=False)
+        if self._pool.closed:
+            await self._pool.open(wait=False)  # idempotent under the pool's own lock
 
     async def close(self) -> None:
         self._closed = True
@@ -103,12 +101,11 @@ class DriverPool:
             # Checking talks to the database with no deadline: never wait on it to stop.
             self._checking.cancel()
             await asyncio.gather(self._checking, return_exceptions=True)
-        if self._opened:
-            await self._pool.close()
+        await self._pool.close()  # nothing to do if it never opened
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """A connection in autocommit mode (`driver.transaction()` for a transaction),
+        """A connection in autocommit mode (a transaction sends its own BEGIN and COMMIT),
         with psycopg's errors re-raised as SQLAlchemy's."""
         try:
             await self.open()

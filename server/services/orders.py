@@ -130,8 +130,8 @@ _MARK_CANCELLED = text(
      WHERE id = :id
     """
 )
-_PAYMENT_IN_FLIGHT = text(
-    "SELECT id FROM payments WHERE order_id = :order_id AND status = 'PENDING' LIMIT 1"
+_PAYMENTS_IN_FLIGHT = text(
+    "SELECT order_id, id FROM payments WHERE order_id = ANY(:ids) AND status = 'PENDING'"
 )
 # A cancel request id is taken by a cancelled order, or by a paid order's cancellation still
 # refunding (it takes the id when its refund completes).
@@ -171,6 +171,16 @@ class RefundNeeded(Exception):
     def __init__(self, order: Order) -> None:
         super().__init__(f"order {order.id} is paid")
         self.order = order
+
+
+async def payments_in_flight(
+    conn: AsyncConnection, order_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, uuid.UUID]:
+    """Which of these orders have a payment still PENDING (its charge may yet succeed), and
+    one such payment of each. Read by a new statement, so it sees payments committed after
+    the transaction's earlier snapshots."""
+    rows = await conn.execute(_PAYMENTS_IN_FLIGHT, {"ids": list(order_ids)})
+    return {row.order_id: row.id for row in rows}
 
 
 async def release_stock(conn: AsyncConnection, order_ids: Sequence[uuid.UUID]) -> None:
@@ -446,12 +456,10 @@ class Orders:
             return order
         if plan is Cancellation.REFUND_FIRST:
             raise RefundNeeded(order)
-        in_flight = (
-            await conn.execute(_PAYMENT_IN_FLIGHT, {"order_id": uuid.UUID(order.id)})
-        ).first()
-        if in_flight is not None:
+        in_flight = await payments_in_flight(conn, [uuid.UUID(order.id)])
+        if in_flight:
             # Its charge may still succeed: cancelling now could keep money for nothing.
-            raise payment_in_progress(order.id, str(in_flight.id))
+            raise payment_in_progress(order.id, str(next(iter(in_flight.values()))))
         await release_stock(conn, [uuid.UUID(order.id)])
         await conn.execute(
             _MARK_CANCELLED,

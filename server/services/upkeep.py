@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from server.db.transactions import retrying_transaction
 from server.domain.orders import OrderEvent, OrderStatus, next_status, releases_stock
 from server.services.circuit import GuardedProvider
-from server.services.orders import release_stock
+from server.services.orders import payments_in_flight, release_stock
 from server.services.payments import Payments
 from server.services.providers import (
     IntentStatus,
@@ -44,9 +44,6 @@ _CLAIM_EXPIRED_ORDERS = text(
      LIMIT :limit
        FOR UPDATE OF o SKIP LOCKED
     """
-)
-_PAYMENTS_IN_FLIGHT = text(
-    "SELECT DISTINCT order_id FROM payments WHERE order_id = ANY(:ids) AND status = 'PENDING'"
 )
 _MARK_EXPIRED = text(
     """
@@ -118,12 +115,7 @@ class Upkeep:
                     # The claim's NOT EXISTS saw the payments as of its snapshot; a payment
                     # committed between that snapshot and our row lock is seen only by a
                     # new statement. Its order stays for the reconciler to settle first.
-                    paying = {
-                        row.order_id
-                        for row in await conn.execute(
-                            _PAYMENTS_IN_FLIGHT, {"ids": [row.id for row in rows]}
-                        )
-                    }
+                    paying = await payments_in_flight(conn, [row.id for row in rows])
                     ids = [row.id for row in rows if row.id not in paying]
                     if not ids:
                         return 0
