@@ -254,15 +254,7 @@ def start_bare_server(workers: int, log_path: Path) -> ServerProcess:
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    server = ServerProcess(process, port, workers, log_path, log)
-    try:
-        wait_for_grpc(port, process, timeout=60)
-        if workers > 1:
-            _wait_for_listeners(server, workers, timeout=60)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return _serving(ServerProcess(process, port, workers, log_path, log))
 
 
 def start_bench_server(
@@ -285,19 +277,24 @@ def start_bench_server(
         "DB_MAX_OVERFLOW": str(max_overflow),
     }
     log = log_path.open("ab")
-    server = ServerProcess(start_server(env, log=log), port, workers, log_path, log)
+    return _serving(ServerProcess(start_server(env, log=log), port, workers, log_path, log))
+
+
+def _serving(server: ServerProcess) -> ServerProcess:
+    """Waits until `server` answers health checks, then until all its workers listen (it is
+    stopped if it never answers)."""
     try:
-        wait_for_grpc(port, server.process, timeout=60)
+        wait_for_grpc(server.grpc_port, server.process, timeout=60)
     except BaseException:
         server.stop()
         raise
-    if workers > 1:
+    if server.workers > 1:
         # Health answers as soon as one worker listens; a client connecting before the others
         # do would send everything to that one (SO_REUSEPORT picks a listener per connection).
-        listening = _wait_for_listeners(server, workers, timeout=60)
-        if listening < workers:
+        listening = _wait_for_listeners(server, server.workers, timeout=60)
+        if listening < server.workers:
             print(
-                f"warning: {listening} of SERVER_WORKERS={workers} processes listen on the port",
+                f"warning: {listening} of {server.workers} server processes listen on the port",
                 file=sys.stderr,
                 flush=True,
             )

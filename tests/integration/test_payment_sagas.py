@@ -67,13 +67,15 @@ class World:
         )
         self.upkeep = Upkeep(engine, self.payments, self.provider, batch_size=10, lease_seconds=60)
 
-    async def paid_order(self, database_url: str, *, stock: int = 10) -> tuple[str, str, str]:
-        """A product, a customer's order of 2 units and its succeeded payment."""
-        _, product, order_id, payment = await self.order_paid_with(
+    async def paid_order(
+        self, database_url: str, *, stock: int = 10
+    ) -> tuple[Principal, str, str, str]:
+        """A customer, a product, the customer's order of 2 units and its succeeded payment."""
+        customer, product, order_id, payment = await self.order_paid_with(
             database_url, SUCCESS_CARD, stock=stock
         )
         assert payment.status is PaymentStatus.SUCCEEDED
-        return product, order_id, payment.id
+        return customer, product, order_id, payment.id
 
     async def order_paid_with(
         self, database_url: str, card_number: str, *, stock: int = 10
@@ -120,9 +122,7 @@ async def _refunded_at_provider(stack: PaymentStack, order_id: str) -> int:
 async def test_a_cancellation_cut_short_by_an_outage_is_finished_by_the_reconciler(
     world: World, database_url: str
 ) -> None:
-    product, order_id, payment_id = await world.paid_order(database_url)
-    owner = await world.orders.get_order(ADMIN, order_id)
-    customer = Principal(owner.customer_id, frozenset({Role.CUSTOMER}))
+    customer, product, order_id, payment_id = await world.paid_order(database_url)
     await world.stack.faults.abort(503)
     with pytest.raises(ProviderUnavailable):
         await world.payments.cancel_order(customer, order_id, "cancel-1")
@@ -151,7 +151,7 @@ async def test_a_refund_made_at_the_provider_but_not_recorded_is_applied_not_rep
 ) -> None:
     """The crash between Stripe's refund and our commit: the refund row is PENDING, Stripe
     has the refund (found by its metadata), and the reconciler applies it once."""
-    product, order_id, payment_id = await world.paid_order(database_url)
+    _, product, order_id, payment_id = await world.paid_order(database_url)
     refund_id = uuid.uuid4()
     with psycopg.connect(database_url) as conn:
         conn.execute(
@@ -181,7 +181,7 @@ async def test_a_refund_made_at_the_provider_but_not_recorded_is_applied_not_rep
 
 
 async def test_partial_then_full_refund_restocks_once(world: World, database_url: str) -> None:
-    product, order_id, payment_id = await world.paid_order(database_url)
+    _, product, order_id, payment_id = await world.paid_order(database_url)
     partial = await world.payments.refund_payment(
         ADMIN, refund_request(payment_id, "r-part", Money("USD", Decimal("5")), [], "dent")
     )
@@ -314,9 +314,7 @@ async def test_a_charge_waiting_on_3d_secure_past_the_window_is_cancelled_and_th
 async def test_a_cancel_request_id_held_by_a_paid_orders_refunding_cancellation_is_taken(
     world: World, database_url: str
 ) -> None:
-    _, paid_id, _ = await world.paid_order(database_url)
-    owner = await world.orders.get_order(ADMIN, paid_id)
-    customer = Principal(owner.customer_id, frozenset({Role.CUSTOMER}))
+    customer, _, paid_id, _ = await world.paid_order(database_url)
     other = insert_product(database_url, stock=5)
     pending = await world.orders.place_order(
         customer.subject, order_request(f"o-{uuid.uuid4()}", [(other, 1)])
