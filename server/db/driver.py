@@ -29,11 +29,14 @@ _NAMED_PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
 
 
 def psycopg_sql(statement: str) -> str:
-    """SQLAlchemy-style `:name` parameters as psycopg's `%(name)s` (statements here use
-    CAST(... AS ...), never `::`, so a colon before a word is always a parameter)."""
+    """SQLAlchemy-style `:name` parameters as psycopg's binary `%(name)b` (statements here
+    use CAST(... AS ...), never `::`, so a colon before a word is always a parameter).
+
+    Binary, because psycopg's text format checks every array element against a quoting
+    regex: a batch of 20 orders measured about a third less CPU with binary parameters."""
     if "%" in statement:
         raise ValueError("a literal % would need escaping for psycopg")
-    return _NAMED_PARAMETER.sub(r"%(\1)s", statement)
+    return _NAMED_PARAMETER.sub(r"%(\1)b", statement)
 
 
 @contextlib.contextmanager

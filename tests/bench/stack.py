@@ -20,6 +20,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import make_url
 
+from server.db.engine import connect_options
 from server.devstack import (
     EmbeddedPostgres,
     create_database,
@@ -124,6 +125,9 @@ class Database:
         args += ["-U", str(params.get("user") or "postgres"), "-d", str(params["dbname"])]
         if password := params.get("password"):
             env["PGPASSWORD"] = str(password)
+        # The server's session settings, so the baseline plans its statements as the server
+        # does (plan_cache_mode); statement_timeout 0 is no limit.
+        env["PGOPTIONS"] = connect_options(0, 0)["options"]
         return args, env
 
     def connect(self) -> psycopg.Connection[Any]:

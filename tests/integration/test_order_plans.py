@@ -1,0 +1,109 @@
+"""The order transaction's statements keep using indexes as the orders table grows.
+
+PostgreSQL caches a plan per prepared statement. Left to itself (plan_cache_mode=auto) it
+settles on a generic plan after five executions, planned for the table as it was then, and
+keeps it for the connection's life. A server started on an empty orders table, as every new
+marketplace is, would then look request ids up with a sequential scan of all orders, in
+every batch, while holding the batch's product locks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import psycopg
+import pytest
+
+from server.db.driver import DriverPool
+from server.db.engine import create_engine
+from server.devstack import create_database, drop_database
+from server.domain.orders import OrderStatus, order_request
+from server.services.orders import Orders
+from tests.conftest import insert_product
+
+pytestmark = pytest.mark.integration
+
+# Enough that a sequential scan is never what the planner would pick for a lookup by key.
+GROWN_TO = 20_000
+
+
+@pytest.fixture
+def empty_database(postgres_server_url: str) -> Iterator[str]:
+    url = create_database(postgres_server_url, "marketplace_plans")
+    yield url
+    drop_database(postgres_server_url, url)
+
+
+@pytest.fixture
+async def one_connection(empty_database: str) -> AsyncIterator[DriverPool]:
+    """One pooled connection, so every order runs on the same cached statements."""
+    pool = DriverPool(
+        empty_database,
+        size=1,
+        timeout_seconds=5,
+        connect_timeout_seconds=3,
+        statement_timeout_ms=10_000,
+    )
+    await pool.open()
+    yield pool
+    await pool.close()
+
+
+def _orders_scans(url: str) -> tuple[int, int]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SET stats_fetch_consistency = none")
+        row = conn.execute(
+            "SELECT seq_scan, seq_tup_read FROM pg_stat_user_tables WHERE relname = 'orders'"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def _grow_orders(url: str, count: int) -> None:
+    """Other customers' orders, straight into the table (test arrangement)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            """
+            INSERT INTO orders (id, customer_id, request_id, request_fingerprint, status,
+                                currency, total, create_time, update_time, expire_time)
+            SELECT gen_random_uuid(), 'someone-' || (n %% 1000), 'r-' || n, 'f', 'PAID',
+                   'USD', 1, now(), now(), now()
+              FROM generate_series(1, %(count)s) AS n
+            """,
+            {"count": count},
+        )
+
+
+async def test_request_id_lookups_stay_index_probes_after_the_table_grew(
+    empty_database: str, one_connection: DriverPool
+) -> None:
+    engine = create_engine(
+        empty_database,
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout_seconds=5,
+        connect_timeout_seconds=3,
+        statement_timeout_ms=10_000,
+    )
+    try:
+        orders = Orders(engine, one_connection)
+        product = insert_product(empty_database, stock=100)
+        # psycopg prepares a statement on its fifth execution, and PostgreSQL plans it
+        # for the parameters given five more times before settling: all on a small table.
+        for n in range(20):
+            placed = await orders.place_order("early", order_request(f"early-{n}", [(product, 1)]))
+            assert placed.status is OrderStatus.PENDING_PAYMENT
+        _grow_orders(empty_database, GROWN_TO)
+
+        scans_before, rows_before = _orders_scans(empty_database)
+        for n in range(3):
+            await orders.place_order("late", order_request(f"late-{n}", [(product, 1)]))
+        async with one_connection.connection() as driver:
+            # Stats reach the shared view when the backend goes idle, at most once a second
+            # unless told otherwise.
+            await driver.execute("SELECT pg_stat_force_next_flush()")
+        scans_after, rows_after = _orders_scans(empty_database)
+
+        assert (scans_after - scans_before, rows_after - rows_before) == (0, 0)
+    finally:
+        await engine.dispose()
