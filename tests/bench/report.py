@@ -58,6 +58,9 @@ class Row:
     half_max_ms: float | None = None
     half_errors: int | None = None
     half_p99_met: bool | None = None  # half_p99_ms <= HALF_RATE_P99_TARGET_MS, no errors
+    half_machine_busy: float | None = None  # share of all cores busy during the half-rate run
+    half_server_us_per_ok: float | None = None
+    half_postgres_us_per_ok: float | None = None
     half_note: str | None = None  # why it was not measured
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -99,6 +102,9 @@ _JSON_DIGITS = {
     "half_p50_ms": 3,
     "half_p99_ms": 3,
     "half_max_ms": 3,
+    "half_machine_busy": 3,
+    "half_server_us_per_ok": 1,
+    "half_postgres_us_per_ok": 1,
 }
 
 
@@ -271,6 +277,13 @@ def _half_notes(rows: Sequence[Row]) -> list[str]:
             )
         if row.half_errors:
             lines.append(f"{row.scenario} at half rate: {row.half_errors} errors")
+        if row.half_machine_busy is not None:
+            lines.append(
+                f"{row.scenario} at half rate: the machine was {row.half_machine_busy:.0%}"
+                f" busy; server {_cell(row.half_server_us_per_ok, '.0f')} µs and PostgreSQL"
+                f" {_cell(row.half_postgres_us_per_ok, '.0f')} µs per ok (at full load"
+                f" {_cell(row.server_us_per_ok, '.0f')} and {_cell(row.postgres_us_per_ok, '.0f')})"
+            )
         late, lag = row.extra.get("half_launched_late", 0), row.extra.get("half_max_lag_ms", 0)
         scheduled = row.extra.get("half_scheduled", 0)
         if scheduled and late > 0.01 * scheduled:

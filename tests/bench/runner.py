@@ -380,10 +380,10 @@ class Bench:
             row.concurrency,
             warmup=config.half_warmup,
             seconds=config.half_seconds,
-            sample=lambda pids: time.monotonic(),
+            sample=self.sample,
             rate=rate,
         )
-        seconds = last - first
+        seconds = last.time - first.time
         ordered = sorted(load.latencies_ms)
         row.half_target_rate = rate
         row.half_seconds = round(seconds, 3)
@@ -392,6 +392,17 @@ class Bench:
         row.half_p99_ms = percentile(ordered, 99)
         row.half_max_ms = float(ordered[-1]) if ordered else None
         row.half_errors = sum(load.errors_window.values())
+        # Whether half the rate was half the work: per-call CPU grows as batches shrink.
+        row.half_machine_busy = (last.machine_busy - first.machine_busy) / (
+            seconds * (os.cpu_count() or 1)
+        )
+        if load.ok_window:
+            if first.server is not None and last.server is not None:
+                row.half_server_us_per_ok = (last.server - first.server) / load.ok_window * 1e6
+            if first.postgres is not None and last.postgres is not None:
+                row.half_postgres_us_per_ok = (
+                    (last.postgres - first.postgres) / load.ok_window * 1e6
+                )
         row.half_p99_met = (
             row.half_p99_ms is not None
             and row.half_p99_ms <= HALF_RATE_P99_TARGET_MS
