@@ -29,6 +29,9 @@ GROWN_TO = 20_000
 
 @pytest.fixture
 def empty_database(postgres_server_url: str) -> Iterator[str]:
+    with psycopg.connect(postgres_server_url) as conn:
+        if conn.info.server_version < 150000:
+            pytest.skip("pg_stat_force_next_flush() needs PostgreSQL 15 or later")
     url = create_database(postgres_server_url, "marketplace_plans")
     yield url
     drop_database(postgres_server_url, url)
