@@ -392,7 +392,8 @@ class Bench:
         row.half_p99_ms = percentile(ordered, 99)
         row.half_max_ms = float(ordered[-1]) if ordered else None
         row.half_errors = sum(load.errors_window.values())
-        # Whether half the rate was half the work: per-call CPU grows as batches shrink.
+        # Whether half the rate was half the work: CPU per call grows at lower rates (smaller
+        # batches, fewer calls sharing each wake-up of the event loop).
         row.half_machine_busy = (last.machine_busy - first.machine_busy) / (
             seconds * (os.cpu_count() or 1)
         )
