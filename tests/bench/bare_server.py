@@ -19,7 +19,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2
 
-SERVING = health_pb2.HealthCheckResponse(
+SERVING: bytes = health_pb2.HealthCheckResponse(
     status=health_pb2.HealthCheckResponse.SERVING
 ).SerializeToString()
 
