@@ -12,6 +12,7 @@ from typing import Any, cast
 import grpc
 import structlog
 from google.protobuf.message import DecodeError
+from prometheus_client import Counter, Histogram
 
 from server.api.auth import TokenVerifier
 from server.api.context import bind_principal
@@ -50,6 +51,10 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         self._metrics = metrics
         # Wrapping is per method, not per call: grpc hands us the same handler each time.
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        # Labelled metric children, looked up once per method and code rather than per call
+        # (prometheus_client's labels() takes a lock and validates the label values).
+        self._rpc_counts: dict[tuple[str, grpc.StatusCode], Counter] = {}
+        self._rpc_latencies: dict[str, Histogram] = {}
 
     async def intercept_service(
         self,
@@ -144,8 +149,16 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         failure: grpc.Status | None,
     ) -> None:
         elapsed = time.perf_counter() - started
-        self._metrics.rpc_total.labels(method, code.name).inc()
-        self._metrics.rpc_seconds.labels(method).observe(elapsed)
+        count = self._rpc_counts.get((method, code))
+        if count is None:
+            count = self._rpc_counts[method, code] = self._metrics.rpc_total.labels(
+                method, code.name
+            )
+        count.inc()
+        latency = self._rpc_latencies.get(method)
+        if latency is None:
+            latency = self._rpc_latencies[method] = self._metrics.rpc_seconds.labels(method)
+        latency.observe(elapsed)
         _log.info(
             "rpc",
             code=code.name,
