@@ -394,9 +394,10 @@ class Bench:
         row.half_errors = sum(load.errors_window.values())
         # Whether half the rate was half the work: CPU per call grows at lower rates (smaller
         # batches, fewer calls sharing each wake-up of the event loop).
-        row.half_machine_busy = (last.machine_busy - first.machine_busy) / (
-            seconds * (os.cpu_count() or 1)
-        )
+        if seconds:
+            row.half_machine_busy = (last.machine_busy - first.machine_busy) / (
+                seconds * (os.cpu_count() or 1)
+            )
         if load.ok_window:
             if first.server is not None and last.server is not None:
                 row.half_server_us_per_ok = (last.server - first.server) / load.ok_window * 1e6

@@ -1,10 +1,11 @@
 """The order transaction's statements keep using indexes as the orders table grows.
 
-PostgreSQL caches a plan per prepared statement. Left to itself (plan_cache_mode=auto) it
-settles on a generic plan after five executions, planned for the table as it was then, and
-keeps it for the connection's life. A server started on an empty orders table, as every new
-marketplace is, would then look request ids up with a sequential scan of all orders, in
-every batch, while holding the batch's product locks.
+psycopg prepares a statement once it has run five times. PostgreSQL, left to itself
+(plan_cache_mode=auto), plans it for its parameters five more times and may then settle on
+a generic plan made for the table as it was, kept until an ANALYZE of the table (autovacuum's,
+a minute or more later) or the connection's end. A server started on an empty orders table,
+as every new marketplace is, would then look request ids up with a sequential scan of all
+orders, in every batch, while holding the batch's product locks.
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ async def one_connection(empty_database: str) -> AsyncIterator[DriverPool]:
     await pool.close()
 
 
+async def _flush_statistics(pool: DriverPool) -> None:
+    """A backend's statistics reach the shared view when it goes idle, at most once a
+    second unless told otherwise."""
+    async with pool.connection() as driver:
+        await driver.execute("SELECT pg_stat_force_next_flush()")
+
+
 def _orders_scans(url: str) -> tuple[int, int]:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SET stats_fetch_consistency = none")
@@ -91,20 +99,18 @@ async def test_request_id_lookups_stay_index_probes_after_the_table_grew(
     try:
         orders = Orders(engine, one_connection)
         product = insert_product(empty_database, stock=100)
-        # psycopg prepares a statement on its fifth execution, and PostgreSQL plans it
-        # for the parameters given five more times before settling: all on a small table.
+        # psycopg prepares a statement after five executions, and PostgreSQL plans it for
+        # the parameters given five more times before settling: all on a small table.
         for n in range(20):
             placed = await orders.place_order("early", order_request(f"early-{n}", [(product, 1)]))
             assert placed.status is OrderStatus.PENDING_PAYMENT
         _grow_orders(empty_database, GROWN_TO)
+        await _flush_statistics(one_connection)
 
         scans_before, rows_before = _orders_scans(empty_database)
         for n in range(3):
             await orders.place_order("late", order_request(f"late-{n}", [(product, 1)]))
-        async with one_connection.connection() as driver:
-            # Stats reach the shared view when the backend goes idle, at most once a second
-            # unless told otherwise.
-            await driver.execute("SELECT pg_stat_force_next_flush()")
+        await _flush_statistics(one_connection)
         scans_after, rows_after = _orders_scans(empty_database)
 
         assert (scans_after - scans_before, rows_after - rows_before) == (0, 0)
