@@ -33,7 +33,9 @@ def psycopg_sql(statement: str) -> str:
     use CAST(... AS ...), never `::`, so a colon before a word is always a parameter).
 
     Binary, because psycopg's text format checks every array element against a quoting
-    regex: a batch of 20 orders measured a quarter to a third less CPU in binary."""
+    regex. Alternating runs of `python -m tests.bench.order_batch 5 20` measured about 8%
+    less CPU per order for a batch of 20 (best of three: 220 and 275 µs against 240 and
+    295), nothing measurable for a batch of 5."""
     if "%" in statement:
         raise ValueError("a literal % would need escaping for psycopg")
     return _NAMED_PARAMETER.sub(r"%(\1)b", statement)
