@@ -44,25 +44,10 @@ def create_engine(
 
 
 def connect_options(connect_timeout_seconds: int, statement_timeout_ms: int) -> dict[str, Any]:
-    """libpq connection parameters shared by SQLAlchemy's pool and the hot-path pool.
-
-    Every statement is planned for its own parameters (plan_cache_mode=force_custom_plan).
-    psycopg prepares a statement once it has run five times; PostgreSQL's default then plans
-    it for its parameters five more times and may settle on a generic plan made for the
-    tables as they were at that moment, kept until an ANALYZE of a table invalidates it
-    (autovacuum's, a minute or more later) or the connection closes. A server started on an
-    empty orders table looked request ids up by reading every order, in each batch, with the
-    batch's product rows locked (tests/integration/test_order_plans.py). The batch's arrays also
-    range from 1 to ORDER_BATCH_MAX elements, which no single plan fits. The price is
-    planning every time: EXPLAIN puts it at 0.23 ms for the order batch's three statements,
-    and a batch of one order measured about 1 ms more PostgreSQL CPU per transaction; under
-    full load the difference per order was within the benchmark's noise.
-    """
+    """libpq connection parameters shared by SQLAlchemy's pool and the hot-path pool."""
     return {
         "connect_timeout": connect_timeout_seconds,
-        "options": (
-            f"-c statement_timeout={statement_timeout_ms} -c plan_cache_mode=force_custom_plan"
-        ),
+        "options": f"-c statement_timeout={statement_timeout_ms}",
         "application_name": "marketplace",
     }
 

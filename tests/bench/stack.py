@@ -125,9 +125,14 @@ class Database:
         args += ["-U", str(params.get("user") or "postgres"), "-d", str(params["dbname"])]
         if password := params.get("password"):
             env["PGPASSWORD"] = str(password)
-        # The server's session settings, so the baseline plans its statements as the server
-        # does (plan_cache_mode); statement_timeout 0 is no limit.
-        env["PGOPTIONS"] = connect_options(0, 0)["options"]
+        # pgbench -M prepared cannot leave the request-id lookup unprepared as the server
+        # does (server/services/orders.py), and a generic plan made on the still-empty
+        # orders table would scan it. Planning every statement for its parameters instead
+        # cost a batch of one the same PostgreSQL CPU as the server's mix
+        # (`python -m tests.bench.order_batch 1`). statement_timeout 0 is no limit.
+        env["PGOPTIONS"] = (
+            connect_options(0, 0)["options"] + " -c plan_cache_mode=force_custom_plan"
+        )
         return args, env
 
     def connect(self) -> psycopg.Connection[Any]:
