@@ -36,6 +36,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from server.domain.payments import RefundStatus
 from server.services.providers import (
     CardDeclined,
     IntentStatus,
@@ -417,6 +418,14 @@ def _charged(intent: ProviderIntent) -> ProviderIntent:
     return intent
 
 
+# Stripe's final refund states; the others (pending, requires_action) still move money later.
+_REFUND_STATUS = {
+    "succeeded": RefundStatus.SUCCEEDED,
+    "failed": RefundStatus.FAILED,
+    "canceled": RefundStatus.FAILED,
+}
+
+
 def _refund(raw: stripe.Refund, intent_reference: str) -> ProviderRefund:
     intent = raw.payment_intent
     return ProviderRefund(
@@ -425,9 +434,7 @@ def _refund(raw: stripe.Refund, intent_reference: str) -> ProviderRefund:
         if intent is not None
         else intent_reference,
         amount_minor=raw.amount,
-        succeeded=raw.status == "succeeded",
-        # pending / requires_action refunds still move money later: only these are final.
-        failed=raw.status in ("failed", "canceled"),
+        status=_REFUND_STATUS.get(raw.status or "", RefundStatus.PENDING),
         metadata=_metadata(raw.metadata),
     )
 

@@ -702,13 +702,13 @@ class Payments:
         """Applies a refund the provider made: the payment's refunded amount and status and,
         when it empties a paid order's payment, the order's status and its stock, all in one
         transaction and exactly once."""
-        if refunded.failed:
+        if refunded.status is RefundStatus.FAILED:
             async with self._engine.begin() as conn:
                 await conn.execute(
                     _FAIL_REFUND, {"id": refund_id, "message": "the provider failed the refund"}
                 )
             return
-        if not refunded.succeeded:
+        if refunded.status is RefundStatus.PENDING:
             # Still on its way (pending at the card network): the reconciler asks again.
             async with self._engine.begin() as conn:
                 await conn.execute(

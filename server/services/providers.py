@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from server.domain.payments import RefundStatus
+
 
 class IntentStatus(enum.StrEnum):
     """A provider charge's state, reduced to what decides a payment's fate."""
@@ -43,9 +45,9 @@ class ProviderRefund:
     reference: str  # e.g. "re_..."
     intent_reference: str
     amount_minor: int
-    succeeded: bool
-    # Final without moving money. Neither succeeded nor failed: still on its way.
-    failed: bool = False
+    # SUCCEEDED and FAILED are final; PENDING still moves money later (at the card network,
+    # or waiting on the customer).
+    status: RefundStatus
     metadata: Mapping[str, str] = field(default_factory=dict)
 
 

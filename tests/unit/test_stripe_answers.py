@@ -6,6 +6,7 @@ import pytest
 import stripe
 
 from server.adapters.stripe_provider import _refund, _Transient, _translate
+from server.domain.payments import RefundStatus
 from server.services.providers import ProviderRejected
 
 
@@ -17,20 +18,20 @@ def _refund_in(status: str) -> stripe.Refund:
 
 
 @pytest.mark.parametrize(
-    ("status", "succeeded", "failed"),
+    ("status", "expected"),
     [
-        ("succeeded", True, False),
-        ("pending", False, False),
-        ("requires_action", False, False),
-        ("failed", False, True),
-        ("canceled", False, True),
+        ("succeeded", RefundStatus.SUCCEEDED),
+        ("pending", RefundStatus.PENDING),
+        ("requires_action", RefundStatus.PENDING),
+        ("failed", RefundStatus.FAILED),
+        ("canceled", RefundStatus.FAILED),
     ],
 )
 def test_only_final_refund_states_are_success_or_failure(
-    status: str, succeeded: bool, failed: bool
+    status: str, expected: RefundStatus
 ) -> None:
     refund = _refund(_refund_in(status), "pi_1")
-    assert (refund.succeeded, refund.failed) == (succeeded, failed)
+    assert refund.status is expected
     assert (refund.reference, refund.intent_reference, refund.amount_minor) == (
         "re_1",
         "pi_1",
