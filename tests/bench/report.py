@@ -58,23 +58,28 @@ class Row:
     half_max_ms: float | None = None
     half_errors: int | None = None
     half_p99_met: bool | None = None  # half_p99_ms <= HALF_RATE_P99_TARGET_MS, no errors
+    half_ok: int | None = None  # successes answered in its window
     half_machine_busy: float | None = None  # share of all cores busy during the half-rate run
-    half_server_us_per_ok: float | None = None
-    half_postgres_us_per_ok: float | None = None
+    half_cpu_server_s: float | None = None
+    half_cpu_postgres_s: float | None = None
     half_note: str | None = None  # why it was not measured
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def server_us_per_ok(self) -> float | None:
-        if self.cpu_server_s is None or not self.ok:
-            return None
-        return self.cpu_server_s / self.ok * 1e6
+        return _us_per_ok(self.cpu_server_s, self.ok)
 
     @property
     def postgres_us_per_ok(self) -> float | None:
-        if self.cpu_postgres_s is None or not self.ok:
-            return None
-        return self.cpu_postgres_s / self.ok * 1e6
+        return _us_per_ok(self.cpu_postgres_s, self.ok)
+
+    @property
+    def half_server_us_per_ok(self) -> float | None:
+        return _us_per_ok(self.half_cpu_server_s, self.half_ok)
+
+    @property
+    def half_postgres_us_per_ok(self) -> float | None:
+        return _us_per_ok(self.half_cpu_postgres_s, self.half_ok)
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -82,7 +87,13 @@ class Row:
             data[key] = _rounded(data[key], digits)
         data["server_cpu_us_per_ok"] = _rounded(self.server_us_per_ok, 1)
         data["postgres_cpu_us_per_ok"] = _rounded(self.postgres_us_per_ok, 1)
+        data["half_server_cpu_us_per_ok"] = _rounded(self.half_server_us_per_ok, 1)
+        data["half_postgres_cpu_us_per_ok"] = _rounded(self.half_postgres_us_per_ok, 1)
         return data
+
+
+def _us_per_ok(cpu_seconds: float | None, ok: int | None) -> float | None:
+    return None if cpu_seconds is None or not ok else cpu_seconds / ok * 1e6
 
 
 _JSON_DIGITS = {
@@ -103,8 +114,8 @@ _JSON_DIGITS = {
     "half_p99_ms": 3,
     "half_max_ms": 3,
     "half_machine_busy": 3,
-    "half_server_us_per_ok": 1,
-    "half_postgres_us_per_ok": 1,
+    "half_cpu_server_s": 3,
+    "half_cpu_postgres_s": 3,
 }
 
 

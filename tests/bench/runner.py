@@ -398,13 +398,9 @@ class Bench:
             row.half_machine_busy = (last.machine_busy - first.machine_busy) / (
                 seconds * (os.cpu_count() or 1)
             )
-        if load.ok_window:
-            if first.server is not None and last.server is not None:
-                row.half_server_us_per_ok = (last.server - first.server) / load.ok_window * 1e6
-            if first.postgres is not None and last.postgres is not None:
-                row.half_postgres_us_per_ok = (
-                    (last.postgres - first.postgres) / load.ok_window * 1e6
-                )
+        row.half_ok = load.ok_window
+        row.half_cpu_server_s = _delta(last.server, first.server)
+        row.half_cpu_postgres_s = _delta(last.postgres, first.postgres)
         row.half_p99_met = (
             row.half_p99_ms is not None
             and row.half_p99_ms <= HALF_RATE_P99_TARGET_MS
