@@ -3,12 +3,13 @@ database per test session with migrations applied, and development tokens."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -16,8 +17,11 @@ from pathlib import Path
 import jwt
 import psycopg
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.api.auth import issue_development_token
+from server.db.driver import DriverPool
+from server.db.engine import create_engine
 from server.devstack import EmbeddedPostgres, create_database, drop_database
 
 JWT_SECRET = "test-secret-" + "x" * 32
@@ -66,6 +70,41 @@ class Tokens:
 @pytest.fixture(scope="session")
 def tokens() -> Tokens:
     return Tokens(JWT_SECRET)
+
+
+# The server's two pools, as tests build them: generous timeouts, a small pool.
+_POOL_TIMEOUT_SECONDS = 10
+_CONNECT_TIMEOUT_SECONDS = 3
+_STATEMENT_TIMEOUT_MS = 10_000
+
+
+def sqlalchemy_engine(database_url: str, *, pool_size: int, max_overflow: int = 0) -> AsyncEngine:
+    """SQLAlchemy's pool, built as the server builds it."""
+    return create_engine(
+        database_url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout_seconds=_POOL_TIMEOUT_SECONDS,
+        connect_timeout_seconds=_CONNECT_TIMEOUT_SECONDS,
+        statement_timeout_ms=_STATEMENT_TIMEOUT_MS,
+    )
+
+
+@contextlib.asynccontextmanager
+async def hot_path_pool(database_url: str, *, size: int) -> AsyncIterator[DriverPool]:
+    """The psycopg pool the order transaction and product lookups run on, opened."""
+    pool = DriverPool(
+        database_url,
+        size=size,
+        timeout_seconds=_POOL_TIMEOUT_SECONDS,
+        connect_timeout_seconds=_CONNECT_TIMEOUT_SECONDS,
+        statement_timeout_ms=_STATEMENT_TIMEOUT_MS,
+    )
+    await pool.open()
+    try:
+        yield pool
+    finally:
+        await pool.close()
 
 
 def insert_product(

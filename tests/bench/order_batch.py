@@ -21,12 +21,11 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]
 import uvloop
 
-from server.db.driver import DriverPool
-from server.db.engine import create_engine
 from server.domain.orders import OrderRequest, order_request
 from server.services.orders import Orders
 from tests.bench.config import PRODUCT_COUNT, product_id
 from tests.bench.stack import bench_database, tree_cpu_seconds
+from tests.conftest import hot_path_pool, sqlalchemy_engine
 
 ORDERS_PER_RUN = 2000
 RUNS = 3
@@ -53,47 +52,39 @@ def _batches(size: int, count: int, rng: random.Random) -> list[list[tuple[str, 
 
 
 async def _measure(url: str, postmaster_pid: int | None, sizes: list[int]) -> None:
-    engine = create_engine(
-        url,
-        pool_size=2,
-        max_overflow=0,
-        pool_timeout_seconds=10,
-        connect_timeout_seconds=3,
-        statement_timeout_ms=10_000,
-    )
-    pool = DriverPool(
-        url, size=2, timeout_seconds=10, connect_timeout_seconds=3, statement_timeout_ms=10_000
-    )
-    await pool.open()
-    orders = Orders(engine, pool)
+    engine = sqlalchemy_engine(url, pool_size=2)
+    try:
+        async with hot_path_pool(url, size=2) as pool:
+            await _measure_sizes(Orders(engine, pool), postmaster_pid, sizes)
+    finally:
+        await engine.dispose()
+
+
+async def _measure_sizes(orders: Orders, postmaster_pid: int | None, sizes: list[int]) -> None:
     rng = random.Random(1)
     me = psutil.Process()
-    try:
-        for size in sizes:
-            count = max(1, ORDERS_PER_RUN // size)
-            for batch in _batches(size, 20, rng):  # warm-up: connections, prepared statements
+    for size in sizes:
+        count = max(1, ORDERS_PER_RUN // size)
+        for batch in _batches(size, 20, rng):  # warm-up: connections, prepared statements
+            await orders.place_orders(batch)
+        for run in range(1, RUNS + 1):
+            batches = _batches(size, count, rng)
+            cpu, wall = me.cpu_times(), time.perf_counter()
+            postgres = tree_cpu_seconds(postmaster_pid) if postmaster_pid else None
+            for batch in batches:
                 await orders.place_orders(batch)
-            for run in range(1, RUNS + 1):
-                batches = _batches(size, count, rng)
-                cpu, wall = me.cpu_times(), time.perf_counter()
-                postgres = tree_cpu_seconds(postmaster_pid) if postmaster_pid else None
-                for batch in batches:
-                    await orders.place_orders(batch)
-                wall = time.perf_counter() - wall
-                used = sum(me.cpu_times()[:2]) - sum(cpu[:2])
-                placed = size * count
-                line = (
-                    f"batch of {size:>3}, run {run}: {used / placed * 1e6:6.0f} µs CPU per order,"
-                    f" {used / count * 1e3:5.2f} ms per batch, wall {wall / count * 1e3:5.2f} ms"
-                    " per batch"
-                )
-                if postgres is not None and postmaster_pid:
-                    spent = tree_cpu_seconds(postmaster_pid) - postgres
-                    line += f"; PostgreSQL {spent / placed * 1e6:5.0f} µs per order"
-                print(line, flush=True)
-    finally:
-        await pool.close()
-        await engine.dispose()
+            wall = time.perf_counter() - wall
+            used = sum(me.cpu_times()[:2]) - sum(cpu[:2])
+            placed = size * count
+            line = (
+                f"batch of {size:>3}, run {run}: {used / placed * 1e6:6.0f} µs CPU per order,"
+                f" {used / count * 1e3:5.2f} ms per batch, wall {wall / count * 1e3:5.2f} ms"
+                " per batch"
+            )
+            if postgres is not None and postmaster_pid:
+                spent = tree_cpu_seconds(postmaster_pid) - postgres
+                line += f"; PostgreSQL {spent / placed * 1e6:5.0f} µs per order"
+            print(line, flush=True)
 
 
 def main() -> int:

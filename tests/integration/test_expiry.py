@@ -15,7 +15,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.adapters.stripe_provider import StripeProvider
 from server.db.driver import DriverPool
-from server.db.engine import create_engine
 from server.domain.errors import FailedPrecondition
 from server.domain.identity import Principal, Role
 from server.domain.orders import OrderStatus, order_request
@@ -23,22 +22,11 @@ from server.services.circuit import GuardedProvider
 from server.services.orders import Orders
 from server.services.payments import Payments
 from server.services.upkeep import Upkeep
-from tests.conftest import insert_product, stock_of
+from tests.conftest import insert_product, sqlalchemy_engine, stock_of
 
 pytestmark = pytest.mark.integration
 
 NOWHERE = "http://127.0.0.1:9"  # discard port: nothing listens there
-
-
-def _engine(database_url: str) -> AsyncEngine:
-    return create_engine(
-        database_url,
-        pool_size=4,
-        max_overflow=0,
-        pool_timeout_seconds=10,
-        connect_timeout_seconds=3,
-        statement_timeout_ms=10_000,
-    )
 
 
 def _upkeep(engine: AsyncEngine, orders: Orders) -> Upkeep:
@@ -55,7 +43,7 @@ def _upkeep(engine: AsyncEngine, orders: Orders) -> Upkeep:
 async def sweepers(database_url: str, hot_path: DriverPool) -> AsyncIterator[list[Upkeep]]:
     """Two sweepers with their own connection pools, as two server processes have (they
     never place orders, so they share the hot-path pool)."""
-    engines = [_engine(database_url), _engine(database_url)]
+    engines = [sqlalchemy_engine(database_url, pool_size=4) for _ in range(2)]
     yield [_upkeep(engine, Orders(engine, hot_path)) for engine in engines]
     for engine in engines:
         await engine.dispose()

@@ -16,11 +16,10 @@ import psycopg
 import pytest
 
 from server.db.driver import DriverPool
-from server.db.engine import create_engine
 from server.devstack import create_database, drop_database
 from server.domain.orders import OrderStatus, order_request
 from server.services.orders import Orders
-from tests.conftest import insert_product
+from tests.conftest import hot_path_pool, insert_product, sqlalchemy_engine
 
 pytestmark = pytest.mark.integration
 
@@ -41,16 +40,8 @@ def empty_database(postgres_server_url: str) -> Iterator[str]:
 @pytest.fixture
 async def one_connection(empty_database: str) -> AsyncIterator[DriverPool]:
     """One pooled connection, so every order runs on the same cached statements."""
-    pool = DriverPool(
-        empty_database,
-        size=1,
-        timeout_seconds=5,
-        connect_timeout_seconds=3,
-        statement_timeout_ms=10_000,
-    )
-    await pool.open()
-    yield pool
-    await pool.close()
+    async with hot_path_pool(empty_database, size=1) as pool:
+        yield pool
 
 
 async def _flush_statistics(pool: DriverPool) -> None:
@@ -88,14 +79,7 @@ def _grow_orders(url: str, count: int) -> None:
 async def test_request_id_lookups_stay_index_probes_after_the_table_grew(
     empty_database: str, one_connection: DriverPool
 ) -> None:
-    engine = create_engine(
-        empty_database,
-        pool_size=1,
-        max_overflow=0,
-        pool_timeout_seconds=5,
-        connect_timeout_seconds=3,
-        statement_timeout_ms=10_000,
-    )
+    engine = sqlalchemy_engine(empty_database, pool_size=1)
     try:
         orders = Orders(engine, one_connection)
         product = insert_product(empty_database, stock=100)

@@ -10,12 +10,11 @@ import pytest
 from psycopg.pq import TransactionStatus
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from server.db.driver import DriverPool
 from server.domain.errors import FailedPrecondition, NotFound, OutOfStock, RequestIdReused
 from server.domain.identity import Principal, Role
 from server.domain.orders import OrderStatus, order_request
 from server.services.orders import Orders, RefundNeeded
-from tests.conftest import insert_product, stock_of, table_snapshot
+from tests.conftest import hot_path_pool, insert_product, stock_of, table_snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -330,14 +329,7 @@ async def test_a_write_that_failed_at_commit_leaves_the_connection_clean_for_the
 ) -> None:
     """The write goes out with COMMIT in one pipeline; when it fails (here on the foreign
     key, a retry having won), the one pooled connection must come back usable."""
-    pool = DriverPool(
-        database_url,
-        size=1,
-        timeout_seconds=5,
-        connect_timeout_seconds=3,
-        statement_timeout_ms=5000,
-    )
-    try:
+    async with hot_path_pool(database_url, size=1) as pool:
         orders = Orders(engine, pool)
         _, outcome = await _race_with_an_uncommitted_order(orders, database_url, same_lines=False)
         assert isinstance(outcome, RequestIdReused), outcome
@@ -347,5 +339,3 @@ async def test_a_write_that_failed_at_commit_leaves_the_connection_clean_for_the
         placed = await orders.place_order(customer().subject, order_request("next", [(product, 1)]))
         assert placed.status is OrderStatus.PENDING_PAYMENT
         assert stock_of(database_url, product) == 2
-    finally:
-        await pool.close()
