@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.type import money_pb2
@@ -15,8 +15,6 @@ from server.domain.money import Money, money_problems
 from server.domain.orders import Order, OrderStatus
 from server.domain.payments import Payment, PaymentStatus
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 _ORDER_STATUS = {
     OrderStatus.PENDING_PAYMENT: order_pb2.ORDER_STATUS_PENDING_PAYMENT,
     OrderStatus.PAID: order_pb2.ORDER_STATUS_PAID,
@@ -34,13 +32,9 @@ _PAYMENT_STATUS = {
 
 
 def timestamp(moment: datetime) -> Timestamp:
-    """What Timestamp.FromDatetime gives (a naive datetime is read as UTC), in whole-integer
-    arithmetic: every order and product answered carries two or three of these, and
-    FromDatetime's calendar round trip showed in the order path's profile."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    seconds, micros = divmod((moment - _EPOCH) // _MICROSECOND, 1_000_000)
-    return Timestamp(seconds=seconds, nanos=micros * 1000)
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
 
 
 def money(value: Money) -> money_pb2.Money:
