@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import signal
 
 import grpc
+import psycopg
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -25,7 +27,7 @@ from server.api.interceptor import RequestContextInterceptor
 from server.api.orders import OrderServicer
 from server.api.payments import PaymentServicer
 from server.db.driver import DriverPool
-from server.db.engine import create_engine
+from server.db.engine import connect_options, create_engine, libpq_url
 from server.domain.catalog import Product
 from server.domain.identity import Access
 from server.domain.orders import Order, OrderRequest
@@ -35,6 +37,7 @@ from server.services.catalog import Catalog
 from server.services.circuit import GuardedProvider
 from server.services.orders import Orders
 from server.services.payments import Payments
+from server.services.product_cache import ProductCache, follow_product_changes, served_from
 from server.services.upkeep import Upkeep, stop_task
 from server.settings import Settings
 
@@ -113,16 +116,32 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         # worker, sharing the port with its siblings is the point.
         options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
     )
-    catalog = Catalog(engine, hot_path)
-    # Concurrent GetProduct calls share one `WHERE id = ANY(...)` query: per call, the
-    # database round trip and driver work are the dominant cost of a cheap read.
+    # GetProduct is served from memory, kept current by PostgreSQL's NOTIFY (see
+    # server/services/product_cache.py); use cases drop what they change before answering.
+    product_cache = ProductCache(settings.product_cache_size)
+    catalog = Catalog(engine, hot_path, products_changed=product_cache.forget)
+    # Misses share one `WHERE id = ANY(...)` query: per call, the database round trip and
+    # driver work are the dominant cost of a cheap read.
     product_lookup: GroupCommitter[str, Product] = GroupCommitter(
-        catalog.get_products, max_batch=settings.order_batch_max, runners=1
+        product_cache.read_through(catalog.get_products),
+        max_batch=settings.order_batch_max,
+        runners=1,
+    )
+    get_product = served_from(
+        product_cache,
+        product_lookup.submit,
+        hit=metrics.product_cache_lookups.labels("hit").inc,
+        miss=metrics.product_cache_lookups.labels("miss").inc,
     )
     catalog_pb2_grpc.add_CatalogServiceServicer_to_server(
-        CatalogServicer(catalog, product_lookup.submit), server
+        CatalogServicer(catalog, get_product), server
     )
-    orders = Orders(engine, hot_path, payment_window_seconds=settings.order_payment_timeout_seconds)
+    orders = Orders(
+        engine,
+        hot_path,
+        payment_window_seconds=settings.order_payment_timeout_seconds,
+        products_changed=product_cache.forget,
+    )
     stripe_provider = StripeProvider(
         api_key=settings.stripe_api_key,
         api_base=settings.stripe_api_base,
@@ -187,6 +206,21 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     port = server.add_insecure_port(address)
     await hot_path.open()
+    listener = functools.partial(
+        psycopg.AsyncConnection.connect,
+        libpq_url(settings.database_url),
+        autocommit=True,
+        **connect_options(settings.db_connect_timeout_seconds, settings.db_statement_timeout_ms),
+    )
+    # Without a cache there is nothing to keep current: no listener connection.
+    product_changes_task = (
+        asyncio.create_task(
+            follow_product_changes(listener, product_cache, warm_from=catalog.products_after),
+            name="product-changes",
+        )
+        if settings.product_cache_size
+        else None
+    )
     order_committer.start()
     product_lookup.start()
     await server.start()
@@ -215,6 +249,8 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await health_task
     await stop_task(upkeep_task)
+    if product_changes_task is not None:
+        await stop_task(product_changes_task)
     await database_health.shut_down()
     await server.stop(settings.shutdown_grace_seconds)
     await order_committer.stop()

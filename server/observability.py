@@ -37,6 +37,7 @@ class Metrics:
     orders_placed: Counter
     payments_answered: Counter
     provider_circuit_open: Gauge
+    product_cache_lookups: Counter
 
     @classmethod
     def create(cls) -> Metrics:
@@ -68,5 +69,11 @@ class Metrics:
                 ["provider"],
                 registry=registry,
                 multiprocess_mode="livemax",
+            ),
+            product_cache_lookups=Counter(
+                "marketplace_product_cache_lookups_total",
+                "GetProduct lookups by result: hit (served from memory) or miss (database)",
+                ["result"],
+                registry=registry,
             ),
         )

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # commits, the next batch fills, and fewer, larger batches cost far less per order.
     order_batch_max: int = Field(128, ge=1, validation_alias=_env("ORDER_BATCH_MAX"))
     order_batch_runners: int = Field(1, ge=1, validation_alias=_env("ORDER_BATCH_RUNNERS"))
+    # Products each process keeps in memory for GetProduct (server/services/product_cache.py;
+    # about 1 KB each); 0 reads every GetProduct from the database.
+    product_cache_size: int = Field(20_000, ge=0, validation_alias=_env("PRODUCT_CACHE_SIZE"))
 
     # The payment provider (Stripe's API; localstripe in development and tests). The base
     # URL is where the SDK sends requests: Stripe itself, or the fault-injecting Envoy

@@ -28,12 +28,17 @@ from server.domain.errors import (
     RequestIdReused,
 )
 from server.domain.pagination import decode_page_token, encode_page_token, invalid_page_token
+from server.services.product_cache import ProductsChanged, no_cache
 from server.services.rows import PRODUCT_COLUMNS, product_from_row
 
 _LIST_PRODUCTS = text(
     f"SELECT {PRODUCT_COLUMNS} FROM products WHERE sku > :after ORDER BY sku LIMIT :limit"
 )
 _GET_PRODUCT = text(f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = :id")
+_PRODUCTS_BY_ID = text(
+    f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id > :after ORDER BY id LIMIT :limit"
+)
+_NO_UUID = uuid.UUID(int=0)
 # The hottest read: on psycopg directly (server/db/driver.py).
 _GET_PRODUCTS_SQL = psycopg_sql(
     f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = ANY(CAST(:ids AS uuid[]))"
@@ -82,9 +87,16 @@ _APPLY_ADJUSTMENT = text(
 
 
 class Catalog:
-    def __init__(self, engine: AsyncEngine, hot_path: DriverPool) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        hot_path: DriverPool,
+        *,
+        products_changed: ProductsChanged = no_cache,
+    ) -> None:
         self._engine = engine
         self._hot_path = hot_path
+        self._products_changed = products_changed
         # Single-statement reads run in autocommit: no BEGIN/ROLLBACK round trips around them.
         self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
 
@@ -101,6 +113,13 @@ class Catalog:
         if len(rows) > page_size:
             next_token = encode_page_token("products", "*", {"sku": products[-1].sku})
         return products, next_token
+
+    async def products_after(self, after: str | None, limit: int) -> list[Product]:
+        """Up to `limit` products in id order, after `after` (None: from the first)."""
+        after_id = uuid.UUID(after) if after else _NO_UUID
+        async with self._reads.connect() as conn:
+            rows = await conn.execute(_PRODUCTS_BY_ID, {"after": after_id, "limit": limit})
+            return [product_from_row(row) for row in rows]
 
     async def get_product(self, product_id: str) -> Product:
         [found] = await self.get_products([product_id])
@@ -140,7 +159,9 @@ class Catalog:
             async for attempt in retrying_transaction():
                 with attempt:
                     async with self._engine.begin() as conn:
-                        return await self._update_locked(conn, product_id, changes)
+                        updated = await self._update_locked(conn, product_id, changes)
+                    self._products_changed([product_id])
+                    return updated
         except IntegrityError as error:
             raise _sku_taken(error, changes.sku or "") from None
         raise AssertionError("unreachable: retrying_transaction re-raises")
@@ -166,7 +187,9 @@ class Catalog:
         async for attempt in retrying_transaction():
             with attempt:
                 async with self._engine.begin() as conn:
-                    return await self._adjust_stock_once(conn, actor, adjustment)
+                    adjusted = await self._adjust_stock_once(conn, actor, adjustment)
+                self._products_changed([adjustment.product_id])
+                return adjusted
         raise AssertionError("unreachable: retrying_transaction re-raises")
 
     async def _adjust_stock_once(

@@ -37,6 +37,7 @@ from server.domain.orders import (
 )
 from server.domain.pagination import decode_page_token, encode_page_token, invalid_page_token
 from server.domain.payments import payment_in_progress
+from server.services.product_cache import ProductsChanged, no_cache
 from server.services.rows import LINE_COLUMNS, ORDER_COLUMNS, order_from_rows
 
 # The order + stock transaction, for a batch of orders (a single order is a batch of one).
@@ -213,6 +214,9 @@ class _Decided:
     accepted: list[tuple[int, uuid.UUID, Allocation]]
     written: psycopg.AsyncCursor[Any] | None
 
+    def products_taken(self) -> set[str]:
+        return {line.product_id for _, _, allocation in self.accepted for line in allocation.lines}
+
     async def outcomes(self) -> list[Order | DomainError | uuid.UUID]:
         outcomes = list(self.decided)
         if self.written is not None:
@@ -247,10 +251,16 @@ class _Decided:
 
 class Orders:
     def __init__(
-        self, engine: AsyncEngine, hot_path: DriverPool, *, payment_window_seconds: float = 900.0
+        self,
+        engine: AsyncEngine,
+        hot_path: DriverPool,
+        *,
+        payment_window_seconds: float = 900.0,
+        products_changed: ProductsChanged = no_cache,
     ) -> None:
         self._engine = engine
         self._hot_path = hot_path
+        self._products_changed = products_changed
         self._payment_window_seconds = payment_window_seconds
         # Single-statement reads run in autocommit: no BEGIN/ROLLBACK round trips around them.
         self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -288,6 +298,7 @@ class Orders:
                             await driver.execute("COMMIT")
                             await pipeline.sync()
                             placed = await decided.outcomes()
+                        self._products_changed(decided.products_taken())
                     except IntegrityError as error:
                         # The write's violation surfaces with its COMMIT: a retry of one of
                         # these orders committed meanwhile (see _WRITE_ORDERS).
@@ -440,7 +451,9 @@ class Orders:
             async for attempt in retrying_transaction():
                 with attempt:
                     async with self._engine.begin() as conn:
-                        return await self._cancel(conn, principal, order_id, request_id)
+                        cancelled = await self._cancel(conn, principal, order_id, request_id)
+                    self._products_changed({line.product_id for line in cancelled.lines})
+                    return cancelled
         except IntegrityError as error:
             if sqlstate(error) == UNIQUE_VIOLATION:
                 raise RequestIdReused(request_id) from None

@@ -1,0 +1,195 @@
+"""The product cache against a real PostgreSQL: migration 0004's trigger announces every
+committed change to products, whoever makes it, and the listener drops those products;
+losing the listener's connection turns the cache off until it is back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator, Callable
+
+import psycopg
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from server.db.driver import DriverPool
+from server.db.engine import libpq_url
+from server.domain.catalog import product_changes
+from server.domain.orders import order_request
+from server.services.catalog import Catalog
+from server.services.orders import Orders
+from server.services.product_cache import ProductCache, follow_product_changes
+from tests.conftest import insert_product
+
+pytestmark = pytest.mark.integration
+
+LISTENER_NAME = "marketplace-test-product-changes"
+
+
+async def _eventually(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "not within the deadline"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def cache(database_url: str) -> AsyncIterator[ProductCache]:
+    """A cache whose listener runs in the background, connected and listening."""
+    cache = ProductCache(1000)
+    connect = functools.partial(
+        psycopg.AsyncConnection.connect,
+        libpq_url(database_url),
+        autocommit=True,
+        application_name=LISTENER_NAME,
+    )
+    listener = asyncio.create_task(follow_product_changes(connect, cache, heartbeat_seconds=0.5))
+    try:
+        await _eventually(lambda: cache.enabled)
+        yield cache
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+
+
+async def _cached(cache: ProductCache, catalog: Catalog, *product_ids: str) -> None:
+    await cache.read_through(catalog.get_products)(list(product_ids))
+    assert all(cache.get(p) is not None for p in product_ids)
+
+
+async def test_a_change_by_any_writer_reaches_the_cache(
+    cache: ProductCache, catalog: Catalog, database_url: str
+) -> None:
+    product_id = insert_product(database_url, stock=5)
+    await _cached(cache, catalog, product_id)
+
+    with psycopg.connect(database_url) as conn:  # an operator's SQL, not the server
+        conn.execute("UPDATE products SET stock = 6 WHERE id = %s", (product_id,))
+
+    await _eventually(lambda: cache.get(product_id) is None)
+    await _cached(cache, catalog, product_id)
+    cached = cache.get(product_id)
+    assert cached is not None
+    assert cached.stock == 6
+
+
+async def test_an_order_batch_announces_every_product_it_took_stock_from(
+    cache: ProductCache,
+    catalog: Catalog,
+    engine: AsyncEngine,
+    hot_path: DriverPool,
+    database_url: str,
+) -> None:
+    # Unaware of the cache (no products_changed): only the notification can drop them.
+    orders = Orders(engine, hot_path)
+    taken = [insert_product(database_url, stock=5) for _ in range(3)]
+    untouched = insert_product(database_url, stock=5)
+    await _cached(cache, catalog, *taken, untouched)
+
+    await orders.place_orders(
+        [
+            ("alice", order_request("change-1", [(taken[0], 1), (taken[1], 2)])),
+            ("bob", order_request("change-2", [(taken[2], 1)])),
+        ]
+    )
+
+    await _eventually(lambda: all(cache.get(p) is None for p in taken))
+    assert cache.get(untouched) is not None
+
+
+async def test_a_statement_changing_hundreds_of_products_is_announced_in_full(
+    cache: ProductCache, catalog: Catalog, database_url: str
+) -> None:
+    # More ids than one NOTIFY payload holds (8,000 bytes: the trigger sends 200 per message).
+    product_ids = [insert_product(database_url, stock=1) for _ in range(450)]
+    await _cached(cache, catalog, *product_ids)
+
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE products SET stock = stock + 1 WHERE id = ANY(%s)", (product_ids,))
+
+    await _eventually(lambda: all(cache.get(p) is None for p in product_ids))
+
+
+async def test_a_change_rolled_back_is_not_announced(
+    cache: ProductCache, catalog: Catalog, database_url: str
+) -> None:
+    product_id = insert_product(database_url, stock=5)
+    await _cached(cache, catalog, product_id)
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE products SET stock = 0 WHERE id = %s", (product_id,))
+        conn.rollback()
+        # A committed change after it, to know when the rolled-back one would have arrived.
+        marker = insert_product(database_url, stock=1)
+        await _cached(cache, catalog, marker)
+        conn.execute("UPDATE products SET stock = 2 WHERE id = %s", (marker,))
+        conn.commit()
+    await _eventually(lambda: cache.get(marker) is None)
+    assert cache.get(product_id) is not None
+
+
+async def test_the_process_that_changes_a_product_forgets_it_before_answering(
+    engine: AsyncEngine, hot_path: DriverPool, database_url: str
+) -> None:
+    cache = ProductCache(100)
+    cache.listening()  # no listener: only the use cases' own forgetting is at work here
+    catalog = Catalog(engine, hot_path, products_changed=cache.forget)
+    orders = Orders(engine, hot_path, products_changed=cache.forget)
+    product_id = insert_product(database_url, stock=5)
+
+    await _cached(cache, catalog, product_id)
+    await catalog.update_product(
+        product_id, product_changes(["name"], sku="", name="Renamed", description="", price=None)
+    )
+    assert cache.get(product_id) is None
+
+    await _cached(cache, catalog, product_id)
+    await orders.place_order("carol", order_request("forget-1", [(product_id, 1)]))
+    assert cache.get(product_id) is None
+
+
+async def test_losing_the_listener_turns_the_cache_off_until_it_is_back(
+    cache: ProductCache, catalog: Catalog, database_url: str
+) -> None:
+    product_id = insert_product(database_url, stock=5)
+    await _cached(cache, catalog, product_id)
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        killed = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (LISTENER_NAME,),
+        ).fetchall()
+    assert killed == [(True,)]
+
+    # Dropped as the connection went (changes made now would go unheard)...
+    await _eventually(lambda: cache.get(product_id) is None)
+    await _eventually(lambda: cache.enabled)  # ...and on again once it listens again
+    await _cached(cache, catalog, product_id)
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE products SET stock = 9 WHERE id = %s", (product_id,))
+    await _eventually(lambda: cache.get(product_id) is None)  # heard on the new connection
+
+
+async def test_the_listener_fills_the_cache_once_it_listens(
+    catalog: Catalog, database_url: str
+) -> None:
+    product_ids = [insert_product(database_url, stock=3) for _ in range(5)]
+    with psycopg.connect(database_url) as conn:
+        total = conn.execute("SELECT count(*) FROM products").fetchone()
+    assert total is not None
+    cache = ProductCache(total[0] + 10)
+    connect = functools.partial(
+        psycopg.AsyncConnection.connect, libpq_url(database_url), autocommit=True
+    )
+    listener = asyncio.create_task(
+        follow_product_changes(connect, cache, warm_from=catalog.products_after)
+    )
+    try:
+        await _eventually(lambda: len(cache) >= total[0])
+        assert all(cache.get(p) is not None for p in product_ids)
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
