@@ -54,6 +54,7 @@ SCENARIO_NAMES = (
     "flash-sale@256",
     "rest",
     "order-spread:workers",
+    "catalog-read:uncached",
 )
 
 

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -145,15 +145,19 @@ class Bench:
             machine_busy=_machine_busy_seconds(),
         )
 
-    def start_server(self, workers: int) -> None:
-        progress(f"starting the server (SERVER_WORKERS={workers}) ...")
+    def start_server(self, workers: int, settings: Mapping[str, str] | None = None) -> None:
+        """The server with `workers` processes and any other `settings` (environment)."""
+        extra = dict(settings or {})
+        shown = " ".join(f"{name}={value}" for name, value in extra.items())
+        progress(f"starting the server (SERVER_WORKERS={workers} {shown}) ...")
         self.server = start_bench_server(
             self.db,
             secret=self.secret,
             workers=workers,
             pool_size=self.config.db_pool_size,
             max_overflow=self.config.db_max_overflow,
-            log_path=self.scratch / f"server-{workers}.log",
+            log_path=self.scratch / f"server-{workers}{'-'.join(['', *extra.values()])}.log",
+            settings=extra,
         )
 
     def running_server(self) -> ServerProcess:
@@ -580,6 +584,12 @@ class Bench:
             name = f"order-spread:workers={config.compare_workers}"
             self.baselines[name] = "order-spread"
             self.grpc_scenario(name, "order-spread", concurrency)
+        if wants("catalog-read:uncached"):
+            # The same reads with the product cache off: every GetProduct a database lookup.
+            self.stop_server()
+            self.start_server(config.server_workers, {"PRODUCT_CACHE_SIZE": "0"})
+            self.baselines["catalog-read:uncached"] = "noop"
+            self.grpc_scenario("catalog-read:uncached", "catalog-read", concurrency)
 
 
 def _interrupt(signum: int, frame: object) -> None:

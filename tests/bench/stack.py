@@ -274,8 +274,10 @@ def start_bench_server(
     pool_size: int,
     max_overflow: int,
     log_path: Path,
+    settings: Mapping[str, str] | None = None,
 ) -> ServerProcess:
     env: Mapping[str, str] = {
+        **(settings or {}),
         "DATABASE_URL": database.url,
         "MARKETPLACE_JWT_SECRET": secret,
         "GRPC_PORT": str(port := free_port()),
