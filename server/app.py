@@ -168,6 +168,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         provider,
         lease_seconds=lease_seconds,
         recheck_seconds=settings.reconcile_after_seconds,
+        products_changed=product_cache.forget,
     )
     upkeep = Upkeep(
         engine,
@@ -211,6 +212,12 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         libpq_url(settings.database_url),
         autocommit=True,
         **connect_options(settings.db_connect_timeout_seconds, settings.db_statement_timeout_ms),
+        # Over TCP, a peer gone without a FIN is noticed by the kernel too, not only by the
+        # listener's heartbeat.
+        keepalives=1,
+        keepalives_idle=10,
+        keepalives_interval=5,
+        keepalives_count=3,
     )
     # Without a cache there is nothing to keep current: no listener connection.
     product_changes_task = (

@@ -2,8 +2,13 @@
 can keep products in memory for GetProduct (server/services/product_cache.py).
 
 Statement-level triggers: an order batch's one stock UPDATE sends one notification listing
-its products, not one per row. NOTIFY delivers only on commit, and PostgreSQL drops
-duplicates within a transaction.
+its products, not one per row; TRUNCATE sends `*` (everything changed). NOTIFY delivers
+only on commit, and PostgreSQL drops duplicates within a transaction. The cost: a
+transaction that notifies takes a cluster-wide lock from its commit until the commit is
+flushed, so such commits no longer share a flush. The server group-commits orders, and
+measured no loss; a client committing each order on its own (the benchmark's pgbench
+baseline) lost 20-28% of its throughput, which is why the benchmark disables the trigger
+while pgbench runs.
 
 Revision ID: 0004
 Revises: 0003
@@ -43,6 +48,14 @@ def upgrade() -> None:
         CREATE TRIGGER products_deleted_notify AFTER DELETE ON products
             REFERENCING OLD TABLE AS changed_products
             FOR EACH STATEMENT EXECUTE FUNCTION notify_product_changes();
+        CREATE FUNCTION notify_products_truncated() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('marketplace_product_changes', '*');
+            RETURN NULL;
+        END
+        $$;
+        CREATE TRIGGER products_truncated_notify AFTER TRUNCATE ON products
+            FOR EACH STATEMENT EXECUTE FUNCTION notify_products_truncated();
         """
     )
 
@@ -50,6 +63,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute(
         """
+        DROP TRIGGER products_truncated_notify ON products;
+        DROP FUNCTION notify_products_truncated();
         DROP TRIGGER products_deleted_notify ON products;
         DROP TRIGGER products_updated_notify ON products;
         DROP FUNCTION notify_product_changes();

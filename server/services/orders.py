@@ -129,6 +129,7 @@ _RELEASE_STOCK = text(
       FROM (SELECT product_id, sum(quantity) AS quantity FROM order_lines
              WHERE order_id = ANY(:order_ids) GROUP BY product_id) AS taken
      WHERE p.id = taken.product_id
+    RETURNING p.id
     """
 )
 _MARK_CANCELLED = text(
@@ -191,12 +192,13 @@ async def payments_in_flight(
     return {row.order_id: row.id for row in rows}
 
 
-async def release_stock(conn: AsyncConnection, order_ids: Sequence[uuid.UUID]) -> None:
-    """Puts the orders' units back on sale. The caller moves the orders out of a
-    stock-holding status in the same transaction, under the orders' row locks, so each
-    order's stock comes back exactly once."""
+async def release_stock(conn: AsyncConnection, order_ids: Sequence[uuid.UUID]) -> list[str]:
+    """Puts the orders' units back on sale and returns the products' ids. The caller moves
+    the orders out of a stock-holding status in the same transaction, under the orders' row
+    locks, so each order's stock comes back exactly once."""
     await conn.execute(_LOCK_LINE_PRODUCTS, {"order_ids": list(order_ids)})
-    await conn.execute(_RELEASE_STOCK, {"order_ids": list(order_ids)})
+    released = await conn.execute(_RELEASE_STOCK, {"order_ids": list(order_ids)})
+    return [str(row.id) for row in released]
 
 
 def _is_connection_error(error: DBAPIError) -> bool:

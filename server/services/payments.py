@@ -53,6 +53,7 @@ from server.domain.payments import (
 )
 from server.services.circuit import GuardedProvider
 from server.services.orders import Orders, RefundNeeded, release_stock
+from server.services.product_cache import ProductsChanged, no_cache
 from server.services.providers import (
     CardDeclined,
     IntentStatus,
@@ -254,6 +255,7 @@ class Payments:
         *,
         lease_seconds: float,
         recheck_seconds: float,
+        products_changed: ProductsChanged = no_cache,
     ) -> None:
         """`lease_seconds`: how long work in flight keeps the reconciler away from a row; it
         must outlast a provider call with all its retries. `recheck_seconds`: when to look
@@ -263,6 +265,7 @@ class Payments:
         self._provider = provider
         self._lease_seconds = lease_seconds
         self._recheck_seconds = recheck_seconds
+        self._products_changed = products_changed
         self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     # --- charging -------------------------------------------------------------------
@@ -718,11 +721,13 @@ class Payments:
         async for attempt in retrying_transaction():
             with attempt:
                 async with self._engine.begin() as conn:
-                    await self._complete_refund_in(conn, refund_id, refunded)
+                    released = await self._complete_refund_in(conn, refund_id, refunded)
+                self._products_changed(released)
 
     async def _complete_refund_in(
         self, conn: AsyncConnection, refund_id: uuid.UUID, refunded: ProviderRefund
-    ) -> None:
+    ) -> list[str]:
+        """Returns the products whose stock came back."""
         plan = (await conn.execute(_REFUND_TO_RUN, {"id": refund_id})).one()
         order = (await conn.execute(_LOCK_ORDER, {"id": plan.order_id})).one()
         payment = payment_from_row(
@@ -730,7 +735,7 @@ class Payments:
         )
         refund = (await conn.execute(_LOCK_REFUND, {"id": refund_id})).one()
         if refund.status != RefundStatus.PENDING:
-            return
+            return []
         amount = Money(refund.currency, refund.amount)
         await conn.execute(_COMPLETE_REFUND, {"id": refund_id, "reference": refunded.reference})
         payment_status = status_after_refund(payment, amount)
@@ -740,11 +745,10 @@ class Payments:
         )
         current = OrderStatus(order.status)
         if payment_status is not PaymentStatus.REFUNDED or current is not OrderStatus.PAID:
-            return
+            return []
         event = OrderEvent.CANCELLED if refund.cancels_order else OrderEvent.REFUNDED_IN_FULL
         target = next_status(str(order.id), current, event)
-        if releases_stock(current, target):
-            await release_stock(conn, [order.id])
+        released = await release_stock(conn, [order.id]) if releases_stock(current, target) else []
         if refund.cancels_order:
             automatic = refund.request_id == _AUTOMATIC_CANCEL_KEY.format(order_id=order.id)
             await conn.execute(
@@ -758,6 +762,7 @@ class Payments:
             )
         else:
             await conn.execute(_SET_ORDER_STATUS, {"id": order.id, "status": target.value})
+        return released
 
     async def cancel_order(self, principal: Principal, order_id: str, request_id: str) -> Order:
         """Cancels an order: a pending one at once; a paid one by refunding its payment

@@ -20,6 +20,7 @@ The order transaction never reads this cache: stock is decided on locked rows.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -32,8 +33,10 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from server.domain.catalog import Product
 from server.domain.errors import NotFound
 
-# The channel migration 0004's trigger notifies; payload: comma-separated product ids.
+# The channel migration 0004's triggers notify. Payload: comma-separated product ids, or
+# EVERYTHING (TRUNCATE, or a bulk change announced by hand).
 CHANNEL = "marketplace_product_changes"
+EVERYTHING = "*"
 
 FetchProducts = Callable[[Sequence[str]], Awaitable[Sequence[Product | NotFound]]]
 Found = TypeVar("Found", Product, Product | NotFound)
@@ -92,11 +95,15 @@ class ProductCache:
             if self._fetches:
                 self._forgotten_at[product_id] = self._generation
 
+    def forget_everything(self) -> None:
+        """Any product may have changed; reads in flight are not stored either."""
+        self._products.clear()
+        self._epoch += 1
+
     def listening(self) -> None:
         """The listener is connected: from now on every change is heard."""
-        self._products.clear()
+        self.forget_everything()
         self._listening = True
-        self._epoch += 1
 
     def deaf(self) -> None:
         """The listener lost its connection: changes may go unheard, so cache nothing."""
@@ -164,25 +171,52 @@ async def follow_product_changes(
     """LISTENs for product changes and drops them from `cache`; runs until cancelled. Once
     listening, it fills the cache from `warm_from` in the background.
 
-    A failed connection attempt is retried with backoff (up to 5 s apart); a connection
-    lost after it was listening is replaced at once, with the backoff starting afresh.
-    Between notifications the connection is checked every `heartbeat_seconds`, so a
-    silently lost one (a partitioned host sends no FIN) turns the cache off within about
-    twice that."""
+    Any failure turns the cache off and is retried with backoff (up to 5 s apart); a
+    connection lost after it listened for a while is replaced at once. Between
+    notifications the connection is checked every `heartbeat_seconds`, so a silently lost
+    one (a partitioned host sends no FIN) turns the cache off within about twice that."""
     while True:
+        listened_since: float | None = None
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(_CONNECTION_ERRORS),
+            # Anything, not only connection errors: while this task is down the cache is off.
+            retry=retry_if_exception_type(Exception),
             wait=wait_exponential(multiplier=0.1, max=5.0),
             before_sleep=lambda state: _log.warning(
                 "cannot listen for product changes; the product cache stays off",
-                error=str(state.outcome.exception()) if state.outcome else None,
+                error=repr(state.outcome.exception()) if state.outcome else None,
                 attempt=state.attempt_number,
             ),
         ):
             with attempt:
                 async with await connect() as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
+                    await _check_announced(conn)
+                    listened_since = time.monotonic()
                     await _follow(conn, cache, warm_from, heartbeat_seconds)
+        if listened_since is None or time.monotonic() - listened_since < _STEADY_SECONDS:
+            # Lost soon after connecting (a proxy's idle timeout, say): not in a tight loop,
+            # each round clearing the cache and starting to fill it again.
+            await asyncio.sleep(_STEADY_SECONDS / 10)
+
+
+_STEADY_SECONDS = 30.0
+_TRIGGERS = ("products_updated_notify", "products_deleted_notify", "products_truncated_notify")
+
+
+async def _check_announced(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Refuses to cache when changes would go unheard: a schema older than migration 0004,
+    or its triggers disabled."""
+    cursor = await conn.execute(
+        "SELECT count(*) FROM pg_trigger"
+        " WHERE tgrelid = CAST('products' AS regclass) AND tgname = ANY(%s) AND tgenabled <> 'D'",
+        (list(_TRIGGERS),),
+    )
+    row = await cursor.fetchone()
+    if row is None or row[0] != len(_TRIGGERS):
+        raise RuntimeError(
+            "products' change triggers are missing or disabled (migration 0004):"
+            " the product cache stays off"
+        )
 
 
 async def _follow(
@@ -200,14 +234,31 @@ async def _follow(
     try:
         while True:
             async for note in conn.notifies(timeout=heartbeat_seconds):
-                cache.forget(note.payload.split(","))
-            await asyncio.wait_for(conn.execute("SELECT 1"), heartbeat_seconds)
+                if note.payload == EVERYTHING:
+                    cache.forget_everything()
+                else:
+                    cache.forget(note.payload.split(","))
+            await _heartbeat(conn, cache, heartbeat_seconds)
     except _CONNECTION_ERRORS as error:
-        _log.warning("lost the product changes connection; reconnecting", error=str(error))
+        _log.warning("lost the product changes connection; reconnecting", error=repr(error))
     finally:
         if warming is not None:
             warming.cancel()
         cache.deaf()
+
+
+async def _heartbeat(
+    conn: psycopg.AsyncConnection[Any], cache: ProductCache, seconds: float
+) -> None:
+    ping = asyncio.ensure_future(conn.execute("SELECT 1"))
+    done, _ = await asyncio.wait({ping}, timeout=seconds)
+    if not done:
+        # Off now, not once psycopg has finished cancelling on a dead connection.
+        cache.deaf()
+        ping.cancel()
+        ping.add_done_callback(lambda task: task.cancelled() or task.exception())
+        raise TimeoutError(f"no answer to a heartbeat within {seconds} s")
+    ping.result()
 
 
 def _log_warming(warming: asyncio.Task[int]) -> None:

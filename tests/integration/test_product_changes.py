@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import functools
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 
 import psycopg
@@ -20,12 +21,10 @@ from server.domain.catalog import product_changes
 from server.domain.orders import order_request
 from server.services.catalog import Catalog
 from server.services.orders import Orders
-from server.services.product_cache import ProductCache, follow_product_changes
+from server.services.product_cache import CHANNEL, ProductCache, follow_product_changes
 from tests.conftest import insert_product
 
 pytestmark = pytest.mark.integration
-
-LISTENER_NAME = "marketplace-test-product-changes"
 
 
 async def _eventually(condition: Callable[[], bool], seconds: float = 10.0) -> None:
@@ -35,24 +34,32 @@ async def _eventually(condition: Callable[[], bool], seconds: float = 10.0) -> N
         await asyncio.sleep(0.01)
 
 
-@pytest.fixture
-async def cache(database_url: str) -> AsyncIterator[ProductCache]:
-    """A cache whose listener runs in the background, connected and listening."""
-    cache = ProductCache(1000)
+@contextlib.asynccontextmanager
+async def listening(
+    database_url: str, cache: ProductCache, name: str = "marketplace-test-listener"
+) -> AsyncIterator[asyncio.Task[None]]:
     connect = functools.partial(
         psycopg.AsyncConnection.connect,
         libpq_url(database_url),
         autocommit=True,
-        application_name=LISTENER_NAME,
+        application_name=name,
     )
-    listener = asyncio.create_task(follow_product_changes(connect, cache, heartbeat_seconds=0.5))
+    listener = asyncio.create_task(follow_product_changes(connect, cache))
     try:
-        await _eventually(lambda: cache.enabled)
-        yield cache
+        yield listener
     finally:
         listener.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await listener
+
+
+@pytest.fixture
+async def cache(database_url: str) -> AsyncIterator[ProductCache]:
+    """A cache whose listener runs in the background, connected and listening."""
+    cache = ProductCache(1000)
+    async with listening(database_url, cache):
+        await _eventually(lambda: cache.enabled)
+        yield cache
 
 
 async def _cached(cache: ProductCache, catalog: Catalog, *product_ids: str) -> None:
@@ -151,15 +158,26 @@ async def test_the_process_that_changes_a_product_forgets_it_before_answering(
 
 
 async def test_losing_the_listener_turns_the_cache_off_until_it_is_back(
-    cache: ProductCache, catalog: Catalog, database_url: str
+    catalog: Catalog, database_url: str
+) -> None:
+    cache = ProductCache(1000)
+    name = f"marketplace-test-{uuid.uuid4().hex[:8]}"
+    async with listening(database_url, cache, name):
+        await _eventually(lambda: cache.enabled)
+        await _losing_the_listener(cache, catalog, database_url, name)
+
+
+async def _losing_the_listener(
+    cache: ProductCache, catalog: Catalog, database_url: str, name: str
 ) -> None:
     product_id = insert_product(database_url, stock=5)
     await _cached(cache, catalog, product_id)
 
     with psycopg.connect(database_url, autocommit=True) as conn:
         killed = conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
-            (LISTENER_NAME,),
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = %s AND datname = current_database()",
+            (name,),
         ).fetchall()
     assert killed == [(True,)]
 
@@ -193,3 +211,34 @@ async def test_the_listener_fills_the_cache_once_it_listens(
         listener.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await listener
+
+
+async def test_everything_is_forgotten_when_everything_is_announced(
+    cache: ProductCache, catalog: Catalog, database_url: str
+) -> None:
+    # What TRUNCATE's trigger sends, and the benchmark after it ran pgbench without triggers.
+    product_ids = [insert_product(database_url, stock=2) for _ in range(3)]
+    await _cached(cache, catalog, *product_ids)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_notify(%s, '*')", (CHANNEL,))
+    await _eventually(lambda: len(cache) == 0)
+
+
+async def test_no_cache_while_the_change_triggers_are_disabled(
+    catalog: Catalog, database_url: str
+) -> None:
+    product_id = insert_product(database_url, stock=2)
+    cache = ProductCache(100)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE products DISABLE TRIGGER products_updated_notify")
+        try:
+            async with listening(database_url, cache):
+                await asyncio.sleep(1.0)  # connected, LISTENing, and refusing to cache
+                assert not cache.enabled
+                await cache.read_through(catalog.get_products)([product_id])
+                assert cache.get(product_id) is None
+
+                conn.execute("ALTER TABLE products ENABLE TRIGGER products_updated_notify")
+                await _eventually(lambda: cache.enabled)  # the next attempt finds them on
+        finally:
+            conn.execute("ALTER TABLE products ENABLE TRIGGER products_updated_notify")

@@ -218,3 +218,19 @@ async def test_warming_stops_when_the_listener_is_lost() -> None:
     pages.release.set()
     assert await warming == 1
     assert len(cache) == 0
+
+
+async def test_forgetting_everything_drops_every_product_and_every_read_in_flight() -> None:
+    database = Database(product("a"), product("b"))
+    cache = listening_cache()
+    await cache.read_through(database.fetch)(["a"])
+    database.hold = True
+    reading = asyncio.ensure_future(cache.read_through(database.fetch)(["b"]))
+    await asyncio.sleep(0)
+    cache.forget_everything()
+    database.release.set()
+    await reading
+    assert (cache.get("a"), cache.get("b")) == (None, None)
+    assert cache.enabled, "still listening: later reads are stored again"
+    await cache.read_through(database.fetch)(["b"])
+    assert cache.get("b") == product("b")
