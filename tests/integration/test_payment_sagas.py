@@ -67,9 +67,16 @@ class World:
             max_attempts=2,
         )
         self.provider = GuardedProvider(self.stripe, threshold=3, reset_seconds=1)
-        self.orders = Orders(engine, hot_path)
+        # Products the use cases report changed, for the server's product cache.
+        self.changed: list[str] = []
+        self.orders = Orders(engine, hot_path, products_changed=self.changed.extend)
         self.payments = Payments(
-            engine, self.orders, self.provider, lease_seconds=0, recheck_seconds=0
+            engine,
+            self.orders,
+            self.provider,
+            lease_seconds=0,
+            recheck_seconds=0,
+            products_changed=self.changed.extend,
         )
         self.upkeep = Upkeep(engine, self.payments, self.provider, batch_size=10, lease_seconds=60)
 
@@ -340,3 +347,14 @@ async def test_a_cancel_request_id_held_by_a_paid_orders_refunding_cancellation_
     assert _order_status(database_url, paid_id) == OrderStatus.CANCELLED.value
     with pytest.raises(RequestIdReused):
         await world.payments.cancel_order(customer, pending.id, "cancel-shared")
+
+
+async def test_a_paid_orders_cancellation_reports_its_products_once_their_stock_is_back(
+    world: World, database_url: str
+) -> None:
+    customer, product, order_id, _ = await world.paid_order(database_url)
+    world.changed.clear()
+    cancelled = await world.payments.cancel_order(customer, order_id, f"c-{uuid.uuid4()}")
+    assert cancelled.status is OrderStatus.CANCELLED
+    assert stock_of(database_url, product) == 10
+    assert world.changed == [product]
