@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     order_batch_max: int = Field(128, ge=1, validation_alias=_env("ORDER_BATCH_MAX"))
     order_batch_runners: int = Field(1, ge=1, validation_alias=_env("ORDER_BATCH_RUNNERS"))
     # Products each process keeps in memory for GetProduct (server/services/product_cache.py;
-    # about 1 KB each); 0 reads every GetProduct from the database.
+    # about 600 bytes each plus their text); 0 reads every GetProduct from the database.
     product_cache_size: int = Field(20_000, ge=0, validation_alias=_env("PRODUCT_CACHE_SIZE"))
 
     # The payment provider (Stripe's API; localstripe in development and tests). The base
