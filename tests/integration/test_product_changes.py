@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
+import psutil  # type: ignore[import-untyped]
 import psycopg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -34,9 +37,19 @@ async def _eventually(condition: Callable[[], bool], seconds: float = 10.0) -> N
         await asyncio.sleep(0.01)
 
 
+def _is_local_postgres(pid: int) -> bool:
+    try:
+        return "postgres" in psutil.Process(pid).name()
+    except psutil.Error:
+        return False
+
+
 @contextlib.asynccontextmanager
 async def listening(
-    database_url: str, cache: ProductCache, name: str = "marketplace-test-listener"
+    database_url: str,
+    cache: ProductCache,
+    name: str = "marketplace-test-listener",
+    heartbeat_seconds: float = 5.0,
 ) -> AsyncIterator[asyncio.Task[None]]:
     connect = functools.partial(
         psycopg.AsyncConnection.connect,
@@ -44,7 +57,9 @@ async def listening(
         autocommit=True,
         application_name=name,
     )
-    listener = asyncio.create_task(follow_product_changes(connect, cache))
+    listener = asyncio.create_task(
+        follow_product_changes(connect, cache, heartbeat_seconds=heartbeat_seconds)
+    )
     try:
         yield listener
     finally:
@@ -242,3 +257,32 @@ async def test_no_cache_while_the_change_triggers_are_disabled(
                 await _eventually(lambda: cache.enabled)  # the next attempt finds them on
         finally:
             conn.execute("ALTER TABLE products ENABLE TRIGGER products_updated_notify")
+
+
+async def test_a_listener_whose_backend_stops_answering_turns_the_cache_off(
+    catalog: Catalog, database_url: str
+) -> None:
+    """A partitioned database host sends no FIN: the heartbeat is what notices. Played by
+    stopping the listener's PostgreSQL backend (SIGSTOP), so its socket stays open."""
+    cache = ProductCache(100)
+    name = f"marketplace-test-{uuid.uuid4().hex[:8]}"
+    async with listening(database_url, cache, name, heartbeat_seconds=0.5):
+        await _eventually(lambda: cache.enabled)
+        product_id = insert_product(database_url, stock=2)
+        await _cached(cache, catalog, product_id)
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE application_name = %s AND datname = current_database()",
+                (name,),
+            ).fetchone()
+        assert row is not None
+        if not _is_local_postgres(row[0]):
+            pytest.skip("the database's processes are not on this machine")
+        os.kill(row[0], signal.SIGSTOP)
+        try:
+            await _eventually(lambda: not cache.enabled)
+            assert cache.get(product_id) is None
+        finally:
+            os.kill(row[0], signal.SIGCONT)
+        await _eventually(lambda: cache.enabled, seconds=20)  # on a new connection
