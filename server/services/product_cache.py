@@ -173,8 +173,10 @@ async def follow_product_changes(
 
     Any failure turns the cache off and is retried with backoff (up to 5 s apart); a
     connection lost after it listened for a while is replaced at once. Between
-    notifications the connection is checked every `heartbeat_seconds`, so a silently lost
-    one (a partitioned host sends no FIN) turns the cache off within about twice that."""
+    notifications a heartbeat checks, every `heartbeat_seconds`, that the connection
+    answers and the change triggers are still enabled, so a silently lost connection (a
+    partitioned host sends no FIN) or triggers disabled by hand turn the cache off within
+    about twice that."""
     while True:
         listened_since: float | None = None
         async for attempt in AsyncRetrying(
@@ -188,11 +190,16 @@ async def follow_product_changes(
             ),
         ):
             with attempt:
-                async with await connect() as conn:
+                conn = await connect()
+                try:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     await _check_announced(conn)
                     listened_since = time.monotonic()
                     await _follow(conn, cache, warm_from, heartbeat_seconds)
+                finally:
+                    # Not `async with`: its exit would wait for the connection's lock, which
+                    # a heartbeat cancelled on a dead connection may hold for a long time.
+                    await conn.close()
         if listened_since is None or time.monotonic() - listened_since < _STEADY_SECONDS:
             # Lost soon after connecting (a proxy's idle timeout, say): not in a tight loop,
             # each round clearing the cache and starting to fill it again.
@@ -205,10 +212,10 @@ _TRIGGERS = ("products_updated_notify", "products_deleted_notify", "products_tru
 
 async def _check_announced(conn: psycopg.AsyncConnection[Any]) -> None:
     """Refuses to cache when changes would go unheard: a schema older than migration 0004,
-    or its triggers disabled."""
+    or its triggers disabled (or firing only for replication sessions: 'R')."""
     cursor = await conn.execute(
-        "SELECT count(*) FROM pg_trigger"
-        " WHERE tgrelid = CAST('products' AS regclass) AND tgname = ANY(%s) AND tgenabled <> 'D'",
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = CAST('products' AS regclass)"
+        " AND tgname = ANY(%s) AND tgenabled IN ('O', 'A')",
         (list(_TRIGGERS),),
     )
     row = await cursor.fetchone()
@@ -250,15 +257,18 @@ async def _follow(
 async def _heartbeat(
     conn: psycopg.AsyncConnection[Any], cache: ProductCache, seconds: float
 ) -> None:
-    ping = asyncio.ensure_future(conn.execute("SELECT 1"))
-    done, _ = await asyncio.wait({ping}, timeout=seconds)
-    if not done:
-        # Off now, not once psycopg has finished cancelling on a dead connection.
-        cache.deaf()
-        ping.cancel()
-        ping.add_done_callback(lambda task: task.cancelled() or task.exception())
-        raise TimeoutError(f"no answer to a heartbeat within {seconds} s")
-    ping.result()
+    """The connection answers within `seconds`, and the triggers are still on."""
+    ping = asyncio.ensure_future(_check_announced(conn))
+    try:
+        done, _ = await asyncio.wait({ping}, timeout=seconds)
+        if not done:
+            cache.deaf()  # now, not once psycopg has finished cancelling on a dead connection
+            raise TimeoutError(f"no answer to a heartbeat within {seconds} s")
+        ping.result()
+    finally:
+        if not ping.done():  # timed out, or this task was cancelled (shutdown)
+            ping.cancel()
+            ping.add_done_callback(lambda task: task.cancelled() or task.exception())
 
 
 def _log_warming(warming: asyncio.Task[int]) -> None:

@@ -12,6 +12,7 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 import psycopg
@@ -92,6 +93,7 @@ async def test_a_change_by_any_writer_reaches_the_cache(
         conn.execute("UPDATE products SET stock = 6 WHERE id = %s", (product_id,))
 
     await _eventually(lambda: cache.get(product_id) is None)
+    assert cache.enabled, "dropped by the notification, not by a reconnect"
     await _cached(cache, catalog, product_id)
     cached = cache.get(product_id)
     assert cached is not None
@@ -127,12 +129,14 @@ async def test_a_statement_changing_hundreds_of_products_is_announced_in_full(
 ) -> None:
     # More ids than one NOTIFY payload holds (8,000 bytes: the trigger sends 200 per message).
     product_ids = [insert_product(database_url, stock=1) for _ in range(450)]
-    await _cached(cache, catalog, *product_ids)
+    untouched = insert_product(database_url, stock=1)
+    await _cached(cache, catalog, *product_ids, untouched)
 
     with psycopg.connect(database_url) as conn:
         conn.execute("UPDATE products SET stock = stock + 1 WHERE id = ANY(%s)", (product_ids,))
 
     await _eventually(lambda: all(cache.get(p) is None for p in product_ids))
+    assert cache.get(untouched) is not None, "dropped by the notifications, not by a reconnect"
 
 
 async def test_a_change_rolled_back_is_not_announced(
@@ -244,45 +248,85 @@ async def test_no_cache_while_the_change_triggers_are_disabled(
 ) -> None:
     product_id = insert_product(database_url, stock=2)
     cache = ProductCache(100)
+    connects = 0
+
+    async def counting_connect() -> psycopg.AsyncConnection[Any]:
+        nonlocal connects
+        connects += 1
+        return await psycopg.AsyncConnection.connect(libpq_url(database_url), autocommit=True)
+
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("ALTER TABLE products DISABLE TRIGGER products_updated_notify")
+        listener = asyncio.create_task(follow_product_changes(counting_connect, cache))
         try:
-            async with listening(database_url, cache):
-                await asyncio.sleep(1.0)  # connected, LISTENing, and refusing to cache
-                assert not cache.enabled
-                await cache.read_through(catalog.get_products)([product_id])
-                assert cache.get(product_id) is None
+            # A second connection means the first one was refused after its check.
+            await _eventually(lambda: connects >= 2)
+            assert not cache.enabled
+            await cache.read_through(catalog.get_products)([product_id])
+            assert cache.get(product_id) is None
 
-                conn.execute("ALTER TABLE products ENABLE TRIGGER products_updated_notify")
-                await _eventually(lambda: cache.enabled)  # the next attempt finds them on
+            conn.execute("ALTER TABLE products ENABLE TRIGGER products_updated_notify")
+            await _eventually(lambda: cache.enabled)  # the next attempt finds them on
         finally:
             conn.execute("ALTER TABLE products ENABLE TRIGGER products_updated_notify")
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+
+async def test_triggers_disabled_while_listening_turn_the_cache_off(
+    catalog: Catalog, database_url: str
+) -> None:
+    cache = ProductCache(100)
+    async with listening(database_url, cache, heartbeat_seconds=1.0):
+        await _eventually(lambda: cache.enabled)
+        product_id = insert_product(database_url, stock=2)
+        await _cached(cache, catalog, product_id)
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("ALTER TABLE products DISABLE TRIGGER products_updated_notify")
+            try:
+                # Changes made now go unheard: the next heartbeat turns the cache off.
+                await _eventually(lambda: not cache.enabled)
+                assert cache.get(product_id) is None
+            finally:
+                conn.execute("ALTER TABLE products ENABLE TRIGGER products_updated_notify")
+        await _eventually(lambda: cache.enabled, seconds=20)
 
 
 async def test_a_listener_whose_backend_stops_answering_turns_the_cache_off(
     catalog: Catalog, database_url: str
 ) -> None:
     """A partitioned database host sends no FIN: the heartbeat is what notices. Played by
-    stopping the listener's PostgreSQL backend (SIGSTOP), so its socket stays open."""
+    stopping the listener's PostgreSQL backend (SIGSTOP), so its socket stays open, until
+    the listener is back on a new connection."""
     cache = ProductCache(100)
     name = f"marketplace-test-{uuid.uuid4().hex[:8]}"
-    async with listening(database_url, cache, name, heartbeat_seconds=0.5):
+    async with listening(database_url, cache, name, heartbeat_seconds=2.0):
         await _eventually(lambda: cache.enabled)
         product_id = insert_product(database_url, stock=2)
         await _cached(cache, catalog, product_id)
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            row = conn.execute(
-                "SELECT pid FROM pg_stat_activity"
-                " WHERE application_name = %s AND datname = current_database()",
-                (name,),
-            ).fetchone()
-        assert row is not None
-        if not _is_local_postgres(row[0]):
+        stopped = _listener_backend(database_url, name)
+        if not _is_local_postgres(stopped):
             pytest.skip("the database's processes are not on this machine")
-        os.kill(row[0], signal.SIGSTOP)
+        os.kill(stopped, signal.SIGSTOP)
         try:
             await _eventually(lambda: not cache.enabled)
             assert cache.get(product_id) is None
+            await _eventually(lambda: cache.enabled, seconds=30)
+            assert _listener_backend(database_url, name) != stopped
         finally:
-            os.kill(row[0], signal.SIGCONT)
-        await _eventually(lambda: cache.enabled, seconds=20)  # on a new connection
+            os.kill(stopped, signal.SIGCONT)
+
+
+def _listener_backend(database_url: str, name: str) -> int:
+    """The pid of the newest backend serving the listener named `name`."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE application_name = %s AND datname = current_database()"
+            " ORDER BY backend_start DESC LIMIT 1",
+            (name,),
+        ).fetchone()
+    assert row is not None
+    pid: int = row[0]
+    return pid
