@@ -118,7 +118,10 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     )
     # GetProduct is served from memory, kept current by PostgreSQL's NOTIFY (see
     # server/services/product_cache.py); use cases drop what they change before answering.
-    product_cache = ProductCache(settings.product_cache_size)
+    product_cache = ProductCache(
+        settings.product_cache_size,
+        on_listening=lambda listening: metrics.product_cache_listening.set(1 if listening else 0),
+    )
     catalog = Catalog(engine, hot_path, products_changed=product_cache.forget)
     # Misses share one `WHERE id = ANY(...)` query: per call, the database round trip and
     # driver work are the dominant cost of a cheap read.

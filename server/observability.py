@@ -38,6 +38,7 @@ class Metrics:
     payments_answered: Counter
     provider_circuit_open: Gauge
     product_cache_lookups: Counter
+    product_cache_listening: Gauge
 
     @classmethod
     def create(cls) -> Metrics:
@@ -75,5 +76,12 @@ class Metrics:
                 "GetProduct lookups by result: hit (served from memory) or miss (database)",
                 ["result"],
                 registry=registry,
+            ),
+            product_cache_listening=Gauge(
+                "marketplace_product_cache_listening",
+                "1 while every worker hears product changes and caches products; 0 while any"
+                " worker's cache is off (its listener connection is down, or the triggers are)",
+                registry=registry,
+                multiprocess_mode="livemin",
             ),
         )

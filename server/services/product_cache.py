@@ -63,8 +63,12 @@ class ProductCache:
     """At most `capacity` products by id, least recently used dropped first. Plain Python:
     the listener and the lookups call it from one event loop."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(
+        self, capacity: int, *, on_listening: Callable[[bool], None] = lambda listening: None
+    ) -> None:
+        """`on_listening` is told each time the cache turns on (True) or off (False)."""
         self._capacity = capacity
+        self._on_listening = on_listening
         self._products: OrderedDict[str, Product] = OrderedDict()
         self._listening = False
         self._epoch = 0  # counts (re)connections of the listener
@@ -104,11 +108,13 @@ class ProductCache:
         """The listener is connected: from now on every change is heard."""
         self.forget_everything()
         self._listening = True
+        self._on_listening(True)
 
     def deaf(self) -> None:
         """The listener lost its connection: changes may go unheard, so cache nothing."""
         self._products.clear()
         self._listening = False
+        self._on_listening(False)
 
     def read_through(self, fetch: FetchProducts) -> FetchProducts:
         """`fetch` (a batch of lookups in the database), storing what it finds when no

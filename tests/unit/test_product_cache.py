@@ -234,3 +234,12 @@ async def test_forgetting_everything_drops_every_product_and_every_read_in_fligh
     assert cache.enabled, "still listening: later reads are stored again"
     await cache.read_through(database.fetch)(["b"])
     assert cache.get("b") == product("b")
+
+
+def test_the_cache_reports_turning_on_and_off() -> None:
+    reported: list[bool] = []
+    cache = ProductCache(10, on_listening=reported.append)
+    cache.listening()
+    cache.deaf()
+    cache.listening()
+    assert reported == [True, False, True]
