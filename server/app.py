@@ -225,7 +225,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     # Without a cache there is nothing to keep current: no listener connection.
     product_changes_task = (
         asyncio.create_task(
-            follow_product_changes(listener, product_cache, warm_from=catalog.products_after),
+            follow_product_changes(listener, product_cache, warm_from=catalog.list_products),
             name="product-changes",
         )
         if settings.product_cache_size

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -11,16 +10,12 @@ from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from server.api import convert
 from server.api.context import current_principal
 from server.domain import catalog as rules
-from server.domain.catalog import Product
 from server.domain.pagination import page_size
 from server.domain.validation import parse_resource_id
 from server.services.catalog import Catalog
+from server.services.product_cache import GetProduct
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-
-# Looks up one product; in the server, concurrent lookups share one query.
-GetProduct = Callable[[str], Awaitable[Product]]
 
 
 class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):

@@ -35,10 +35,6 @@ _LIST_PRODUCTS = text(
     f"SELECT {PRODUCT_COLUMNS} FROM products WHERE sku > :after ORDER BY sku LIMIT :limit"
 )
 _GET_PRODUCT = text(f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = :id")
-_PRODUCTS_BY_ID = text(
-    f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id > :after ORDER BY id LIMIT :limit"
-)
-_NO_UUID = uuid.UUID(int=0)
 # The hottest read: on psycopg directly (server/db/driver.py).
 _GET_PRODUCTS_SQL = psycopg_sql(
     f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = ANY(CAST(:ids AS uuid[]))"
@@ -113,13 +109,6 @@ class Catalog:
         if len(rows) > page_size:
             next_token = encode_page_token("products", "*", {"sku": products[-1].sku})
         return products, next_token
-
-    async def products_after(self, after: str | None, limit: int) -> list[Product]:
-        """Up to `limit` products in id order, after `after` (None: from the first)."""
-        after_id = uuid.UUID(after) if after else _NO_UUID
-        async with self._reads.connect() as conn:
-            rows = await conn.execute(_PRODUCTS_BY_ID, {"after": after_id, "limit": limit})
-            return [product_from_row(row) for row in rows]
 
     async def get_product(self, product_id: str) -> Product:
         [found] = await self.get_products([product_id])

@@ -39,9 +39,10 @@ CHANNEL = "marketplace_product_changes"
 EVERYTHING = "*"
 
 FetchProducts = Callable[[Sequence[str]], Awaitable[Sequence[Product | NotFound]]]
-Found = TypeVar("Found", Product, Product | NotFound)
-# Up to `limit` products with ids after `after` (None: from the first), in id order.
-ProductPage = Callable[[str | None, int], Awaitable[Sequence[Product]]]
+Read = TypeVar("Read")
+# A page of the catalog: (page size, page token) -> (products, next page token or "").
+ProductPages = Callable[[int, str], Awaitable[tuple[Sequence[Product], str]]]
+# Looks up one product (GetProduct): in the server, from the cache, else by a batched query.
 GetProduct = Callable[[str], Awaitable[Product]]
 # What a use case calls after committing a change to these products (ProductCache.forget).
 ProductsChanged = Callable[[Collection[str]], None]
@@ -112,7 +113,7 @@ class ProductCache:
 
     def deaf(self) -> None:
         """The listener lost its connection: changes may go unheard, so cache nothing."""
-        self._products.clear()
+        self.forget_everything()
         self._listening = False
         self._on_listening(False)
 
@@ -121,36 +122,37 @@ class ProductCache:
         change to those products was heard while it ran."""
 
         async def fetch_and_store(product_ids: Sequence[str]) -> Sequence[Product | NotFound]:
-            return await self._stored(fetch(product_ids))
+            return await self._stored(fetch(product_ids), lambda found: found)
 
         return fetch_and_store
 
-    async def warm(self, page: ProductPage, page_size: int = 200) -> int:
-        """Fills the cache from the first products by id, a page at a time (a new process,
-        or one whose listener reconnected, would otherwise send its first reads for every
-        product to the database at once). Returns how many products it read."""
+    async def warm(self, pages: ProductPages, page_size: int = 200) -> int:
+        """Fills the cache from the catalog's first pages (a new process, or one whose
+        listener reconnected, would otherwise send its first reads for every product to the
+        database at once). Returns how many products it read."""
         epoch = self._epoch
-        after: str | None = None
+        token = ""
         read = 0
         while self.enabled and self._epoch == epoch and len(self._products) < self._capacity:
             limit = min(page_size, self._capacity - len(self._products))
-            products = await self._stored(page(after, limit))
+            products, token = await self._stored(pages(limit, token), lambda page: page[0])
             read += len(products)
-            if len(products) < limit:
+            if not token:
                 break
-            after = products[-1].id
         return read
 
-    async def _stored(self, reading: Awaitable[Sequence[Found]]) -> Sequence[Found]:
-        """Awaits a database read (not yet started) and stores the products it returns,
-        unless they may be older than a change heard meanwhile."""
+    async def _stored(
+        self, reading: Awaitable[Read], products_in: Callable[[Read], Sequence[object]]
+    ) -> Read:
+        """Awaits a database read (not yet started) and stores the products in what it
+        returns, unless they may be older than a change heard meanwhile."""
         started = _Fetch(self._generation, self._epoch)
         self._fetches += 1
         try:
             found = await reading
         finally:
             self._fetches -= 1
-        self._store([p for p in found if isinstance(p, Product)], started)
+        self._store([p for p in products_in(found) if isinstance(p, Product)], started)
         if not self._fetches:
             self._forgotten_at.clear()
         return found
@@ -171,7 +173,7 @@ async def follow_product_changes(
     connect: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]],
     cache: ProductCache,
     *,
-    warm_from: ProductPage | None = None,
+    warm_from: ProductPages | None = None,
     heartbeat_seconds: float = 5.0,
 ) -> None:
     """LISTENs for product changes and drops them from `cache`; runs until cancelled. Once
@@ -235,7 +237,7 @@ async def _check_announced(conn: psycopg.AsyncConnection[Any]) -> None:
 async def _follow(
     conn: psycopg.AsyncConnection[Any],
     cache: ProductCache,
-    warm_from: ProductPage | None,
+    warm_from: ProductPages | None,
     heartbeat_seconds: float,
 ) -> None:
     """Returns when the connection is lost, with the cache off."""

@@ -165,27 +165,29 @@ async def test_lookups_go_to_the_database_only_on_a_miss() -> None:
 
 
 class Pages:
-    """Products in id order, a page at a time; `hold` holds back the next page's answer."""
+    """The catalog in id order, a page at a time (its page token: the last id sent);
+    `hold` holds back the next page's answer."""
 
     def __init__(self, *products: Product) -> None:
         self.rows = sorted(products, key=lambda p: p.id)
         self.hold = False
         self.release = asyncio.Event()
-        self.asked: list[tuple[str | None, int]] = []
+        self.asked: list[tuple[int, str]] = []
 
-    async def page(self, after: str | None, limit: int) -> list[Product]:
-        self.asked.append((after, limit))
-        found = [p for p in self.rows if after is None or p.id > after][:limit]
+    async def page(self, size: int, token: str) -> tuple[list[Product], str]:
+        self.asked.append((size, token))
+        after = [p for p in self.rows if not token or p.id > token]
+        found = after[:size]
         if self.hold:
             await self.release.wait()
-        return found
+        return found, found[-1].id if len(after) > size else ""
 
 
 async def test_warming_reads_page_after_page_up_to_the_capacity() -> None:
     pages = Pages(*(product(name) for name in "abcdefg"))
     cache = listening_cache(capacity=5)
     assert await cache.warm(pages.page, page_size=2) == 5
-    assert pages.asked == [(None, 2), ("b", 2), ("d", 1)]
+    assert pages.asked == [(2, ""), (2, "b"), (1, "d")]
     assert [cache.get(name) is not None for name in "abcdefg"] == [True] * 5 + [False] * 2
 
 
@@ -193,7 +195,7 @@ async def test_warming_stops_at_the_last_page() -> None:
     pages = Pages(product("a"), product("b"), product("c"))
     cache = listening_cache(capacity=100)
     assert await cache.warm(pages.page, page_size=2) == 3
-    assert pages.asked == [(None, 2), ("b", 2)]
+    assert pages.asked == [(2, ""), (2, "b")]
 
 
 async def test_warming_keeps_out_a_product_changed_while_its_page_was_read() -> None:
