@@ -3,16 +3,18 @@ database per test session with migrations applied, and development tokens."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import TypeVar
 
 import jwt
 import psycopg
@@ -25,6 +27,7 @@ from server.db.engine import create_engine
 from server.devstack import EmbeddedPostgres, create_database, drop_database
 
 JWT_SECRET = "test-secret-" + "x" * 32
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="session")
@@ -153,3 +156,31 @@ def stock_of(database_url: str, product_id: str) -> int:
     assert row is not None
     stock: int = row[0]
     return stock
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T | None]],
+    *,
+    within: float,
+    what: str,
+    interval: float = 0.1,
+) -> T:
+    """The first truthy result of `check`, polled for at most `within` seconds: for state
+    in another process or behind a background task, which no asyncio.Event can stand for."""
+    deadline = time.monotonic() + within
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"gave up after {within} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def until(condition: Callable[[], bool], *, within: float = 10.0, what: str) -> None:
+    """`eventually` for a condition checked without I/O."""
+
+    async def check() -> bool:
+        return condition()
+
+    await eventually(check, within=within, what=what, interval=0.01)

@@ -8,16 +8,15 @@ what the API merely says about itself.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import hmac
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import httpx
@@ -34,11 +33,9 @@ from server.devstack import (
     free_port,
     register_localstripe_webhook,
 )
-from tests.conftest import insert_product
+from tests.conftest import eventually, insert_product
 from tests.e2e.conftest import WEBHOOK_SECRET, Stack, bearer
 from tests.e2e.statuses import detail_of, status_of_rpc_error
-
-T = TypeVar("T")
 
 # Every table a payment, a refund or a webhook can touch (tests/conftest.py's
 # table_snapshot predates payments).
@@ -47,27 +44,6 @@ PAYMENT_TABLES = ("products", "orders", "order_lines", "payments", "refunds", "p
 # an independent statement of the rule, not an import of the code under test).
 HOLDS_STOCK = ("PENDING_PAYMENT", "PAID")
 TAKEN_MONEY = ("SUCCEEDED", "PARTIALLY_REFUNDED", "REFUNDED")
-
-
-# --- polling -----------------------------------------------------------------------------
-
-
-async def eventually(
-    check: Callable[[], Awaitable[T | None]],
-    *,
-    within: float,
-    what: str,
-    interval: float = 0.1,
-) -> T:
-    """The first truthy result of `check`, polled for at most `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"gave up after {within} s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 # --- calling the API -----------------------------------------------------------------------

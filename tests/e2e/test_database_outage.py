@@ -3,9 +3,7 @@ same server process serves again once the database is back, without a restart.""
 
 from __future__ import annotations
 
-import asyncio
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from server.devstack import (
     stop_process,
     wait_for_grpc,
 )
-from tests.conftest import Tokens, insert_product
+from tests.conftest import Tokens, eventually, insert_product
 from tests.e2e.conftest import bearer, server_env
 
 pytestmark = pytest.mark.e2e
@@ -37,16 +35,6 @@ def own_postgres() -> Iterator[tuple[EmbeddedPostgres, str]]:
         EmbeddedPostgres(Path(scratch) / "pgdata", delete_on_exit=True) as postgres,
     ):
         yield postgres, create_database(postgres.url, "marketplace_outage")
-
-
-async def _eventually(check: object, within: float = 20) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        if await check():  # type: ignore[operator]
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.1)
 
 
 async def test_server_survives_a_database_restart(
@@ -83,7 +71,7 @@ async def test_server_survives_a_database_restart(
                 reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
                 return bool(reply.status == health_pb2.HealthCheckResponse.NOT_SERVING)
 
-            await _eventually(not_serving)
+            await eventually(not_serving, within=20, what="NOT_SERVING")
 
             postgres.start()
 
@@ -91,7 +79,7 @@ async def test_server_survives_a_database_restart(
                 reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
                 return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
-            await _eventually(serving_again)
+            await eventually(serving_again, within=20, what="SERVING again")
             placed = await orders.CreateOrder(order, metadata=bearer(tokens.customer()), timeout=10)
             assert placed.order.status == order_pb2.ORDER_STATUS_PENDING_PAYMENT
             assert (await catalog.GetProduct(request, timeout=5)).product.stock == 4

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import signal
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import psutil  # type: ignore[import-untyped]
@@ -25,17 +24,15 @@ from server.domain.catalog import product_changes
 from server.domain.orders import order_request
 from server.services.catalog import Catalog
 from server.services.orders import Orders
-from server.services.product_cache import CHANNEL, ProductCache, follow_product_changes
-from tests.conftest import insert_product
+from server.services.product_cache import (
+    CHANNEL,
+    ProductCache,
+    ProductPages,
+    follow_product_changes,
+)
+from tests.conftest import insert_product, until
 
 pytestmark = pytest.mark.integration
-
-
-async def _eventually(condition: Callable[[], bool], seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "not within the deadline"
-        await asyncio.sleep(0.01)
 
 
 def _is_local_postgres(pid: int) -> bool:
@@ -45,28 +42,39 @@ def _is_local_postgres(pid: int) -> bool:
         return False
 
 
+@dataclass
+class Listener:
+    connects: int = 0  # connections it opened so far
+
+
 @contextlib.asynccontextmanager
 async def listening(
     database_url: str,
     cache: ProductCache,
     name: str = "marketplace-test-listener",
     heartbeat_seconds: float = 5.0,
-) -> AsyncIterator[asyncio.Task[None]]:
-    connect = functools.partial(
-        psycopg.AsyncConnection.connect,
-        libpq_url(database_url),
-        autocommit=True,
-        application_name=name,
-    )
-    listener = asyncio.create_task(
-        follow_product_changes(connect, cache, heartbeat_seconds=heartbeat_seconds)
+    warm_from: ProductPages | None = None,
+) -> AsyncIterator[Listener]:
+    """`follow_product_changes` running in the background for as long as the block."""
+    listener = Listener()
+
+    async def connect() -> psycopg.AsyncConnection[Any]:
+        listener.connects += 1
+        return await psycopg.AsyncConnection.connect(
+            libpq_url(database_url), autocommit=True, application_name=name
+        )
+
+    task = asyncio.create_task(
+        follow_product_changes(
+            connect, cache, warm_from=warm_from, heartbeat_seconds=heartbeat_seconds
+        )
     )
     try:
         yield listener
     finally:
-        listener.cancel()
+        task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await listener
+            await task
 
 
 @pytest.fixture
@@ -74,7 +82,7 @@ async def cache(database_url: str) -> AsyncIterator[ProductCache]:
     """A cache whose listener runs in the background, connected and listening."""
     cache = ProductCache(1000)
     async with listening(database_url, cache):
-        await _eventually(lambda: cache.enabled)
+        await until(lambda: cache.enabled, what="cache.enabled")
         yield cache
 
 
@@ -92,7 +100,7 @@ async def test_a_change_by_any_writer_reaches_the_cache(
     with psycopg.connect(database_url) as conn:  # an operator's SQL, not the server
         conn.execute("UPDATE products SET stock = 6 WHERE id = %s", (product_id,))
 
-    await _eventually(lambda: cache.get(product_id) is None)
+    await until(lambda: cache.get(product_id) is None, what="cache.get(product_id) is None")
     assert cache.enabled, "dropped by the notification, not by a reconnect"
     await _cached(cache, catalog, product_id)
     cached = cache.get(product_id)
@@ -120,7 +128,10 @@ async def test_an_order_batch_announces_every_product_it_took_stock_from(
         ]
     )
 
-    await _eventually(lambda: all(cache.get(p) is None for p in taken))
+    await until(
+        lambda: all(cache.get(p) is None for p in taken),
+        what="all(cache.get(p) is None for p in taken)",
+    )
     assert cache.get(untouched) is not None
 
 
@@ -135,7 +146,10 @@ async def test_a_statement_changing_hundreds_of_products_is_announced_in_full(
     with psycopg.connect(database_url) as conn:
         conn.execute("UPDATE products SET stock = stock + 1 WHERE id = ANY(%s)", (product_ids,))
 
-    await _eventually(lambda: all(cache.get(p) is None for p in product_ids))
+    await until(
+        lambda: all(cache.get(p) is None for p in product_ids),
+        what="all(cache.get(p) is None for p in product_ids)",
+    )
     assert cache.get(untouched) is not None, "dropped by the notifications, not by a reconnect"
 
 
@@ -152,7 +166,7 @@ async def test_a_change_rolled_back_is_not_announced(
         await _cached(cache, catalog, marker)
         conn.execute("UPDATE products SET stock = 2 WHERE id = %s", (marker,))
         conn.commit()
-    await _eventually(lambda: cache.get(marker) is None)
+    await until(lambda: cache.get(marker) is None, what="cache.get(marker) is None")
     assert cache.get(product_id) is not None
 
 
@@ -182,7 +196,7 @@ async def test_losing_the_listener_turns_the_cache_off_until_it_is_back(
     cache = ProductCache(1000)
     name = f"marketplace-test-{uuid.uuid4().hex[:8]}"
     async with listening(database_url, cache, name):
-        await _eventually(lambda: cache.enabled)
+        await until(lambda: cache.enabled, what="cache.enabled")
         await _losing_the_listener(cache, catalog, database_url, name)
 
 
@@ -201,12 +215,16 @@ async def _losing_the_listener(
     assert killed == [(True,)]
 
     # Dropped as the connection went (changes made now would go unheard)...
-    await _eventually(lambda: cache.get(product_id) is None)
-    await _eventually(lambda: cache.enabled)  # ...and on again once it listens again
+    await until(lambda: cache.get(product_id) is None, what="cache.get(product_id) is None")
+    await until(
+        lambda: cache.enabled, what="cache.enabled"
+    )  # ...and on again once it listens again
     await _cached(cache, catalog, product_id)
     with psycopg.connect(database_url) as conn:
         conn.execute("UPDATE products SET stock = 9 WHERE id = %s", (product_id,))
-    await _eventually(lambda: cache.get(product_id) is None)  # heard on the new connection
+    await until(
+        lambda: cache.get(product_id) is None, what="cache.get(product_id) is None"
+    )  # heard on the new connection
 
 
 async def test_the_listener_fills_the_cache_once_it_listens(
@@ -217,19 +235,9 @@ async def test_the_listener_fills_the_cache_once_it_listens(
         total = conn.execute("SELECT count(*) FROM products").fetchone()
     assert total is not None
     cache = ProductCache(total[0] + 10)
-    connect = functools.partial(
-        psycopg.AsyncConnection.connect, libpq_url(database_url), autocommit=True
-    )
-    listener = asyncio.create_task(
-        follow_product_changes(connect, cache, warm_from=catalog.products_after)
-    )
-    try:
-        await _eventually(lambda: len(cache) >= total[0])
+    async with listening(database_url, cache, warm_from=catalog.list_products):
+        await until(lambda: len(cache) >= total[0], what="len(cache) >= total[0]")
         assert all(cache.get(p) is not None for p in product_ids)
-    finally:
-        listener.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listener
 
 
 async def test_everything_is_forgotten_when_everything_is_announced(
@@ -240,7 +248,7 @@ async def test_everything_is_forgotten_when_everything_is_announced(
     await _cached(cache, catalog, *product_ids)
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("SELECT pg_notify(%s, '*')", (CHANNEL,))
-    await _eventually(lambda: len(cache) == 0)
+    await until(lambda: len(cache) == 0, what="len(cache) == 0")
 
 
 async def test_no_cache_while_the_change_triggers_are_disabled(
@@ -248,30 +256,22 @@ async def test_no_cache_while_the_change_triggers_are_disabled(
 ) -> None:
     product_id = insert_product(database_url, stock=2)
     cache = ProductCache(100)
-    connects = 0
-
-    async def counting_connect() -> psycopg.AsyncConnection[Any]:
-        nonlocal connects
-        connects += 1
-        return await psycopg.AsyncConnection.connect(libpq_url(database_url), autocommit=True)
-
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("ALTER TABLE products DISABLE TRIGGER products_updated_notify")
-        listener = asyncio.create_task(follow_product_changes(counting_connect, cache))
         try:
-            # A second connection means the first one was refused after its check.
-            await _eventually(lambda: connects >= 2)
-            assert not cache.enabled
-            await cache.read_through(catalog.get_products)([product_id])
-            assert cache.get(product_id) is None
+            async with listening(database_url, cache) as listener:
+                # A second connection means the first one was refused after its check.
+                await until(lambda: listener.connects >= 2, what="listener.connects >= 2")
+                assert not cache.enabled
+                await cache.read_through(catalog.get_products)([product_id])
+                assert cache.get(product_id) is None
 
-            conn.execute("ALTER TABLE products ENABLE TRIGGER products_updated_notify")
-            await _eventually(lambda: cache.enabled)  # the next attempt finds them on
+                conn.execute("ALTER TABLE products ENABLE TRIGGER products_updated_notify")
+                await until(
+                    lambda: cache.enabled, what="cache.enabled"
+                )  # the next attempt finds them on
         finally:
             conn.execute("ALTER TABLE products ENABLE TRIGGER products_updated_notify")
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
 
 
 async def test_triggers_disabled_while_listening_turn_the_cache_off(
@@ -279,18 +279,18 @@ async def test_triggers_disabled_while_listening_turn_the_cache_off(
 ) -> None:
     cache = ProductCache(100)
     async with listening(database_url, cache, heartbeat_seconds=1.0):
-        await _eventually(lambda: cache.enabled)
+        await until(lambda: cache.enabled, what="cache.enabled")
         product_id = insert_product(database_url, stock=2)
         await _cached(cache, catalog, product_id)
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute("ALTER TABLE products DISABLE TRIGGER products_updated_notify")
             try:
                 # Changes made now go unheard: the next heartbeat turns the cache off.
-                await _eventually(lambda: not cache.enabled)
+                await until(lambda: not cache.enabled, what="not cache.enabled")
                 assert cache.get(product_id) is None
             finally:
                 conn.execute("ALTER TABLE products ENABLE TRIGGER products_updated_notify")
-        await _eventually(lambda: cache.enabled, seconds=20)
+        await until(lambda: cache.enabled, what="cache.enabled", within=20)
 
 
 async def test_a_listener_whose_backend_stops_answering_turns_the_cache_off(
@@ -302,7 +302,7 @@ async def test_a_listener_whose_backend_stops_answering_turns_the_cache_off(
     cache = ProductCache(100)
     name = f"marketplace-test-{uuid.uuid4().hex[:8]}"
     async with listening(database_url, cache, name, heartbeat_seconds=2.0):
-        await _eventually(lambda: cache.enabled)
+        await until(lambda: cache.enabled, what="cache.enabled")
         product_id = insert_product(database_url, stock=2)
         await _cached(cache, catalog, product_id)
         stopped = _listener_backend(database_url, name)
@@ -310,9 +310,9 @@ async def test_a_listener_whose_backend_stops_answering_turns_the_cache_off(
             pytest.skip("the database's processes are not on this machine")
         os.kill(stopped, signal.SIGSTOP)
         try:
-            await _eventually(lambda: not cache.enabled)
+            await until(lambda: not cache.enabled, what="not cache.enabled")
             assert cache.get(product_id) is None
-            await _eventually(lambda: cache.enabled, seconds=30)
+            await until(lambda: cache.enabled, what="cache.enabled", within=30)
             assert _listener_backend(database_url, name) != stopped
         finally:
             os.kill(stopped, signal.SIGCONT)

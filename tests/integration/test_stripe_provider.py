@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -23,6 +23,7 @@ from server.services.providers import (
     ProviderOutcomeUnknown,
     ProviderUnavailable,
 )
+from tests.conftest import eventually
 from tests.payment_stack import (
     DECLINED_CARD,
     SUCCESS_CARD,
@@ -116,15 +117,6 @@ async def paid_intent(
     paid = await provider.confirm_intent(created.reference, idempotency_key=new_key())
     assert paid.status is IntentStatus.SUCCEEDED
     return paid
-
-
-async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
-    """Polls another process's state, which no asyncio.Event can stand for."""
-    async with asyncio.timeout(3):
-        while True:
-            if await check():
-                return
-            await asyncio.sleep(0.02)
 
 
 # --- plain outcomes --------------------------------------------------------------------
@@ -278,7 +270,7 @@ async def test_a_confirm_whose_answer_was_lost_is_not_charged_twice(
         return (await localstripe.intent(created.reference))["status"] == "succeeded"
 
     # localstripe has charged; the answer is still trickling back when the attempt times out.
-    await eventually(charged)
+    await eventually(charged, within=3, interval=0.02, what="localstripe's charge")
     await faults.clear()
     paid = await confirming
 
@@ -351,7 +343,7 @@ async def test_a_refund_whose_answer_was_lost_is_not_made_twice(
     async def refunded() -> bool:
         return bool(await localstripe.refunds_for(paid.reference))
 
-    await eventually(refunded)
+    await eventually(refunded, within=3, interval=0.02, what="localstripe's refund")
     await faults.clear()
     refund = await refunding
 
