@@ -287,18 +287,17 @@ class Orders:
             async for attempt in retrying_transaction(extra=_RequestIdRace):
                 with attempt:
                     try:
-                        async with (
-                            self._hot_path.connection() as driver,
-                            driver.pipeline() as pipeline,
-                        ):
+                        async with self._hot_path.connection() as driver:
                             # BEGIN and COMMIT are queued by hand: psycopg's transaction()
                             # would sync the pipeline on entry and exit (5 round trips).
-                            # BEGIN goes out with the locks; COMMIT with the write. On any
-                            # error the pool rolls the connection back.
-                            await driver.execute("BEGIN")
-                            decided = await self._place_batch(driver, pipeline, batch)
-                            await driver.execute("COMMIT")
-                            await pipeline.sync()
+                            # BEGIN goes out with the locks; COMMIT with the write, and
+                            # leaving the pipeline sends them and waits for their answers
+                            # (a sync of our own before leaving would cost a third round
+                            # trip). On any error the pool rolls the connection back.
+                            async with driver.pipeline() as pipeline:
+                                await driver.execute("BEGIN")
+                                decided = await self._place_batch(driver, pipeline, batch)
+                                await driver.execute("COMMIT")
                             placed = await decided.outcomes()
                         self._products_changed(decided.products_taken())
                     except IntegrityError as error:
