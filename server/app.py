@@ -129,6 +129,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         product_cache.read_through(catalog.get_products),
         max_batch=settings.order_batch_max,
         runners=1,
+        on_batch=metrics.batch_size.labels("product_reads").observe,
     )
     get_product = served_from(
         product_cache,
@@ -186,6 +187,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         orders.place_orders,
         max_batch=settings.order_batch_max,
         runners=settings.order_batch_runners,
+        on_batch=metrics.batch_size.labels("orders").observe,
     )
     order_pb2_grpc.add_OrderServiceServicer_to_server(
         OrderServicer(orders, order_committer.submit, payments.cancel_order, metrics), server
@@ -225,7 +227,12 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     # Without a cache there is nothing to keep current: no listener connection.
     product_changes_task = (
         asyncio.create_task(
-            follow_product_changes(listener, product_cache, warm_from=catalog.list_products),
+            follow_product_changes(
+                listener,
+                product_cache,
+                warm_from=catalog.list_products,
+                queue_usage=metrics.notification_queue_usage.set,
+            ),
             name="product-changes",
         )
         if settings.product_cache_size

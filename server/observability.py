@@ -39,6 +39,8 @@ class Metrics:
     provider_circuit_open: Gauge
     product_cache_lookups: Counter
     product_cache_listening: Gauge
+    batch_size: Histogram
+    notification_queue_usage: Gauge
 
     @classmethod
     def create(cls) -> Metrics:
@@ -83,5 +85,22 @@ class Metrics:
                 " worker's cache is off (its listener connection is down, or the triggers are)",
                 registry=registry,
                 multiprocess_mode="livemin",
+            ),
+            batch_size=Histogram(
+                "marketplace_batch_size",
+                "Calls served together by group commit: orders per order transaction"
+                " (batch=orders), GetProduct misses per database read (batch=product_reads)",
+                ["batch"],
+                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+                registry=registry,
+            ),
+            notification_queue_usage=Gauge(
+                "marketplace_notification_queue_usage",
+                "PostgreSQL's pg_notification_queue_usage(), 0 to 1, read by each worker's"
+                " product-change listener: a listener anywhere that stops reading keeps the"
+                " queue from emptying, and once it is full every change of products (every"
+                " order) fails",
+                registry=registry,
+                multiprocess_mode="livemax",
             ),
         )

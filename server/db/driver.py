@@ -3,7 +3,7 @@
 SQLAlchemy costs tens of microseconds of Python per statement (compiling the bind
 parameters, building a result object, running event hooks), and its asyncio layer hops
 through a greenlet for every checkout, BEGIN, COMMIT and checkin: measured at about 500 µs of
-CPU per transaction on the bench machine, more than the three round trips of the order
+CPU per transaction on the bench machine, more than the two round trips of the order
 transaction themselves. The hot paths therefore run on psycopg's own pool (psycopg_pool),
 with psycopg's pipeline mode to send several statements in one round trip. Everything else
 stays on SQLAlchemy. Errors come out as SQLAlchemy's exceptions, so retries and status

@@ -21,9 +21,15 @@ BatchHandler = Callable[[Sequence[Item]], Awaitable[Sequence[Outcome | BaseExcep
 
 class GroupCommitter(Generic[Item, Outcome]):
     def __init__(
-        self, handler: BatchHandler[Item, Outcome], *, max_batch: int, runners: int
+        self,
+        handler: BatchHandler[Item, Outcome],
+        *,
+        max_batch: int,
+        runners: int,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self._handler = handler
+        self._on_batch = on_batch  # told each batch's size, for metrics
         self._max_batch = max_batch
         self._runner_count = runners
         self._queue: asyncio.Queue[tuple[Item, asyncio.Future[Outcome]]] = asyncio.Queue()
@@ -59,6 +65,8 @@ class GroupCommitter(Generic[Item, Outcome]):
             batch = [(item, future) for item, future in batch if not future.done()]
             if not batch:
                 continue
+            if self._on_batch is not None:
+                self._on_batch(len(batch))
             try:
                 outcomes = await self._handler([item for item, _ in batch])
             except Exception as error:  # the batch failed as a whole: every caller learns why

@@ -175,9 +175,12 @@ async def follow_product_changes(
     *,
     warm_from: ProductPages | None = None,
     heartbeat_seconds: float = 5.0,
+    queue_usage: Callable[[float], None] = lambda usage: None,
 ) -> None:
     """LISTENs for product changes and drops them from `cache`; runs until cancelled. Once
-    listening, it fills the cache from `warm_from` in the background.
+    listening, it fills the cache from `warm_from` in the background. On connecting and at
+    every heartbeat it reports PostgreSQL's notification queue usage (0 to 1) to
+    `queue_usage`.
 
     Any failure turns the cache off and is retried with backoff (up to 5 s apart); a
     connection lost after it listened for a while is replaced at once. Between
@@ -201,9 +204,9 @@ async def follow_product_changes(
                 conn = await connect()
                 try:
                     await conn.execute(f"LISTEN {CHANNEL}")
-                    await _check_announced(conn)
+                    queue_usage(await _check_announced(conn))
                     listened_since = time.monotonic()
-                    await _follow(conn, cache, warm_from, heartbeat_seconds)
+                    await _follow(conn, cache, warm_from, heartbeat_seconds, queue_usage)
                 finally:
                     # Not `async with`: its exit would wait for the connection's lock, which
                     # a heartbeat cancelled on a dead connection may hold for a long time.
@@ -218,12 +221,17 @@ _STEADY_SECONDS = 30.0
 _TRIGGERS = ("products_updated_notify", "products_deleted_notify", "products_truncated_notify")
 
 
-async def _check_announced(conn: psycopg.AsyncConnection[Any]) -> None:
+async def _check_announced(conn: psycopg.AsyncConnection[Any]) -> float:
     """Refuses to cache when changes would go unheard: a schema older than migration 0004,
-    or its triggers disabled (or firing only for replication sessions: 'R')."""
+    or its triggers disabled (or firing only for replication sessions: 'R'). Returns the
+    notification queue's usage: a listener anywhere in the cluster that stops reading keeps
+    the queue from emptying, and once it is full every NOTIFY, so every change of products
+    (every order), fails."""
     cursor = await conn.execute(
-        "SELECT count(*) FROM pg_trigger WHERE tgrelid = CAST('products' AS regclass)"
-        " AND tgname = ANY(%s) AND tgenabled IN ('O', 'A')",
+        "SELECT (SELECT count(*) FROM pg_trigger"
+        "         WHERE tgrelid = CAST('products' AS regclass)"
+        "           AND tgname = ANY(%s) AND tgenabled IN ('O', 'A')),"
+        " pg_notification_queue_usage()",
         (list(_TRIGGERS),),
     )
     row = await cursor.fetchone()
@@ -232,6 +240,7 @@ async def _check_announced(conn: psycopg.AsyncConnection[Any]) -> None:
             "products' change triggers are missing or disabled (migration 0004):"
             " the product cache stays off"
         )
+    return float(row[1])
 
 
 async def _follow(
@@ -239,6 +248,7 @@ async def _follow(
     cache: ProductCache,
     warm_from: ProductPages | None,
     heartbeat_seconds: float,
+    queue_usage: Callable[[float], None],
 ) -> None:
     """Returns when the connection is lost, with the cache off."""
     cache.listening()
@@ -253,7 +263,7 @@ async def _follow(
                     cache.forget_everything()
                 else:
                     cache.forget(note.payload.split(","))
-            await _heartbeat(conn, cache, heartbeat_seconds)
+            queue_usage(await _heartbeat(conn, cache, heartbeat_seconds))
     except _CONNECTION_ERRORS as error:
         _log.warning("lost the product changes connection; reconnecting", error=repr(error))
     finally:
@@ -264,15 +274,16 @@ async def _follow(
 
 async def _heartbeat(
     conn: psycopg.AsyncConnection[Any], cache: ProductCache, seconds: float
-) -> None:
-    """The connection answers within `seconds`, and the triggers are still on."""
+) -> float:
+    """The connection answers within `seconds`, and the triggers are still on; returns the
+    notification queue's usage."""
     ping = asyncio.ensure_future(_check_announced(conn))
     try:
         done, _ = await asyncio.wait({ping}, timeout=seconds)
         if not done:
             cache.deaf()  # now, not once psycopg has finished cancelling on a dead connection
             raise TimeoutError(f"no answer to a heartbeat within {seconds} s")
-        ping.result()
+        return ping.result()
     finally:
         if not ping.done():  # timed out, or this task was cancelled (shutdown)
             ping.cancel()

@@ -70,5 +70,13 @@ def test_a_dead_worker_is_replaced_and_metrics_cover_all_workers(
         ]
         assert served, exposition[:2000]
         assert sum(float(line.rsplit(" ", 1)[1]) for line in served) >= 20
+        # Every worker's product-change listener reports the notification queue's usage.
+        usage = [
+            line
+            for line in exposition.splitlines()
+            if line.startswith("marketplace_notification_queue_usage ")
+        ]
+        assert usage, exposition[:2000]
+        assert 0.0 <= float(usage[0].rsplit(" ", 1)[1]) < 1.0
     finally:
         assert stop_process(server) == 0

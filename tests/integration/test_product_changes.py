@@ -10,7 +10,7 @@ import os
 import signal
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psutil  # type: ignore[import-untyped]
@@ -45,6 +45,7 @@ def _is_local_postgres(pid: int) -> bool:
 @dataclass
 class Listener:
     connects: int = 0  # connections it opened so far
+    queue_usages: list[float] = field(default_factory=list)  # as reported, oldest first
 
 
 @contextlib.asynccontextmanager
@@ -66,7 +67,11 @@ async def listening(
 
     task = asyncio.create_task(
         follow_product_changes(
-            connect, cache, warm_from=warm_from, heartbeat_seconds=heartbeat_seconds
+            connect,
+            cache,
+            warm_from=warm_from,
+            heartbeat_seconds=heartbeat_seconds,
+            queue_usage=listener.queue_usages.append,
         )
     )
     try:
@@ -330,3 +335,34 @@ def _listener_backend(database_url: str, name: str) -> int:
     assert row is not None
     pid: int = row[0]
     return pid
+
+
+async def test_the_listener_reports_a_notification_queue_held_by_a_stalled_listener(
+    database_url: str,
+) -> None:
+    cache = ProductCache(100)
+    async with listening(database_url, cache, heartbeat_seconds=1.0) as listener:
+        await until(lambda: bool(listener.queue_usages), what="a first queue usage")
+        assert all(0.0 <= usage < 0.01 for usage in listener.queue_usages)
+        with (
+            psycopg.connect(database_url, autocommit=True) as stalled,
+            psycopg.connect(database_url, autocommit=True) as sender,
+        ):
+            # A listener in a long transaction reads no notifications, so none can be
+            # removed from the queue until it ends.
+            stalled.execute("LISTEN marketplace_test_stalled")
+            with stalled.transaction():
+                stalled.execute("SELECT 1")
+                # About 4 pages of the queue (it counts whole 8 kB pages); each payload
+                # differs, or PostgreSQL would fold them into one.
+                sender.execute(
+                    "SELECT pg_notify('marketplace_test_stalled', repeat('x', 7000) || n)"
+                    " FROM generate_series(1, 5) AS n"
+                )
+                reported = len(listener.queue_usages)
+                await until(
+                    lambda: len(listener.queue_usages) > reported + 1,
+                    what="two more heartbeats",
+                    within=10,
+                )
+                assert listener.queue_usages[-1] > 0.0

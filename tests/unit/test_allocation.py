@@ -83,7 +83,10 @@ async def test_group_committer_batches_concurrent_callers_and_answers_each() -> 
         await asyncio.sleep(0.01)
         return [ValueError(item) if item < 0 else item * 2 for item in items]
 
-    committer: GroupCommitter[int, int] = GroupCommitter(double, max_batch=8, runners=1)
+    sizes: list[int] = []
+    committer: GroupCommitter[int, int] = GroupCommitter(
+        double, max_batch=8, runners=1, on_batch=sizes.append
+    )
     committer.start()
     try:
         results = await asyncio.gather(
@@ -97,6 +100,7 @@ async def test_group_committer_batches_concurrent_callers_and_answers_each() -> 
     assert results[3:] == [8, 10, 12, 14, 16, 18, 20]
     assert len(batches) < 10, "concurrent callers must share batches"
     assert max(len(b) for b in batches) <= 8
+    assert sizes == [len(b) for b in batches], "each batch's size is reported for metrics"
 
 
 async def test_group_committer_reports_a_failed_batch_to_every_caller() -> None:
