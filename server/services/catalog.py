@@ -120,8 +120,10 @@ class Catalog:
         """Several lookups in one query: concurrent GetProduct calls share it (see app.py)."""
         wanted = sorted({uuid.UUID(p) for p in product_ids})
         async with self._hot_path.connection() as driver:
-            lookup = driver.cursor(row_factory=namedtuple_row)
-            rows = await (await lookup.execute(_GET_PRODUCTS_SQL, {"ids": wanted})).fetchall()
+            lookup = await driver.execute_reusing_cursor(
+                _GET_PRODUCTS_SQL, {"ids": wanted}, row_factory=namedtuple_row
+            )
+            rows = await lookup.fetchall()
         products = [product_from_row(row) for row in rows]
         found = {product.id: product for product in products}
         return [found.get(p) or NotFound("product", p) for p in product_ids]

@@ -14,7 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from server.db.driver import DriverPool, psycopg_sql
+from server.db.driver import DriverPool, HotConnection, psycopg_sql
 from server.db.transactions import (
     FOREIGN_KEY_VIOLATION,
     UNIQUE_VIOLATION,
@@ -103,6 +103,7 @@ _WRITE_ORDERS = """
     )
     SELECT id, create_time, expire_time FROM new_orders
 """
+_BEGIN, _COMMIT = "BEGIN", "COMMIT"
 _LOCK_PRODUCTS_SQL = psycopg_sql(_LOCK_PRODUCTS)
 _FIND_BY_REQUEST_IDS_SQL = psycopg_sql(_FIND_BY_REQUEST_IDS)
 _WRITE_ORDERS_SQL = psycopg_sql(_WRITE_ORDERS)
@@ -295,9 +296,9 @@ class Orders:
                             # (a sync of our own before leaving would cost a third round
                             # trip). On any error the pool rolls the connection back.
                             async with driver.pipeline() as pipeline:
-                                await driver.execute("BEGIN")
+                                await driver.execute_reusing_cursor(_BEGIN)
                                 decided = await self._place_batch(driver, pipeline, batch)
-                                await driver.execute("COMMIT")
+                                await driver.execute_reusing_cursor(_COMMIT)
                             placed = await decided.outcomes()
                         self._products_changed(decided.products_taken())
                     except IntegrityError as error:
@@ -330,7 +331,7 @@ class Orders:
 
     async def _place_batch(
         self,
-        driver: psycopg.AsyncConnection[Any],
+        driver: HotConnection,
         pipeline: psycopg.AsyncPipeline,
         batch: Sequence[tuple[str, OrderRequest]],
     ) -> _Decided:
@@ -352,10 +353,10 @@ class Orders:
 
         product_ids = sorted({line.product_id for _, request in batch for line in request.lines})
         firsts = sorted(first_of.values())
-        locking = await driver.execute(
+        locking = await driver.execute_reusing_cursor(
             _LOCK_PRODUCTS_SQL, {"ids": [uuid.UUID(p) for p in product_ids]}
         )
-        finding = await driver.execute(
+        finding = await driver.execute_reusing_cursor(
             _FIND_BY_REQUEST_IDS_SQL,
             {
                 "customers": [batch[i][0] for i in firsts],
@@ -397,7 +398,7 @@ class Orders:
 
     async def _write(
         self,
-        driver: psycopg.AsyncConnection[Any],
+        driver: HotConnection,
         batch: Sequence[tuple[str, OrderRequest]],
         fingerprints: Sequence[str],
         accepted: Sequence[tuple[int, uuid.UUID, Allocation]],
@@ -427,7 +428,7 @@ class Orders:
             "line_currencies": [line.unit_price.currency for _, _, line in lines],
             "payment_window": self._payment_window_seconds,
         }
-        return await driver.execute(_WRITE_ORDERS_SQL, params)
+        return await driver.execute_reusing_cursor(_WRITE_ORDERS_SQL, params)
 
     async def _load_many(
         self, conn: AsyncConnection, order_ids: Sequence[uuid.UUID]
