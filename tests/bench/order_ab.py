@@ -1,0 +1,112 @@
+"""Two versions of the order transaction in one process, alternating, on the bench's seeded
+database: server/services/orders.py as of a git revision (A) against the working tree (B).
+
+    .venv/bin/python -m tests.bench.order_ab REVISION [batch sizes, default 1 4 10]
+
+This machine's speed drifts by 10-25% within minutes, more than most changes to the order
+path are worth, so runs of two commits one after the other (tests.bench.order_batch) often
+cannot tell them apart. Here both versions share the process, the pool and the database,
+and take turns in blocks of about 150 orders; each block's client CPU (this process) and
+PostgreSQL CPU (the embedded server's processes) are measured, and the report compares the
+two versions' blocks. Only orders.py comes from REVISION: everything it imports is the
+working tree's, so this compares changes confined to that file (and what the working tree
+added that the old file does not use).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+import uvloop
+
+from server.services.orders import Orders
+from tests.bench.order_batch import _batches
+from tests.bench.stack import bench_database, tree_cpu_seconds
+from tests.conftest import hot_path_pool, sqlalchemy_engine
+
+ORDERS_PER_SIZE = 6000
+ORDERS_PER_BLOCK = 150
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def _orders_module_at(revision: str, scratch: Path) -> ModuleType:
+    source = subprocess.run(
+        ["git", "show", f"{revision}:server/services/orders.py"],
+        cwd=_REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    path = scratch / "orders_at_revision.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("orders_at_revision", path)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+async def _compare(url: str, postmaster_pid: int, old: ModuleType, sizes: list[int]) -> None:
+    engine = sqlalchemy_engine(url, pool_size=2)
+    try:
+        async with hot_path_pool(url, size=2) as pool:
+            versions: dict[str, Orders] = {"A": old.Orders(engine, pool), "B": Orders(engine, pool)}
+            rng = random.Random(1)
+            for size in sizes:
+                for orders in versions.values():  # warm-up: connections, prepared statements
+                    for batch in _batches(size, 20, rng):
+                        await orders.place_orders(batch)
+                client: dict[str, list[float]] = {"A": [], "B": []}
+                postgres: dict[str, list[float]] = {"A": [], "B": []}
+                batches = _batches(size, ORDERS_PER_SIZE // size, rng)
+                per_block = max(1, ORDERS_PER_BLOCK // size)
+                for number, start in enumerate(range(0, len(batches), per_block)):
+                    version = "AB"[number % 2]
+                    block = batches[start : start + per_block]
+                    cpu, pg = time.process_time(), tree_cpu_seconds(postmaster_pid)
+                    for batch in block:
+                        await versions[version].place_orders(batch)
+                    client[version].append((time.process_time() - cpu) / len(block))
+                    postgres[version].append((tree_cpu_seconds(postmaster_pid) - pg) / len(block))
+                for version in versions:
+                    print(
+                        f"batch of {size:>3}, {version}: client CPU per batch mean"
+                        f" {statistics.mean(client[version]) * 1e6:6.0f} µs, median"
+                        f" {statistics.median(client[version]) * 1e6:6.0f} µs; PostgreSQL mean"
+                        f" {statistics.mean(postgres[version]) * 1e6:6.0f} µs"
+                        f" ({len(client[version])} blocks)",
+                        flush=True,
+                    )
+    finally:
+        await engine.dispose()
+
+
+def main() -> int:
+    if len(sys.argv) < 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    revision, sizes = sys.argv[1], [int(arg) for arg in sys.argv[2:]] or [1, 4, 10]
+    with tempfile.TemporaryDirectory(prefix="marketplace-order-ab-") as scratch:
+        old = _orders_module_at(revision, Path(scratch))
+        with bench_database(Path(scratch), os.environ.get("BENCH_DATABASE_URL") or None) as db:
+            if db.postmaster_pid is None:
+                print("PostgreSQL CPU needs the embedded database", file=sys.stderr)
+                return 2
+            print(f"A = server/services/orders.py at {revision}, B = the working tree", flush=True)
+            uvloop.run(_compare(db.url, db.postmaster_pid, old, sizes))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
