@@ -295,7 +295,11 @@ class Orders:
                         async with self._hot_path.connection() as driver:
                             # One implicit transaction (see _LOCK_PRODUCTS): leaving the
                             # pipeline sends the Sync that commits it, or rolls it back
-                            # after an error, and waits for the write's answer.
+                            # after a database error, and waits for the write's answer.
+                            # Leaving on any other exception once the write went out (the
+                            # runner cancelled at shutdown) commits it too, as a crash
+                            # just after COMMIT would: retries find the orders by
+                            # request_id.
                             async with driver.pipeline():
                                 decided = await self._place_batch(driver, batch)
                             placed = await decided.outcomes()
