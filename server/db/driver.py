@@ -72,7 +72,9 @@ class HotConnection(psycopg.AsyncConnection[Any]):
 
     def __init__(self, pgconn: PGconn, row_factory: AsyncRowFactory[Any] = tuple_row) -> None:
         super().__init__(pgconn, row_factory)
-        self._statement_cursors: dict[str, psycopg.AsyncCursor[Any]] = {}
+        self._statement_cursors: dict[
+            tuple[str, AsyncRowFactory[Any]], psycopg.AsyncCursor[Any]
+        ] = {}
 
     async def execute_reusing_cursor(
         self,
@@ -83,12 +85,13 @@ class HotConnection(psycopg.AsyncConnection[Any]):
         row_factory: AsyncRowFactory[Any] = tuple_row,
     ) -> psycopg.AsyncCursor[Any]:
         """Runs `statement` (a module-level string, so psycopg sees the same query object
-        each time) on this connection's cursor for it, made with `row_factory` on first use.
+        each time) on this connection's cursor for it and `row_factory`.
         A cursor holds its results until it runs again, so read them before the connection
         goes back to the pool."""
-        cursor = self._statement_cursors.get(statement)
+        key = (statement, row_factory)
+        cursor = self._statement_cursors.get(key)
         if cursor is None:
-            cursor = self._statement_cursors[statement] = self.cursor(row_factory=row_factory)
+            cursor = self._statement_cursors[key] = self.cursor(row_factory=row_factory)
         return await cursor.execute(statement, params, prepare=prepare)
 
 
@@ -146,8 +149,8 @@ class DriverPool:
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[HotConnection]:
-        """A connection in autocommit mode (a transaction sends its own BEGIN and COMMIT),
-        with psycopg's errors re-raised as SQLAlchemy's."""
+        """A connection in autocommit mode (a transaction is BEGIN ... COMMIT, or a
+        pipeline's implicit one), with psycopg's errors re-raised as SQLAlchemy's."""
         try:
             await self.open()
             async with self._pool.connection() as driver:

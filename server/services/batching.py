@@ -13,6 +13,10 @@ import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
+import structlog
+
+_log = structlog.get_logger("marketplace.batching")
+
 Item = TypeVar("Item")
 Outcome = TypeVar("Outcome")
 
@@ -66,7 +70,10 @@ class GroupCommitter(Generic[Item, Outcome]):
             if not batch:
                 continue
             if self._on_batch is not None:
-                self._on_batch(len(batch))
+                try:
+                    self._on_batch(len(batch))
+                except Exception:  # a metric must not stop the runner every caller waits on
+                    _log.exception("batch size callback failed")
             try:
                 outcomes = await self._handler([item for item, _ in batch])
             except Exception as error:  # the batch failed as a whole: every caller learns why

@@ -28,9 +28,14 @@ async def test_a_statement_runs_again_on_its_own_cursor_with_fresh_results(
         assert other is not first
         assert await other.fetchall() == [(1,)]
 
-        again = await driver.execute_reusing_cursor(_SQUARES, {"up_to": 3})
+        again = await driver.execute_reusing_cursor(
+            _SQUARES, {"up_to": 3}, row_factory=namedtuple_row
+        )
         assert again is first, "the statement's cursor is kept, with its adaptation state"
         assert [row.square for row in await again.fetchall()] == [1, 4, 9]
+        as_tuples = await driver.execute_reusing_cursor(_SQUARES, {"up_to": 1})
+        assert as_tuples is not first, "another row factory is another cursor"
+        assert await as_tuples.fetchall() == [(1, 1)]
 
 
 # The order transaction (server/services/orders.py) sends no BEGIN or COMMIT: in a pipeline,

@@ -116,3 +116,21 @@ async def test_group_committer_reports_a_failed_batch_to_every_caller() -> None:
     finally:
         await committer.stop()
     assert all(isinstance(r, RuntimeError) for r in results)
+
+
+async def test_a_failing_batch_size_callback_does_not_stop_the_committer() -> None:
+    async def double(items: Sequence[int]) -> list[int | BaseException]:
+        return [item * 2 for item in items]
+
+    def broken_metric(size: int) -> None:
+        raise RuntimeError("metrics backend gone")
+
+    committer: GroupCommitter[int, int] = GroupCommitter(
+        double, max_batch=4, runners=1, on_batch=broken_metric
+    )
+    committer.start()
+    try:
+        assert await asyncio.wait_for(committer.submit(1), timeout=5) == 2
+        assert await asyncio.wait_for(committer.submit(2), timeout=5) == 4
+    finally:
+        await committer.stop()
