@@ -119,7 +119,14 @@ class DriverPool:
             max_size=size,
             timeout=timeout_seconds,
             kwargs={
-                **connect_options(connect_timeout_seconds, statement_timeout_ms),
+                # The order transaction holds its products' row locks between its two
+                # round trips; if this process froze there (a paused VM, a stopped
+                # process), PostgreSQL ends it after as long as a statement may take.
+                **connect_options(
+                    connect_timeout_seconds,
+                    statement_timeout_ms,
+                    idle_in_transaction_timeout_ms=statement_timeout_ms,
+                ),
                 "autocommit": True,
             },
             open=False,

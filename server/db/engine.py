@@ -43,11 +43,18 @@ def create_engine(
     )
 
 
-def connect_options(connect_timeout_seconds: int, statement_timeout_ms: int) -> dict[str, Any]:
-    """libpq connection parameters shared by SQLAlchemy's pool and the hot-path pool."""
+def connect_options(
+    connect_timeout_seconds: int,
+    statement_timeout_ms: int,
+    *,
+    idle_in_transaction_timeout_ms: int = 0,
+) -> dict[str, Any]:
+    """libpq connection parameters shared by SQLAlchemy's pool and the hot-path pool
+    (0: no idle-in-transaction limit)."""
     return {
         "connect_timeout": connect_timeout_seconds,
-        "options": f"-c statement_timeout={statement_timeout_ms}",
+        "options": f"-c statement_timeout={statement_timeout_ms}"
+        f" -c idle_in_transaction_session_timeout={idle_in_transaction_timeout_ms}",
         "application_name": "marketplace",
     }
 

@@ -41,15 +41,10 @@ from server.services.product_cache import ProductsChanged, no_cache
 from server.services.rows import LINE_COLUMNS, ORDER_COLUMNS, order_from_rows
 
 # The order + stock transaction, for a batch of orders (a single order is a batch of one).
-# Three statements in two round trips whatever the batch size, in psycopg's pipeline mode:
-# lock + look up retries, then the write. They form one transaction with no BEGIN or COMMIT
-# sent: in a pipeline, PostgreSQL runs everything up to a Sync message as one implicit
-# transaction, committed at the Sync if every statement succeeded and rolled back if any
-# failed. The first round trip ends with a flush request, which returns results without
-# ending the transaction; the second with the Sync psycopg sends when leaving pipeline mode.
-# The row locks are held for one round trip. The statements run on psycopg directly
-# (server/db/driver.py); the `:name` text is the one source of truth, converted once for
-# psycopg and imported as is by the benchmark's pgbench baseline.
+# Two round trips whatever the batch size, in psycopg's pipeline mode: BEGIN + lock + look up
+# retries, then write + COMMIT. The row locks are held for one round trip. The statements
+# run on psycopg directly (server/db/driver.py); the `:name` text is the one source of
+# truth, converted once for psycopg and imported as is by the benchmark's pgbench baseline.
 #
 # 1. Lock every product of the batch in ascending id order, in one statement: all writers
 #    lock rows in the same global order, so two transactions never wait on each other in a
@@ -108,6 +103,7 @@ _WRITE_ORDERS = """
     )
     SELECT id, create_time, expire_time FROM new_orders
 """
+_BEGIN, _COMMIT = "BEGIN", "COMMIT"
 _LOCK_PRODUCTS_SQL = psycopg_sql(_LOCK_PRODUCTS)
 _FIND_BY_REQUEST_IDS_SQL = psycopg_sql(_FIND_BY_REQUEST_IDS)
 _WRITE_ORDERS_SQL = psycopg_sql(_WRITE_ORDERS)
@@ -213,7 +209,7 @@ def _is_connection_error(error: DBAPIError) -> bool:
 @dataclass
 class _Decided:
     """One batch transaction's decisions; the accepted orders' create and expiry times come
-    from the write, whose answer arrives with the commit's (the Sync)."""
+    from the write, whose answer arrives with COMMIT's."""
 
     batch: Sequence[tuple[str, OrderRequest]]
     decided: list[Order | DomainError | uuid.UUID | None]
@@ -293,19 +289,20 @@ class Orders:
                 with attempt:
                     try:
                         async with self._hot_path.connection() as driver:
-                            # One implicit transaction (see _LOCK_PRODUCTS): leaving the
-                            # pipeline sends the Sync that commits it, or rolls it back
-                            # after a database error, and waits for the write's answer.
-                            # Leaving on any other exception once the write went out (the
-                            # runner cancelled at shutdown) commits it too, as a crash
-                            # just after COMMIT would: retries find the orders by
-                            # request_id.
-                            async with driver.pipeline():
-                                decided = await self._place_batch(driver, batch)
+                            # BEGIN and COMMIT are queued by hand: psycopg's transaction()
+                            # would sync the pipeline on entry and exit (5 round trips).
+                            # BEGIN goes out with the locks; COMMIT with the write, and
+                            # leaving the pipeline sends them and waits for their answers
+                            # (a sync of our own before leaving would cost a third round
+                            # trip). On any error the pool rolls the connection back.
+                            async with driver.pipeline() as pipeline:
+                                await driver.execute_reusing_cursor(_BEGIN)
+                                decided = await self._place_batch(driver, pipeline, batch)
+                                await driver.execute_reusing_cursor(_COMMIT)
                             placed = await decided.outcomes()
                         self._products_changed(decided.products_taken())
                     except IntegrityError as error:
-                        # The write's violation surfaces at the Sync: a retry of one of
+                        # The write's violation surfaces with its COMMIT: a retry of one of
                         # these orders committed meanwhile (see _WRITE_ORDERS).
                         if sqlstate(error) in _INTEGRITY_RACES:
                             raise _RequestIdRace from error
@@ -333,7 +330,10 @@ class Orders:
         ]
 
     async def _place_batch(
-        self, driver: HotConnection, batch: Sequence[tuple[str, OrderRequest]]
+        self,
+        driver: HotConnection,
+        pipeline: psycopg.AsyncPipeline,
+        batch: Sequence[tuple[str, OrderRequest]],
     ) -> _Decided:
         """Locks, decides and queues the write; a retry's outcome is its stored order's id."""
         outcomes: list[Order | DomainError | uuid.UUID | None] = [None] * len(batch)
@@ -364,8 +364,13 @@ class Orders:
             },
             prepare=False,  # see _FIND_BY_REQUEST_IDS
         )
-        # Not a Sync, which would commit and release the locks: psycopg sends a flush
-        # request for results still to come.
+        # A Sync, so the backend waits "idle in transaction" while we decide, and the hot
+        # path's idle_in_transaction_session_timeout (server/db/driver.py) ends a batch whose
+        # process froze here, releasing its row locks. Without BEGIN and COMMIT, with these
+        # results fetched on a flush request (PostgreSQL commits a pipeline's statements at
+        # its Sync), the batch measured 4-9% less client CPU, but that wait was bounded by
+        # no timeout at all.
+        await pipeline.sync()
         locked = await locking.fetchall()
         seen = await finding.fetchall()
         products = {
@@ -405,7 +410,7 @@ class Orders:
         accepted: Sequence[tuple[int, uuid.UUID, Allocation]],
         taken: dict[str, int],
     ) -> psycopg.AsyncCursor[Any]:
-        """Queues the write in the pipeline; its rows are read once the Sync is answered."""
+        """Queues the write in the pipeline; its rows are read once COMMIT is answered."""
         lines = [
             (order_id, number, line)
             for _, order_id, allocation in accepted

@@ -109,8 +109,8 @@ def order_sql() -> OrderSql:
 
 def script(kind: str, sql: OrderSql) -> str:
     """The server's statements for a batch of one order, as the naive transaction: BEGIN,
-    the three statements, COMMIT, each its own round trip (the server pipelines its three
-    into one implicit transaction, two round trips; see server/services/orders.py)."""
+    the three statements, COMMIT, each its own round trip (the server pipelines the same
+    five into two; see server/services/orders.py)."""
     lines = {"order-spread": SPREAD_LINES, "flash-sale": FLASH_SALE_LINES}[kind]
     body = "".join(statement.strip().rstrip(";") + ";\n" for statement in sql.statements)
     return lines + PARAMETERS + "BEGIN;\n" + body + "COMMIT;\n"

@@ -129,7 +129,7 @@ class Database:
         # does (server/services/orders.py), and a generic plan made on the still-empty
         # orders table would scan it. Planning every statement for its parameters instead
         # cost a batch of one the same PostgreSQL CPU as the server's mix
-        # (`python -m tests.bench.order_batch 1`). statement_timeout 0 is no limit.
+        # (`python -m tests.bench.order_batch 1`). A timeout of 0 is no limit.
         env["PGOPTIONS"] = (
             connect_options(0, 0)["options"] + " -c plan_cache_mode=force_custom_plan"
         )

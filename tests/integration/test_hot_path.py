@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import psycopg
 import pytest
-from psycopg.errors import DivisionByZero
 from psycopg.rows import namedtuple_row
 
 from server.db.driver import DriverPool, HotConnection
-from tests.conftest import insert_product, stock_of
+from tests.conftest import insert_product
 
 pytestmark = pytest.mark.integration
 
@@ -38,39 +40,33 @@ async def test_a_statement_runs_again_on_its_own_cursor_with_fresh_results(
         assert await as_tuples.fetchall() == [(1, 1)]
 
 
-# The order transaction (server/services/orders.py) sends no BEGIN or COMMIT: in a pipeline,
-# PostgreSQL runs everything up to a Sync as one implicit transaction, and psycopg fetches
-# results before that on a flush request. These pin down what it relies on.
-_XACT_ID = "SELECT CAST(pg_current_xact_id() AS text)"
-_XACT_ID_AGAIN = "SELECT CAST(pg_current_xact_id() AS text) AS again"
-_SET_STOCK = "UPDATE products SET stock = %(stock)s WHERE id = %(id)s RETURNING stock"
-_FAIL = "SELECT 1 / 0"
-
-
-async def test_results_fetched_mid_pipeline_leave_its_transaction_open(
-    hot_path: DriverPool,
+async def test_a_transaction_left_idle_is_ended_and_its_row_locks_released(
+    database_url: str,
 ) -> None:
-    async with hot_path.connection() as driver:
-        async with driver.pipeline():
-            first = await driver.execute_reusing_cursor(_XACT_ID)
-            [(before_flush,)] = await first.fetchall()  # a flush request: no Sync yet
-            second = await driver.execute_reusing_cursor(_XACT_ID_AGAIN)
-        [(after_flush,)] = await second.fetchall()
-    assert before_flush == after_flush, "both statements ran in one transaction"
-
-
-async def test_a_failure_after_a_mid_pipeline_fetch_rolls_back_what_came_before(
-    hot_path: DriverPool, database_url: str
-) -> None:
-    product_id = insert_product(database_url, stock=5)
-
-    async def update_then_fail(driver: HotConnection) -> None:
-        async with driver.pipeline():
-            update = await driver.execute_reusing_cursor(_SET_STOCK, {"stock": 1, "id": product_id})
-            assert await update.fetchall() == [(1,)]  # answered, not committed
-            await driver.execute_reusing_cursor(_FAIL)
-
-    async with hot_path.connection() as driver:
-        with pytest.raises(DivisionByZero):
-            await update_then_fail(driver)
-    assert stock_of(database_url, product_id) == 5
+    """The order batch waits "idle in transaction" between its round trips; a process that
+    froze there must not hold its products' row locks for longer than a statement may
+    take (server/db/driver.py)."""
+    product_id = insert_product(database_url, stock=1)
+    pool = DriverPool(
+        database_url,
+        size=1,
+        timeout_seconds=5,
+        connect_timeout_seconds=3,
+        statement_timeout_ms=300,
+    )
+    await pool.open()
+    try:
+        async with pool.connection() as frozen:
+            await frozen.execute("BEGIN")
+            await frozen.execute("SELECT id FROM products WHERE id = %s FOR UPDATE", (product_id,))
+            await asyncio.sleep(1.5)  # frozen mid-batch, the lock taken
+            # Free for another session, although this one never rolled back or hung up.
+            with psycopg.connect(database_url, autocommit=True) as other:
+                other.execute("SET lock_timeout = '1s'")
+                other.execute("SELECT id FROM products WHERE id = %s FOR UPDATE", (product_id,))
+            with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+                await frozen.execute("SELECT 1")
+            # So the pool discards it and the caller gets UNAVAILABLE (server/api/errors.py).
+            assert frozen.closed or frozen.broken
+    finally:
+        await pool.close()
