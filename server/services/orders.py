@@ -459,8 +459,10 @@ class Orders:
             async for attempt in retrying_transaction():
                 with attempt:
                     async with self._engine.begin() as conn:
-                        cancelled = await self._cancel(conn, principal, order_id, request_id)
-                    self._products_changed({line.product_id for line in cancelled.lines})
+                        cancelled, released = await self._cancel(
+                            conn, principal, order_id, request_id
+                        )
+                    self._products_changed(released)
                     return cancelled
         except IntegrityError as error:
             if sqlstate(error) == UNIQUE_VIOLATION:
@@ -470,7 +472,9 @@ class Orders:
 
     async def _cancel(
         self, conn: AsyncConnection, principal: Principal, order_id: str, request_id: str
-    ) -> Order:
+    ) -> tuple[Order, list[str]]:
+        """The order after the cancel, and the products whose stock came back (none when it
+        was cancelled or expired already)."""
         if request_id:
             previous = (
                 await conn.execute(
@@ -482,14 +486,14 @@ class Orders:
         order = await self._load_visible(conn, principal, order_id, lock=True)
         plan = cancellation(order.id, order.status)
         if plan is Cancellation.NOTHING:
-            return order
+            return order, []
         if plan is Cancellation.REFUND_FIRST:
             raise RefundNeeded(order)
         in_flight = await payments_in_flight(conn, [uuid.UUID(order.id)])
         if in_flight:
             # Its charge may still succeed: cancelling now could keep money for nothing.
             raise payment_in_progress(order.id, str(next(iter(in_flight.values()))))
-        await release_stock(conn, [uuid.UUID(order.id)])
+        released = await release_stock(conn, [uuid.UUID(order.id)])
         await conn.execute(
             _MARK_CANCELLED,
             {
@@ -498,7 +502,7 @@ class Orders:
                 "actor": principal.subject,
             },
         )
-        return await self._load(conn, uuid.UUID(order.id))
+        return await self._load(conn, uuid.UUID(order.id)), released
 
     async def list_orders(
         self, principal: Principal, page_size: int, page_token: str

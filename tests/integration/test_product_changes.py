@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from server.db.driver import DriverPool
 from server.db.engine import libpq_url
 from server.domain.catalog import product_changes
+from server.domain.identity import Principal, Role
 from server.domain.orders import order_request
 from server.services.catalog import Catalog
 from server.services.orders import Orders
@@ -191,8 +192,17 @@ async def test_the_process_that_changes_a_product_forgets_it_before_answering(
     assert cache.get(product_id) is None
 
     await _cached(cache, catalog, product_id)
-    await orders.place_order("carol", order_request("forget-1", [(product_id, 1)]))
+    order = await orders.place_order("carol", order_request("forget-1", [(product_id, 1)]))
     assert cache.get(product_id) is None
+
+    carol = Principal("carol", frozenset({Role.CUSTOMER}))
+    await _cached(cache, catalog, product_id)
+    await orders.cancel_order(carol, order.id, "")
+    assert cache.get(product_id) is None, "the cancel gave its stock back"
+
+    await _cached(cache, catalog, product_id)
+    await orders.cancel_order(carol, order.id, "")
+    assert cache.get(product_id) is not None, "cancelled already: no stock moved"
 
 
 async def test_losing_the_listener_turns_the_cache_off_until_it_is_back(
