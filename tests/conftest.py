@@ -94,14 +94,16 @@ def sqlalchemy_engine(database_url: str, *, pool_size: int, max_overflow: int = 
 
 
 @contextlib.asynccontextmanager
-async def hot_path_pool(database_url: str, *, size: int) -> AsyncIterator[DriverPool]:
+async def hot_path_pool(
+    database_url: str, *, size: int, statement_timeout_ms: int = _STATEMENT_TIMEOUT_MS
+) -> AsyncIterator[DriverPool]:
     """The psycopg pool the order transaction and product lookups run on, opened."""
     pool = DriverPool(
         database_url,
         size=size,
         timeout_seconds=_POOL_TIMEOUT_SECONDS,
         connect_timeout_seconds=_CONNECT_TIMEOUT_SECONDS,
-        statement_timeout_ms=_STATEMENT_TIMEOUT_MS,
+        statement_timeout_ms=statement_timeout_ms,
     )
     await pool.open()
     try:
@@ -156,6 +158,26 @@ def stock_of(database_url: str, product_id: str) -> int:
     assert row is not None
     stock: int = row[0]
     return stock
+
+
+@contextlib.contextmanager
+def notification_queue_held(database_url: str) -> Iterator[None]:
+    """PostgreSQL's notification queue kept from emptying for the block: a listener sits in
+    a transaction (it reads no notifications until it ends, so none can leave the queue),
+    behind about 4 of the queue's 8 kB pages of notifications."""
+    with (
+        psycopg.connect(database_url, autocommit=True) as stalled,
+        psycopg.connect(database_url, autocommit=True) as sender,
+    ):
+        stalled.execute("LISTEN marketplace_test_stalled")
+        with stalled.transaction():
+            stalled.execute("SELECT 1")
+            # Each payload differs, or PostgreSQL would fold them into one.
+            sender.execute(
+                "SELECT pg_notify('marketplace_test_stalled', repeat('x', 7000) || n)"
+                " FROM generate_series(1, 5) AS n"
+            )
+            yield
 
 
 async def eventually(

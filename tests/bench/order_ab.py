@@ -29,7 +29,7 @@ from types import ModuleType
 import uvloop
 
 from server.services.orders import Orders
-from tests.bench.order_batch import _batches
+from tests.bench.order_batch import order_batches
 from tests.bench.stack import bench_database, tree_cpu_seconds
 from tests.conftest import hot_path_pool, sqlalchemy_engine
 
@@ -65,11 +65,11 @@ async def _compare(url: str, postmaster_pid: int, old: ModuleType, sizes: list[i
             rng = random.Random(1)
             for size in sizes:
                 for orders in versions.values():  # warm-up: connections, prepared statements
-                    for batch in _batches(size, 20, rng):
+                    for batch in order_batches(size, 20, rng):
                         await orders.place_orders(batch)
                 client: dict[str, list[float]] = {"A": [], "B": []}
                 postgres: dict[str, list[float]] = {"A": [], "B": []}
-                batches = _batches(size, ORDERS_PER_SIZE // size, rng)
+                batches = order_batches(size, ORDERS_PER_SIZE // size, rng)
                 per_block = max(1, ORDERS_PER_BLOCK // size)
                 for number, start in enumerate(range(0, len(batches), per_block)):
                     version = "AB"[number % 2]

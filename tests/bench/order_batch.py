@@ -31,7 +31,9 @@ ORDERS_PER_RUN = 2000
 RUNS = 3
 
 
-def _batches(size: int, count: int, rng: random.Random) -> list[list[tuple[str, OrderRequest]]]:
+def order_batches(
+    size: int, count: int, rng: random.Random
+) -> list[list[tuple[str, OrderRequest]]]:
     """Like order-spread: 1-3 distinct random products, one unit each, fresh request ids."""
     return [
         [
@@ -65,10 +67,10 @@ async def _measure_sizes(orders: Orders, postmaster_pid: int | None, sizes: list
     me = psutil.Process()
     for size in sizes:
         count = max(1, ORDERS_PER_RUN // size)
-        for batch in _batches(size, 20, rng):  # warm-up: connections, prepared statements
+        for batch in order_batches(size, 20, rng):  # warm-up: connections, prepared statements
             await orders.place_orders(batch)
         for run in range(1, RUNS + 1):
-            batches = _batches(size, count, rng)
+            batches = order_batches(size, count, rng)
             cpu, wall = me.cpu_times(), time.perf_counter()
             postgres = tree_cpu_seconds(postmaster_pid) if postmaster_pid else None
             for batch in batches:

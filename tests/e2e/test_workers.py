@@ -9,12 +9,11 @@ from pathlib import Path
 
 import grpc
 import psutil
-import psycopg
 import pytest
 
 from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from server.devstack import free_port, start_server, stop_process, wait_for_grpc
-from tests.conftest import insert_product
+from tests.conftest import insert_product, notification_queue_held
 from tests.e2e.conftest import server_env
 
 pytestmark = pytest.mark.e2e
@@ -39,21 +38,11 @@ def _queue_usage_is_reported(database_url: str, metrics_port: int) -> None:
     """A listener stalled in a transaction holds PostgreSQL's notification queue; the
     workers' heartbeats (every 5 s) report it. The gauge reads 0 until someone sets it, so
     only a rise shows that the listener's readings reach /metrics."""
-    with (
-        psycopg.connect(database_url, autocommit=True) as stalled,
-        psycopg.connect(database_url, autocommit=True) as sender,
-    ):
-        stalled.execute("LISTEN marketplace_test_stalled")
-        with stalled.transaction():
-            stalled.execute("SELECT 1")
-            sender.execute(
-                "SELECT pg_notify('marketplace_test_stalled', repeat('x', 7000) || n)"
-                " FROM generate_series(1, 5) AS n"
-            )
-            deadline = time.monotonic() + 20
-            while _queue_usage(metrics_port) <= 0.0:
-                assert time.monotonic() < deadline, "queue usage never reached /metrics"
-                time.sleep(0.5)
+    with notification_queue_held(database_url):
+        deadline = time.monotonic() + 20
+        while _queue_usage(metrics_port) <= 0.0:
+            assert time.monotonic() < deadline, "queue usage never reached /metrics"
+            time.sleep(0.5)
 
 
 def test_a_dead_worker_is_replaced_and_metrics_cover_all_workers(

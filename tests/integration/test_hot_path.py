@@ -9,7 +9,7 @@ import pytest
 from psycopg.rows import namedtuple_row
 
 from server.db.driver import DriverPool, HotConnection
-from tests.conftest import insert_product
+from tests.conftest import hot_path_pool, insert_product
 
 pytestmark = pytest.mark.integration
 
@@ -47,26 +47,18 @@ async def test_a_transaction_left_idle_is_ended_and_its_row_locks_released(
     froze there must not hold its products' row locks for longer than a statement may
     take (server/db/driver.py)."""
     product_id = insert_product(database_url, stock=1)
-    pool = DriverPool(
-        database_url,
-        size=1,
-        timeout_seconds=5,
-        connect_timeout_seconds=3,
-        statement_timeout_ms=300,
-    )
-    await pool.open()
-    try:
-        async with pool.connection() as frozen:
-            await frozen.execute("BEGIN")
-            await frozen.execute("SELECT id FROM products WHERE id = %s FOR UPDATE", (product_id,))
-            await asyncio.sleep(1.5)  # frozen mid-batch, the lock taken
-            # Free for another session, although this one never rolled back or hung up.
-            with psycopg.connect(database_url, autocommit=True) as other:
-                other.execute("SET lock_timeout = '1s'")
-                other.execute("SELECT id FROM products WHERE id = %s FOR UPDATE", (product_id,))
-            with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
-                await frozen.execute("SELECT 1")
-            # So the pool discards it and the caller gets UNAVAILABLE (server/api/errors.py).
-            assert frozen.closed or frozen.broken
-    finally:
-        await pool.close()
+    async with (
+        hot_path_pool(database_url, size=1, statement_timeout_ms=300) as pool,
+        pool.connection() as frozen,
+    ):
+        await frozen.execute("BEGIN")
+        await frozen.execute("SELECT id FROM products WHERE id = %s FOR UPDATE", (product_id,))
+        await asyncio.sleep(1.5)  # frozen mid-batch, the lock taken
+        # Free for another session, although this one never rolled back or hung up.
+        with psycopg.connect(database_url, autocommit=True) as other:
+            other.execute("SET lock_timeout = '1s'")
+            other.execute("SELECT id FROM products WHERE id = %s FOR UPDATE", (product_id,))
+        with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+            await frozen.execute("SELECT 1")
+        # So the pool discards it and the caller gets UNAVAILABLE (server/api/errors.py).
+        assert frozen.closed or frozen.broken

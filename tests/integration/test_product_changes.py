@@ -31,7 +31,7 @@ from server.services.product_cache import (
     ProductPages,
     follow_product_changes,
 )
-from tests.conftest import insert_product, until
+from tests.conftest import insert_product, notification_queue_held, until
 
 pytestmark = pytest.mark.integration
 
@@ -354,25 +354,11 @@ async def test_the_listener_reports_a_notification_queue_held_by_a_stalled_liste
     async with listening(database_url, cache, heartbeat_seconds=1.0) as listener:
         await until(lambda: bool(listener.queue_usages), what="a first queue usage")
         assert all(0.0 <= usage < 0.01 for usage in listener.queue_usages)
-        with (
-            psycopg.connect(database_url, autocommit=True) as stalled,
-            psycopg.connect(database_url, autocommit=True) as sender,
-        ):
-            # A listener in a long transaction reads no notifications, so none can be
-            # removed from the queue until it ends.
-            stalled.execute("LISTEN marketplace_test_stalled")
-            with stalled.transaction():
-                stalled.execute("SELECT 1")
-                # About 4 pages of the queue (it counts whole 8 kB pages); each payload
-                # differs, or PostgreSQL would fold them into one.
-                sender.execute(
-                    "SELECT pg_notify('marketplace_test_stalled', repeat('x', 7000) || n)"
-                    " FROM generate_series(1, 5) AS n"
-                )
-                reported = len(listener.queue_usages)
-                await until(
-                    lambda: len(listener.queue_usages) > reported + 1,
-                    what="two more heartbeats",
-                    within=10,
-                )
-                assert listener.queue_usages[-1] > 0.0
+        with notification_queue_held(database_url):
+            reported = len(listener.queue_usages)
+            await until(
+                lambda: len(listener.queue_usages) > reported + 1,
+                what="two more heartbeats",
+                within=10,
+            )
+            assert listener.queue_usages[-1] > 0.0
