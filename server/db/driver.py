@@ -156,8 +156,8 @@ class DriverPool:
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[HotConnection]:
-        """A connection in autocommit mode (a transaction is BEGIN ... COMMIT, or a
-        pipeline's implicit one), with psycopg's errors re-raised as SQLAlchemy's."""
+        """A connection in autocommit mode (a transaction sends its own BEGIN and COMMIT),
+        with psycopg's errors re-raised as SQLAlchemy's."""
         try:
             await self.open()
             async with self._pool.connection() as driver:
