@@ -11,7 +11,7 @@ PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
 help:
 	@echo "make run    - start PostgreSQL, localstripe, the gRPC server and Envoy (Ctrl-C stops all)"
-	@echo "make test   - lint, type-check, stale-generated check and the whole test suite"
+	@echo "make test   - lint, type-check, stale-generated and breaking-change checks, whole test suite"
 	@echo "make proto  - regenerate generated/ from protos/"
 	@echo "make token ROLE=admin SUB=alice - print a development JWT"
 	@echo "make card CARD=4242424242424242 - print a PaymentMethod id from the running localstripe"
@@ -34,15 +34,32 @@ proto: $(STAMP)
 check-generated: $(STAMP)
 	$(PY) -m server.tools.protogen --check generated
 
-lint: $(STAMP)
+# buf reads the image in generated/, so it must be current first (rules: buf.yaml).
+lint: $(STAMP) check-generated
 	$(BIN)/ruff check server clients tests migrations
 	$(BIN)/ruff format --check server clients tests migrations
-	cd protos && ../$(BIN)/buf lint ../generated/marketplace.binpb --path marketplace
+	$(BIN)/buf lint generated/marketplace.binpb --path marketplace --config buf.yaml
+
+# Fails when the protos break clients of BREAKING_AGAINST: compares the current image with the
+# one committed there, and says so when there is none (first commit, shallow clone).
+BREAKING_AGAINST ?= HEAD~1
+.PHONY: breaking
+breaking: $(STAMP) check-generated
+	@against=$$(mktemp) && trap 'rm -f "$$against"' EXIT && \
+	if ! git rev-parse --quiet --verify '$(BREAKING_AGAINST)^{commit}' >/dev/null; then \
+	  echo "buf breaking: SKIPPED, no commit $(BREAKING_AGAINST) (first commit or shallow clone)"; \
+	elif ! git show '$(BREAKING_AGAINST):generated/marketplace.binpb' >"$$against" 2>/dev/null; then \
+	  echo "buf breaking: SKIPPED, $(BREAKING_AGAINST) has no generated/marketplace.binpb"; \
+	else \
+	  $(BIN)/buf breaking generated/marketplace.binpb --against "$$against#format=binpb" \
+	    --path marketplace --config buf.yaml && \
+	  echo "buf breaking: no breaking change against $(BREAKING_AGAINST)"; \
+	fi
 
 typecheck: $(STAMP)
 	$(BIN)/mypy server clients
 
-test: $(STAMP) check-generated lint typecheck
+test: $(STAMP) check-generated lint breaking typecheck
 	$(BIN)/pytest -q tests
 
 test-unit: $(STAMP)
