@@ -36,7 +36,9 @@ class Product(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Server-assigned identifier (a UUID)."""
+    """Server-assigned identifier (a UUID): ignored by CreateProduct, the key UpdateProduct
+    takes (AIP-203 IDENTIFIER, where OUTPUT_ONLY would tell clients to leave it unset).
+    """
     sku: _builtins.str
     """Stock keeping unit: unique, 1-64 characters of [A-Za-z0-9._-]."""
     name: _builtins.str
