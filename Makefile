@@ -51,9 +51,10 @@ breaking: $(STAMP) check-generated
 	elif ! git show '$(BREAKING_AGAINST):generated/marketplace.binpb' >"$$against" 2>/dev/null; then \
 	  echo "buf breaking: SKIPPED, $(BREAKING_AGAINST) has no generated/marketplace.binpb"; \
 	else \
+	  echo "buf breaking: generated/marketplace.binpb against $(BREAKING_AGAINST)'s" \
+	    "($$(git rev-parse --short '$(BREAKING_AGAINST)'))"; \
 	  $(BIN)/buf breaking generated/marketplace.binpb --against "$$against#format=binpb" \
-	    --path marketplace --config buf.yaml && \
-	  echo "buf breaking: no breaking change against $(BREAKING_AGAINST)"; \
+	    --path marketplace --config buf.yaml; \
 	fi
 
 typecheck: $(STAMP)
