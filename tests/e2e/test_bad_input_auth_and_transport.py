@@ -1,0 +1,132 @@
+"""Refusals before any service decides: tokens that are missing, expired, forged or without a
+role, and requests the transports themselves cannot carry. How a table runs is
+tests/e2e/refusals.py."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import pytest
+from google.rpc import code_pb2
+
+from server.api.auth import issue_development_token
+from tests.conftest import Tokens, insert_product, stock_of
+from tests.e2e.conftest import Stack
+from tests.e2e.refusals import (
+    ORDERS,
+    REST,
+    Call,
+    Env,
+    Expect,
+    Http,
+    RefusalTable,
+    auth_header,
+    create_order,
+    denied,
+    list_orders,
+    list_products,
+    unauthenticated,
+    varint,
+)
+
+pytestmark = pytest.mark.e2e
+
+CASES = RefusalTable()
+
+
+# Authentication
+
+
+@CASES.case("no-token")
+async def no_token(env: Env) -> tuple[Call, Expect]:
+    return create_order(None, [(env.product(), 1)]), unauthenticated("MISSING_TOKEN")
+
+
+@CASES.case("expired-token")
+async def expired_token(env: Env) -> tuple[Call, Expect]:
+    call = create_order(
+        env.tokens.expired(f"bad-input-{uuid.uuid4().hex[:8]}"), [(env.product(), 1)]
+    )
+    return call, unauthenticated("TOKEN_EXPIRED")
+
+
+@CASES.case("wrong-signature")
+async def wrong_signature(env: Env) -> tuple[Call, Expect]:
+    token = env.tokens.wrong_signature(f"bad-input-{uuid.uuid4().hex[:8]}")
+    return create_order(token, [(env.product(), 1)]), unauthenticated("INVALID_TOKEN")
+
+
+@CASES.case("basic-authorization-header")
+async def basic_authorization(env: Env) -> tuple[Call, Expect]:
+    call = create_order(None, [(env.product(), 1)], authorization="Basic abc")
+    return call, unauthenticated("MISSING_TOKEN")
+
+
+@CASES.case("roleless-token-lists-orders")
+async def roleless_token(env: Env) -> tuple[Call, Expect]:
+    token = issue_development_token(
+        env.tokens.secret, f"guest-{uuid.uuid4().hex[:8]}", ["guest"], lifetime_seconds=600
+    )
+    return list_orders(token), denied("customer")
+
+
+# The transports themselves
+
+
+@CASES.case("malformed-body")
+async def malformed_body(env: Env) -> tuple[Call, Expect]:
+    """REST: JSON that does not parse. gRPC: a message that does not parse (a truncated
+    length-delimited field). Both are the caller's fault: INVALID_ARGUMENT, never
+    INTERNAL/UNKNOWN."""
+    corrupt = varint(1 << 3 | 2) + varint(200) + b"short"
+    http = Http("POST", "/v1/orders", content='{"requestId": "x", "items": [')
+    call = Call(f"{ORDERS}/CreateOrder", corrupt, http, auth_header(env.customer()))
+    return call, Expect(code_pb2.INVALID_ARGUMENT, envoy_status=400, envoy_text="")
+
+
+@CASES.case("unknown-query-parameter", transports=(REST,))
+async def unknown_query_parameter(env: Env) -> tuple[Call, Expect]:
+    call = list_products(page_size=1)
+    http = Http("GET", "/v1/products", params={"pageSize": "1", "sortBy": "price"})
+    return (
+        Call(call.rpc, call.request, http),
+        Expect(code_pb2.INVALID_ARGUMENT, envoy_status=400, envoy_text="sortBy"),
+    )
+
+
+@CASES.case("unknown-route")
+async def unknown_route(env: Env) -> tuple[Call, Expect]:
+    order_id = str(uuid.uuid4())
+    http = Http("POST", f"/v1/orders/{order_id}:refund", json={})
+    call = Call(f"{ORDERS}/RefundOrder", b"", http, auth_header(env.customer()))
+    return call, Expect(code_pb2.UNIMPLEMENTED, envoy_status=404, envoy_text="Could not resolve")
+
+
+test_bad_input_is_refused_precisely_and_changes_nothing = CASES.test()
+
+
+async def test_unknown_json_fields_are_ignored_and_cannot_change_the_customer(
+    stack: Stack, rest: httpx.AsyncClient, tokens: Tokens
+) -> None:
+    """Envoy's transcoder drops JSON fields the request message does not define (it has no
+    option to refuse them, unlike query parameters), exactly as protobuf ignores unknown
+    fields on gRPC. What matters is that nothing a body says can override the caller: the
+    customer is always the token's subject."""
+    product_id = insert_product(stack.database_url, stock=5)
+    subject = f"honest-{uuid.uuid4().hex[:8]}"
+    response = await rest.post(
+        "/v1/orders",
+        json={
+            "requestId": str(uuid.uuid4()),
+            "items": [{"productId": product_id, "quantity": 1}],
+            "customerId": "somebody-else",
+            "status": "ORDER_STATUS_PAID",
+        },
+        headers={"authorization": f"Bearer {tokens.customer(subject)}"},
+    )
+    assert response.status_code == 200, response.text
+    order = response.json()["order"]
+    assert order["customerId"] == subject
+    assert order["status"] == "ORDER_STATUS_PENDING_PAYMENT"
+    assert stock_of(stack.database_url, product_id) == 4
