@@ -33,12 +33,10 @@ from server.domain.identity import Access
 from server.domain.orders import Order, OrderRequest
 from server.observability import Metrics, configure_logging
 from server.services.batching import GroupCommitter
-from server.services.catalog import Catalog
 from server.services.circuit import GuardedProvider
-from server.services.orders import Orders
-from server.services.payments import Payments
 from server.services.product_cache import ProductCache, follow_product_changes, served_from
-from server.services.upkeep import Upkeep, stop_task
+from server.services.upkeep import stop_task
+from server.services.use_cases import wire_use_cases
 from server.settings import Settings
 
 CATALOG_SERVICE = catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name
@@ -122,30 +120,6 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         settings.product_cache_size,
         on_listening=lambda listening: metrics.product_cache_listening.set(1 if listening else 0),
     )
-    catalog = Catalog(engine, hot_path, products_changed=product_cache.forget)
-    # Misses share one `WHERE id = ANY(...)` query: per call, the database round trip and
-    # driver work are the dominant cost of a cheap read.
-    product_lookup: GroupCommitter[str, Product] = GroupCommitter(
-        product_cache.read_through(catalog.get_products),
-        max_batch=settings.order_batch_max,
-        runners=1,
-        on_batch=metrics.batch_size.labels("product_reads").observe,
-    )
-    get_product = served_from(
-        product_cache,
-        product_lookup.submit,
-        hit=metrics.product_cache_lookups.labels("hit").inc,
-        miss=metrics.product_cache_lookups.labels("miss").inc,
-    )
-    catalog_pb2_grpc.add_CatalogServiceServicer_to_server(
-        CatalogServicer(catalog, get_product), server
-    )
-    orders = Orders(
-        engine,
-        hot_path,
-        payment_window_seconds=settings.order_payment_timeout_seconds,
-        products_changed=product_cache.forget,
-    )
     stripe_provider = StripeProvider(
         api_key=settings.stripe_api_key,
         api_base=settings.stripe_api_base,
@@ -166,34 +140,56 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     lease_seconds = settings.reconcile_after_seconds + settings.provider_max_attempts * (
         settings.provider_timeout_seconds + 2.0
     )
-    payments = Payments(
+    use_cases = wire_use_cases(
         engine,
-        orders,
+        hot_path,
         provider,
+        payment_window_seconds=settings.order_payment_timeout_seconds,
         lease_seconds=lease_seconds,
         recheck_seconds=settings.reconcile_after_seconds,
+        background_batch_size=settings.background_batch_size,
         products_changed=product_cache.forget,
+        on_orders_placed=metrics.orders_placed.inc,
+        on_payment_answered=lambda status: metrics.payments_answered.labels(status.value).inc(),
     )
-    upkeep = Upkeep(
-        engine,
-        payments,
-        provider,
-        batch_size=settings.background_batch_size,
-        lease_seconds=lease_seconds,
+    catalog, upkeep = use_cases.catalog, use_cases.upkeep
+    # Misses share one `WHERE id = ANY(...)` query: per call, the database round trip and
+    # driver work are the dominant cost of a cheap read.
+    product_lookup: GroupCommitter[str, Product] = GroupCommitter(
+        product_cache.read_through(catalog.get_products),
+        max_batch=settings.order_batch_max,
+        runners=1,
+        on_batch=metrics.batch_size.labels("product_reads").observe,
+    )
+    get_product = served_from(
+        product_cache,
+        product_lookup.submit,
+        hit=metrics.product_cache_lookups.labels("hit").inc,
+        miss=metrics.product_cache_lookups.labels("miss").inc,
+    )
+    catalog_pb2_grpc.add_CatalogServiceServicer_to_server(
+        CatalogServicer(catalog, get_product), server
     )
     # Concurrent CreateOrder calls share transactions (group commit): under a flash sale the
     # hot product's row lock is taken once per batch instead of once per order.
     order_committer: GroupCommitter[tuple[str, OrderRequest], Order] = GroupCommitter(
-        orders.place_orders,
+        use_cases.placement.place_orders,
         max_batch=settings.order_batch_max,
         runners=settings.order_batch_runners,
         on_batch=metrics.batch_size.labels("orders").observe,
     )
     order_pb2_grpc.add_OrderServiceServicer_to_server(
-        OrderServicer(orders, order_committer.submit, payments.cancel_order, metrics), server
+        OrderServicer(order_committer.submit, use_cases.order_reads, use_cases.cancellation),
+        server,
     )
     payment_pb2_grpc.add_PaymentServiceServicer_to_server(
-        PaymentServicer(payments, StripeWebhooks(settings.stripe_webhook_secret), metrics),
+        PaymentServicer(
+            use_cases.charging,
+            use_cases.refunds,
+            use_cases.payment_reads,
+            use_cases.provider_events,
+            StripeWebhooks(settings.stripe_webhook_secret),
+        ),
         server,
     )
     health_servicer = health.aio.HealthServicer()

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from server.domain.errors import Unauthenticated
+from server.domain.errors import ErrorReason, Unauthenticated
 from server.domain.identity import Principal, Role
 
 _MAX_SUBJECT_LENGTH = 255
@@ -97,7 +97,9 @@ class TokenVerifier:
     def _verify(self, authorization: str) -> tuple[Principal, float]:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("authorization must be 'Bearer <token>'", reason="MISSING_TOKEN")
+            raise Unauthenticated(
+                "authorization must be 'Bearer <token>'", reason=ErrorReason.MISSING_TOKEN
+            )
         try:
             claims = jwt.decode(
                 token.strip(),
@@ -109,7 +111,9 @@ class TokenVerifier:
                 options={"require": ["exp", "sub"], "verify_aud": self._audience is not None},
             )
         except jwt.ExpiredSignatureError:
-            raise Unauthenticated("the token has expired", reason="TOKEN_EXPIRED") from None
+            raise Unauthenticated(
+                "the token has expired", reason=ErrorReason.TOKEN_EXPIRED
+            ) from None
         except jwt.PyJWTError as error:
             raise Unauthenticated(f"the token is not valid: {error}") from None
         expires_at = claims["exp"]
@@ -129,7 +133,9 @@ class TokenVerifier:
                 # The PyJWK itself, not its bare key: pyjwt then insists the token's alg
                 # matches the key's, instead of failing with a TypeError.
                 return key
-        raise Unauthenticated("the token is signed by an unknown key", reason="UNKNOWN_KEY")
+        raise Unauthenticated(
+            "the token is signed by an unknown key", reason=ErrorReason.UNKNOWN_KEY
+        )
 
 
 def _principal(claims: dict[str, Any]) -> Principal:

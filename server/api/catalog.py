@@ -9,7 +9,7 @@ import grpc
 from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from server.api import convert
 from server.api.context import current_principal
-from server.domain import catalog as rules
+from server.domain.catalog import new_product, product_changes, stock_adjustment
 from server.domain.pagination import page_size
 from server.domain.validation import parse_resource_id
 from server.services.catalog import Catalog
@@ -43,7 +43,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         self, request: catalog_pb2.CreateProductRequest, context: Context
     ) -> catalog_pb2.CreateProductResponse:
         given = request.product
-        draft = rules.new_product(
+        draft = new_product(
             sku=given.sku,
             name=given.name,
             description=given.description,
@@ -59,7 +59,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         given = request.product
         product_id = parse_resource_id("product.id", given.id)
         mask = list(request.update_mask.paths) or _populated_fields(given)
-        changes = rules.product_changes(
+        changes = product_changes(
             mask,
             sku=given.sku,
             name=given.name,
@@ -72,9 +72,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     async def AdjustStock(
         self, request: catalog_pb2.AdjustStockRequest, context: Context
     ) -> catalog_pb2.AdjustStockResponse:
-        adjustment = rules.stock_adjustment(
-            request.id, request.delta, request.reason, request.request_id
-        )
+        adjustment = stock_adjustment(request.id, request.delta, request.reason, request.request_id)
         product = await self._catalog.adjust_stock(current_principal().subject, adjustment)
         return catalog_pb2.AdjustStockResponse(product=convert.product(product))
 

@@ -13,6 +13,7 @@ from server.db.transactions import is_retryable_conflict
 from server.domain.errors import (
     AlreadyExists,
     DomainError,
+    ErrorReason,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -26,7 +27,9 @@ from server.services.providers import (
     ProviderUnavailable,
 )
 
-ERROR_DOMAIN = "marketplace"
+# AIP-193 asks for a globally unique domain, a DNS name: example.com is reserved (RFC 2606),
+# so no other API's errors can claim it. A bare word such as "marketplace" is not unique.
+ERROR_DOMAIN = "marketplace.example.com"
 # Details travel in a trailer, and gRPC clients refuse trailers over 8 KiB by default; a
 # 100-line order can have hundreds of problems, so the details list the first ones and the
 # ErrorInfo says how many there are in all.
@@ -45,7 +48,9 @@ def _status(code: int, message: str, *details: object) -> grpc.Status:
     return status
 
 
-def _error_info(reason: str, metadata: dict[str, str] | None = None) -> error_details_pb2.ErrorInfo:
+def _error_info(
+    reason: ErrorReason, metadata: dict[str, str] | None = None
+) -> error_details_pb2.ErrorInfo:
     return error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata or {})
 
 
@@ -59,19 +64,21 @@ def domain_error_status(error: DomainError) -> grpc.Status:
                 for v in error.violations[:MAX_LISTED_VIOLATIONS]
             ]
         )
-        info = _error_info("INVALID_ARGUMENT", {"violationCount": str(len(error.violations))})
+        info = _error_info(
+            ErrorReason.INVALID_ARGUMENT, {"violationCount": str(len(error.violations))}
+        )
         return _status(code_pb2.INVALID_ARGUMENT, error.message, info, bad_request)
     if isinstance(error, NotFound):
         resource = error_details_pb2.ResourceInfo(
             resource_type=error.resource_type, resource_name=error.resource_id
         )
-        info = _error_info("NOT_FOUND", {"resourceType": error.resource_type})
+        info = _error_info(ErrorReason.NOT_FOUND, {"resourceType": error.resource_type})
         return _status(code_pb2.NOT_FOUND, error.message, info, resource)
     if isinstance(error, AlreadyExists):
         resource = error_details_pb2.ResourceInfo(
             resource_type=error.resource_type, resource_name=error.key
         )
-        info = _error_info("ALREADY_EXISTS", {"key": error.key})
+        info = _error_info(ErrorReason.ALREADY_EXISTS, {"key": error.key})
         return _status(code_pb2.ALREADY_EXISTS, error.message, info, resource)
     if isinstance(error, FailedPrecondition):
         info = _error_info(error.reason, dict(error.metadata))
@@ -89,7 +96,7 @@ def domain_error_status(error: DomainError) -> grpc.Status:
     if isinstance(error, Unauthenticated):
         return _status(code_pb2.UNAUTHENTICATED, error.message, _error_info(error.reason))
     if isinstance(error, PermissionDenied):
-        info = _error_info("MISSING_ROLE", {"requiredRole": error.required_role})
+        info = _error_info(ErrorReason.MISSING_ROLE, {"requiredRole": error.required_role})
         return _status(code_pb2.PERMISSION_DENIED, error.message, info)
     raise TypeError(f"no status for {type(error).__name__}")
 
@@ -108,7 +115,7 @@ def infrastructure_error_status(error: BaseException) -> grpc.Status | None:
         return _status(
             code_pb2.UNAUTHENTICATED,
             f"webhook rejected: {error}",
-            _error_info("INVALID_SIGNATURE"),
+            _error_info(ErrorReason.INVALID_SIGNATURE),
         )
     if isinstance(error, ProviderUnavailable | ProviderOutcomeUnknown):
         # Nothing the caller did; what was recorded stays, and a retry with the same
@@ -118,7 +125,7 @@ def infrastructure_error_status(error: BaseException) -> grpc.Status | None:
             code_pb2.UNAVAILABLE,
             "the payment provider is unavailable; retry with the same request_id",
             _error_info(
-                "PAYMENT_PROVIDER_UNAVAILABLE",
+                ErrorReason.PAYMENT_PROVIDER_UNAVAILABLE,
                 {"circuit": "open" if isinstance(error, CircuitOpen) else "closed"},
             ),
             _retry_after(max(seconds, 0.1)),
@@ -127,7 +134,7 @@ def infrastructure_error_status(error: BaseException) -> grpc.Status | None:
         return _status(
             code_pb2.ABORTED,
             "the transaction kept conflicting with concurrent ones; retry",
-            _error_info("TRANSACTION_CONFLICT"),
+            _error_info(ErrorReason.TRANSACTION_CONFLICT),
             retry,
         )
     if isinstance(error, OperationalError | InterfaceError | PoolTimeoutError) or (
@@ -136,12 +143,12 @@ def infrastructure_error_status(error: BaseException) -> grpc.Status | None:
         return _status(
             code_pb2.UNAVAILABLE,
             "the database is unavailable; retry shortly",
-            _error_info("DATABASE_UNAVAILABLE"),
+            _error_info(ErrorReason.DATABASE_UNAVAILABLE),
             retry,
         )
     return None
 
 
 def internal_status(request_id: str) -> grpc.Status:
-    info = _error_info("INTERNAL", {"requestId": request_id})
+    info = _error_info(ErrorReason.INTERNAL, {"requestId": request_id})
     return _status(code_pb2.INTERNAL, f"internal error (request id {request_id})", info)

@@ -10,11 +10,13 @@ from marketplace.payment.v1 import payment_pb2, payment_pb2_grpc
 from server.adapters.stripe_webhooks import StripeWebhooks
 from server.api import convert
 from server.api.context import current_principal
-from server.domain import payments as rules
 from server.domain.pagination import page_size
+from server.domain.payments import payment_request, refund_request
 from server.domain.validation import parse_resource_id
-from server.observability import Metrics
-from server.services.payments import Payments
+from server.services.payments.charging import Charging
+from server.services.payments.reads import PaymentReads
+from server.services.payments.refunds import Refunds
+from server.services.payments.webhooks import ProviderEvents
 
 Context = grpc.aio.ServicerContext[Any, Any]
 # Envoy's transcoder hands HTTP headers through as gRPC metadata, lower-cased.
@@ -22,25 +24,31 @@ SIGNATURE_HEADER = "stripe-signature"
 
 
 class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
-    def __init__(self, payments: Payments, webhooks: StripeWebhooks, metrics: Metrics) -> None:
-        self._payments = payments
+    def __init__(
+        self,
+        charging: Charging,
+        refunds: Refunds,
+        reads: PaymentReads,
+        events: ProviderEvents,
+        webhooks: StripeWebhooks,
+    ) -> None:
+        self._charging = charging
+        self._refunds = refunds
+        self._reads = reads
+        self._events = events
         self._webhooks = webhooks
-        self._metrics = metrics
 
     async def CreatePayment(
         self, request: payment_pb2.CreatePaymentRequest, context: Context
     ) -> payment_pb2.CreatePaymentResponse:
-        payment_request = rules.payment_request(
-            request.order_id, request.request_id, request.payment_method
-        )
-        payment = await self._payments.create_payment(current_principal(), payment_request)
-        self._metrics.payments_answered.labels(payment.status.value).inc()
+        new_payment = payment_request(request.order_id, request.request_id, request.payment_method)
+        payment = await self._charging.create_payment(current_principal(), new_payment)
         return payment_pb2.CreatePaymentResponse(payment=convert.payment(payment))
 
     async def GetPayment(
         self, request: payment_pb2.GetPaymentRequest, context: Context
     ) -> payment_pb2.GetPaymentResponse:
-        payment = await self._payments.get_payment(
+        payment = await self._reads.get_payment(
             current_principal(), parse_resource_id("id", request.id)
         )
         return payment_pb2.GetPaymentResponse(payment=convert.payment(payment))
@@ -48,7 +56,7 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
     async def ListPayments(
         self, request: payment_pb2.ListPaymentsRequest, context: Context
     ) -> payment_pb2.ListPaymentsResponse:
-        payments, next_token = await self._payments.list_payments(
+        payments, next_token = await self._reads.list_payments(
             current_principal(),
             parse_resource_id("order_id", request.order_id),
             page_size(request.page_size),
@@ -64,10 +72,10 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
         amount, amount_problems = convert.optional_money(
             request.amount if request.HasField("amount") else None
         )
-        refund_request = rules.refund_request(
+        refund = refund_request(
             request.id, request.request_id, amount, amount_problems, request.reason
         )
-        payment = await self._payments.refund_payment(current_principal(), refund_request)
+        payment = await self._refunds.refund_payment(current_principal(), refund)
         return payment_pb2.RefundPaymentResponse(payment=convert.payment(payment))
 
     async def HandleProviderWebhook(
@@ -78,5 +86,5 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
         event = self._webhooks.verify(
             request.http_body.data, signature if isinstance(signature, str) else ""
         )
-        await self._payments.handle_event(event)
+        await self._events.handle_event(event)
         return payment_pb2.HandleProviderWebhookResponse()

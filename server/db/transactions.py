@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from tenacity import (
     AsyncRetrying,
     retry_if_exception,
@@ -46,3 +50,18 @@ def retrying_transaction(extra: type[Exception] | None = None) -> AsyncRetrying:
         ),
         reraise=True,
     )
+
+
+Result = TypeVar("Result")
+
+
+async def in_transaction(
+    engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[Result]]
+) -> Result:
+    """Runs `work(conn)` in one transaction, committed when it returns, and runs it again
+    from the start when PostgreSQL rolled it back for losing a race."""
+    async for attempt in retrying_transaction():
+        with attempt:
+            async with engine.begin() as conn:
+                return await work(conn)
+    raise AssertionError("unreachable: retrying_transaction re-raises")

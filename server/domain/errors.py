@@ -2,8 +2,45 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+
+class ErrorReason(enum.StrEnum):
+    """Every `google.rpc.ErrorInfo.reason` the API sends (AIP-193): the catalogue clients
+    may branch on. Values are part of the contract: add, never rename."""
+
+    # INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS: the details say which field or resource.
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    # FAILED_PRECONDITION: the request is well formed, the system's state refuses it.
+    OUT_OF_STOCK = "OUT_OF_STOCK"  # an order line wants more than is left
+    INSUFFICIENT_STOCK = "INSUFFICIENT_STOCK"  # a stock adjustment would go below zero
+    MIXED_CURRENCIES = "MIXED_CURRENCIES"  # an order's products are priced in several
+    REQUEST_ID_REUSED = "REQUEST_ID_REUSED"  # the request_id named a different request
+    ORDER_NOT_CANCELLABLE = "ORDER_NOT_CANCELLABLE"
+    INVALID_ORDER_TRANSITION = "INVALID_ORDER_TRANSITION"
+    ORDER_NOT_PAYABLE = "ORDER_NOT_PAYABLE"  # not pending, or its payment window closed
+    PAYMENT_IN_PROGRESS = "PAYMENT_IN_PROGRESS"
+    PAYMENT_NOT_REFUNDABLE = "PAYMENT_NOT_REFUNDABLE"
+    AMOUNT_NOT_CHARGEABLE = "AMOUNT_NOT_CHARGEABLE"  # finer than the currency's minor unit
+    REFUND_EXCEEDS_PAYMENT = "REFUND_EXCEEDS_PAYMENT"
+    REFUND_IN_PROGRESS = "REFUND_IN_PROGRESS"
+    REFUND_REJECTED = "REFUND_REJECTED"  # the payment provider refused the refund
+    # UNAUTHENTICATED and PERMISSION_DENIED (names of token problems, not secrets: S105)
+    MISSING_TOKEN = "MISSING_TOKEN"  # noqa: S105
+    INVALID_TOKEN = "INVALID_TOKEN"  # noqa: S105
+    TOKEN_EXPIRED = "TOKEN_EXPIRED"  # noqa: S105
+    UNKNOWN_KEY = "UNKNOWN_KEY"
+    INVALID_SIGNATURE = "INVALID_SIGNATURE"  # a provider webhook that does not verify
+    MISSING_ROLE = "MISSING_ROLE"
+    # UNAVAILABLE, ABORTED, INTERNAL: not the caller's doing; the first two are retryable.
+    PAYMENT_PROVIDER_UNAVAILABLE = "PAYMENT_PROVIDER_UNAVAILABLE"
+    DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+    TRANSACTION_CONFLICT = "TRANSACTION_CONFLICT"
+    INTERNAL = "INTERNAL"
 
 
 @dataclass(frozen=True)
@@ -58,7 +95,7 @@ class FailedPrecondition(DomainError):
         self,
         message: str,
         *,
-        reason: str,
+        reason: ErrorReason,
         metadata: Mapping[str, str] | None = None,
         violations: Sequence[PreconditionViolation] = (),
     ) -> None:
@@ -80,7 +117,7 @@ class OutOfStock(FailedPrecondition):
         first = shortages[0]
         super().__init__(
             f"not enough stock for {len(shortages)} line(s)",
-            reason="OUT_OF_STOCK",
+            reason=ErrorReason.OUT_OF_STOCK,
             metadata={
                 "productId": first.product_id,
                 "requested": str(first.requested),
@@ -89,7 +126,7 @@ class OutOfStock(FailedPrecondition):
             },
             violations=[
                 PreconditionViolation(
-                    type="OUT_OF_STOCK",
+                    type=ErrorReason.OUT_OF_STOCK,
                     subject=f"products/{s.product_id}",
                     description=f"requested {s.requested}, available {s.available}",
                 )
@@ -103,13 +140,20 @@ class RequestIdReused(FailedPrecondition):
     def __init__(self, request_id: str) -> None:
         super().__init__(
             "request_id was already used for a different request",
-            reason="REQUEST_ID_REUSED",
+            reason=ErrorReason.REQUEST_ID_REUSED,
             metadata={"requestId": request_id},
         )
 
 
+def check_replay(request_id: str, stored_fingerprint: str, fingerprint: str) -> None:
+    """A request_id seen before answers with its first outcome only if the request repeats
+    the first one exactly (AIP-155); anything else is RequestIdReused."""
+    if stored_fingerprint != fingerprint:
+        raise RequestIdReused(request_id)
+
+
 class Unauthenticated(DomainError):
-    def __init__(self, message: str, *, reason: str = "INVALID_TOKEN") -> None:
+    def __init__(self, message: str, *, reason: ErrorReason = ErrorReason.INVALID_TOKEN) -> None:
         super().__init__(message)
         self.reason = reason
 

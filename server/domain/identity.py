@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from server.domain.errors import PermissionDenied, Unauthenticated
+from server.domain.errors import ErrorReason, PermissionDenied, Unauthenticated
 
 
 class Role(enum.StrEnum):
@@ -40,7 +40,7 @@ def authorize(access: Access, principal: Principal | None) -> None:
     if access is Access.PUBLIC:
         return
     if principal is None:
-        raise Unauthenticated("this call needs a bearer token", reason="MISSING_TOKEN")
+        raise Unauthenticated("this call needs a bearer token", reason=ErrorReason.MISSING_TOKEN)
     if access is Access.ADMIN and Role.ADMIN not in principal.roles:
         raise PermissionDenied("this call needs the admin role", required_role=Role.ADMIN)
     if access is Access.CUSTOMER and Role.CUSTOMER not in principal.roles:

@@ -11,6 +11,7 @@ from decimal import Decimal
 
 from server.domain.errors import (
     DomainError,
+    ErrorReason,
     FailedPrecondition,
     NotFound,
     OutOfStock,
@@ -102,11 +103,11 @@ def order_total(lines: Sequence[OrderLine]) -> Money:
     if len(currencies) > 1:
         raise FailedPrecondition(
             f"an order is paid in one currency; these products are priced in {currencies}",
-            reason="MIXED_CURRENCIES",
+            reason=ErrorReason.MIXED_CURRENCIES,
             metadata={"currencies": ",".join(currencies)},
             violations=[
                 PreconditionViolation(
-                    "MIXED_CURRENCIES",
+                    ErrorReason.MIXED_CURRENCIES,
                     f"products/{line.product_id}",
                     f"priced in {line.unit_price.currency}",
                 )
@@ -227,9 +228,9 @@ def next_status(order_id: str, current: OrderStatus, event: OrderEvent) -> Order
     if target is None:
         raise FailedPrecondition(
             f"an order in status {current.value} cannot take {event.value}",
-            reason="ORDER_NOT_CANCELLABLE"
+            reason=ErrorReason.ORDER_NOT_CANCELLABLE
             if event is OrderEvent.CANCELLED
-            else "INVALID_ORDER_TRANSITION",
+            else ErrorReason.INVALID_ORDER_TRANSITION,
             metadata={"orderId": order_id, "status": current.value, "event": event.value},
         )
     return target
@@ -241,6 +242,34 @@ def releases_stock(current: OrderStatus, target: OrderStatus) -> bool:
     Exactly once per order: only the one transition out of a stock-holding status does.
     """
     return current in _HOLDS_STOCK and target not in _HOLDS_STOCK
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    order_id: str
+    request_id: str  # optional for a cancel: "" when the caller gave none
+
+    def refund_request_id(self) -> str:
+        """The request id of the refund that cancelling a paid order starts: the caller's,
+        or one derived from the order, so concurrent cancels without one share a refund."""
+        return self.request_id or automatic_cancel_request_id(self.order_id)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"cancel;{self.order_id}".encode()).hexdigest()
+
+
+def automatic_cancel_request_id(order_id: str) -> str:
+    return f"cancel:{order_id}"
+
+
+def cancel_request(order_id: str, request_id: str) -> CancelRequest:
+    """Validates a CancelOrder request."""
+    violations = Violations()
+    canonical_id = check_resource_id(violations, "id", order_id)
+    check_request_id(violations, "request_id", request_id, required=False)
+    violations.raise_if_any()
+    assert canonical_id is not None
+    return CancelRequest(canonical_id, request_id)
 
 
 class Cancellation(enum.Enum):
@@ -267,6 +296,6 @@ def check_payable(order_id: str, status: OrderStatus, expire_time: datetime, now
     shown = status.value if status is not OrderStatus.PENDING_PAYMENT else "EXPIRED"
     raise FailedPrecondition(
         f"order {order_id} cannot be paid: it is {shown}",
-        reason="ORDER_NOT_PAYABLE",
+        reason=ErrorReason.ORDER_NOT_PAYABLE,
         metadata={"orderId": order_id, "status": shown},
     )

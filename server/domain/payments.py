@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from server.domain.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from server.domain.errors import ErrorReason, FailedPrecondition, FieldViolation, InvalidArgument
 from server.domain.money import Money
+from server.domain.orders import OrderEvent, OrderStatus, next_status, releases_stock
 from server.domain.validation import (
     Violations,
     check_request_id,
@@ -53,6 +54,18 @@ class PaymentStatus(enum.StrEnum):
     FAILED = "FAILED"
     REFUNDED = "REFUNDED"
     PARTIALLY_REFUNDED = "PARTIALLY_REFUNDED"
+
+
+class IntentStatus(enum.StrEnum):
+    """A provider charge's state, reduced to what decides a payment's fate."""
+
+    # Created, not confirmed: nothing was charged and nothing will be without a confirm.
+    REQUIRES_CONFIRMATION = "REQUIRES_CONFIRMATION"
+    # The provider is still working on it (async methods, 3-D Secure, ...).
+    PROCESSING = "PROCESSING"
+    SUCCEEDED = "SUCCEEDED"
+    # Declined, cancelled or abandoned: nothing was charged.
+    FAILED = "FAILED"
 
 
 class RefundStatus(enum.StrEnum):
@@ -165,7 +178,7 @@ def to_minor_units(money: Money) -> int:
     if not is_whole_minor_units(money):
         raise FailedPrecondition(
             f"{money.amount} {money.currency} is not a whole number of minor units",
-            reason="AMOUNT_NOT_CHARGEABLE",
+            reason=ErrorReason.AMOUNT_NOT_CHARGEABLE,
             metadata={"currency": money.currency, "amount": str(money.amount)},
         )
     return int(money.amount.scaleb(minor_unit_exponent(money.currency)))
@@ -181,7 +194,7 @@ def refund_amount(payment: Payment, requested: Money | None) -> Money:
         raise FailedPrecondition(
             f"payment {payment.id} is {payment.status.value}; only a succeeded payment"
             " can be refunded",
-            reason="PAYMENT_NOT_REFUNDABLE",
+            reason=ErrorReason.PAYMENT_NOT_REFUNDABLE,
             metadata={"paymentId": payment.id, "status": payment.status.value},
         )
     left = payment.refundable
@@ -200,7 +213,7 @@ def refund_amount(payment: Payment, requested: Money | None) -> Money:
         raise FailedPrecondition(
             f"cannot refund {requested.amount} {requested.currency}: only {left.amount}"
             " is left to refund",
-            reason="REFUND_EXCEEDS_PAYMENT",
+            reason=ErrorReason.REFUND_EXCEEDS_PAYMENT,
             metadata={
                 "paymentId": payment.id,
                 "requested": str(requested.amount),
@@ -223,7 +236,7 @@ def status_after_refund(payment: Payment, refunded: Money) -> PaymentStatus:
 def payment_in_progress(order_id: str, payment_id: str) -> FailedPrecondition:
     return FailedPrecondition(
         f"a payment of order {order_id} is in progress; wait for its outcome",
-        reason="PAYMENT_IN_PROGRESS",
+        reason=ErrorReason.PAYMENT_IN_PROGRESS,
         metadata={"orderId": order_id, "paymentId": payment_id},
     )
 
@@ -231,6 +244,119 @@ def payment_in_progress(order_id: str, payment_id: str) -> FailedPrecondition:
 def refund_in_progress(payment_id: str) -> FailedPrecondition:
     return FailedPrecondition(
         f"a refund of payment {payment_id} is in progress; wait for its outcome",
-        reason="REFUND_IN_PROGRESS",
+        reason=ErrorReason.REFUND_IN_PROGRESS,
         metadata={"paymentId": payment_id},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeOutcome:
+    """What the provider says of a payment's charge."""
+
+    status: IntentStatus
+    charged: Money | None  # what was taken, when it SUCCEEDED
+    failure_code: str = ""
+    failure_message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementPlan:
+    """What applying the provider's word to a payment changes, in one transaction."""
+
+    # The payment was recorded FAILED, yet the provider charged it: it goes back to
+    # PENDING before it settles, so the money is accounted for.
+    reopen: bool = False
+    settle_as: PaymentStatus | None = None
+    failure_code: str = ""
+    failure_message: str = ""
+    recheck_later: bool = False  # the provider has not decided yet: ask again later
+    order_status: OrderStatus | None = None
+    refund_in_full: bool = False  # money arrived for an order that can no longer take it
+    alarm: str = ""  # something an operator must look at (logged as an error)
+
+
+def revives(payment: Payment, outcome: ChargeOutcome) -> bool:
+    """A payment recorded FAILED that the provider charged after all (a confirm we took for
+    refused went through): the settlement needs to know whether another payment of the
+    order is live."""
+    return payment.status is PaymentStatus.FAILED and outcome.status is IntentStatus.SUCCEEDED
+
+
+def settlement(
+    payment: Payment,
+    order_status: OrderStatus,
+    outcome: ChargeOutcome,
+    *,
+    other_live_payment: bool = False,
+) -> SettlementPlan:
+    """Decides what the provider's word on a payment does, once: a payment already settled
+    (by the call, a webhook or the reconciler) is left alone."""
+    reopen = False
+    if revives(payment, outcome):
+        if other_live_payment:
+            return SettlementPlan(
+                alarm="order charged twice: a payment recorded as failed was charged while"
+                " another is live; refund it at the provider"
+            )
+        reopen = True
+    elif payment.status is not PaymentStatus.PENDING:
+        return SettlementPlan()
+    if outcome.status is IntentStatus.FAILED:
+        return SettlementPlan(
+            reopen=reopen,
+            settle_as=PaymentStatus.FAILED,
+            failure_code=outcome.failure_code or "payment_failed",
+            failure_message=outcome.failure_message or "the provider declined the payment",
+        )
+    if outcome.status is not IntentStatus.SUCCEEDED:
+        return SettlementPlan(reopen=reopen, recheck_later=True)
+    if outcome.charged != payment.amount:
+        # Never mark an order paid on a charge that does not match it: the payment stays
+        # PENDING and keeps being reported.
+        return SettlementPlan(
+            reopen=reopen,
+            recheck_later=True,
+            alarm="provider charge does not match the payment",
+        )
+    if order_status is OrderStatus.PENDING_PAYMENT:
+        return SettlementPlan(
+            reopen=reopen,
+            settle_as=PaymentStatus.SUCCEEDED,
+            order_status=next_status(payment.order_id, order_status, OrderEvent.PAYMENT_SUCCEEDED),
+        )
+    # Money arrived for an order that can no longer take it (our own paths refuse to expire
+    # or cancel an order with a payment in flight): give it back rather than keep it.
+    return SettlementPlan(
+        reopen=reopen,
+        settle_as=PaymentStatus.SUCCEEDED,
+        refund_in_full=True,
+        alarm="payment succeeded for an order that is not payable",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RefundCompletion:
+    """What a refund the provider made changes, in one transaction."""
+
+    payment_status: PaymentStatus
+    order_status: OrderStatus | None  # None: the order keeps its status
+    releases_stock: bool
+    cancels_order: bool  # the order's status records this refund's cancellation
+
+
+def refund_completion(
+    payment: Payment, refunded: Money, order_status: OrderStatus, *, cancels_order: bool
+) -> RefundCompletion:
+    """A refund that empties a paid order's payment ends the order: cancelled when the
+    refund was a cancellation's, REFUNDED otherwise; its stock goes back on sale."""
+    payment_status = status_after_refund(payment, refunded)
+    if payment_status is not PaymentStatus.REFUNDED or order_status is not OrderStatus.PAID:
+        return RefundCompletion(payment_status, None, releases_stock=False, cancels_order=False)
+    event = OrderEvent.CANCELLED if cancels_order else OrderEvent.REFUNDED_IN_FULL
+    target = next_status(payment.order_id, order_status, event)
+    return RefundCompletion(
+        payment_status,
+        target,
+        releases_stock=releases_stock(order_status, target),
+        cancels_order=cancels_order,
     )

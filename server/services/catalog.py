@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from server.db.driver import DriverPool, psycopg_sql
-from server.db.transactions import UNIQUE_VIOLATION, retrying_transaction, sqlstate
+from server.db.transactions import UNIQUE_VIOLATION, in_transaction, sqlstate
 from server.domain.catalog import (
     SKU_PATTERN,
     Product,
@@ -22,10 +22,11 @@ from server.domain.catalog import (
 )
 from server.domain.errors import (
     AlreadyExists,
+    ErrorReason,
     FailedPrecondition,
     NotFound,
     PreconditionViolation,
-    RequestIdReused,
+    check_replay,
 )
 from server.domain.pagination import decode_page_token, encode_page_token, invalid_page_token
 from server.services.product_cache import ProductsChanged, no_cache
@@ -147,15 +148,13 @@ class Catalog:
 
     async def update_product(self, product_id: str, changes: ProductChanges) -> Product:
         try:
-            async for attempt in retrying_transaction():
-                with attempt:
-                    async with self._engine.begin() as conn:
-                        updated = await self._update_locked(conn, product_id, changes)
-                    self._products_changed([product_id])
-                    return updated
+            updated = await in_transaction(
+                self._engine, lambda conn: self._update_locked(conn, product_id, changes)
+            )
         except IntegrityError as error:
             raise _sku_taken(error, changes.sku or "") from None
-        raise AssertionError("unreachable: retrying_transaction re-raises")
+        self._products_changed([product_id])
+        return updated
 
     async def _update_locked(
         self, conn: AsyncConnection, product_id: str, changes: ProductChanges
@@ -175,13 +174,11 @@ class Catalog:
         return product_from_row((await conn.execute(_UPDATE_PRODUCT, params)).one())
 
     async def adjust_stock(self, actor: str, adjustment: StockAdjustment) -> Product:
-        async for attempt in retrying_transaction():
-            with attempt:
-                async with self._engine.begin() as conn:
-                    adjusted = await self._adjust_stock_once(conn, actor, adjustment)
-                self._products_changed([adjustment.product_id])
-                return adjusted
-        raise AssertionError("unreachable: retrying_transaction re-raises")
+        adjusted = await in_transaction(
+            self._engine, lambda conn: self._adjust_stock_once(conn, actor, adjustment)
+        )
+        self._products_changed([adjustment.product_id])
+        return adjusted
 
     async def _adjust_stock_once(
         self, conn: AsyncConnection, actor: str, adjustment: StockAdjustment
@@ -207,8 +204,9 @@ class Catalog:
             ).first()
             if previous is None:
                 raise NotFound("product", adjustment.product_id)
-            if previous.request_fingerprint != adjustment.fingerprint():
-                raise RequestIdReused(adjustment.request_id)
+            check_replay(
+                adjustment.request_id, previous.request_fingerprint, adjustment.fingerprint()
+            )
             row = (await conn.execute(_GET_PRODUCT, {"id": product_id})).one()
             return product_from_row(row)
         applied = (
@@ -218,7 +216,7 @@ class Catalog:
             current = product_from_row((await conn.execute(_GET_PRODUCT, {"id": product_id})).one())
             raise FailedPrecondition(
                 f"removing {-adjustment.delta} units would take stock below zero",
-                reason="INSUFFICIENT_STOCK",
+                reason=ErrorReason.INSUFFICIENT_STOCK,
                 metadata={
                     "productId": adjustment.product_id,
                     "requested": str(-adjustment.delta),
@@ -226,7 +224,7 @@ class Catalog:
                 },
                 violations=[
                     PreconditionViolation(
-                        "INSUFFICIENT_STOCK",
+                        ErrorReason.INSUFFICIENT_STOCK,
                         f"products/{adjustment.product_id}",
                         f"stock is {current.stock}",
                     )

@@ -7,24 +7,13 @@ card provider counts them.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+# The port speaks the domain's charge states; re-exported for the adapters.
+from server.domain.payments import IntentStatus as IntentStatus
 from server.domain.payments import RefundStatus
-
-
-class IntentStatus(enum.StrEnum):
-    """A provider charge's state, reduced to what decides a payment's fate."""
-
-    # Created, not confirmed: nothing was charged and nothing will be without a confirm.
-    REQUIRES_CONFIRMATION = "REQUIRES_CONFIRMATION"
-    # The provider is still working on it (async methods, 3-D Secure, ...).
-    PROCESSING = "PROCESSING"
-    SUCCEEDED = "SUCCEEDED"
-    # Declined, cancelled or abandoned: nothing was charged.
-    FAILED = "FAILED"
 
 
 @dataclass(frozen=True, slots=True)

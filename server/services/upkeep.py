@@ -16,19 +16,22 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from server.db.transactions import retrying_transaction
+from server.db.transactions import in_transaction
+from server.domain.errors import FailedPrecondition
 from server.domain.orders import OrderEvent, OrderStatus, next_status, releases_stock
 from server.services.circuit import GuardedProvider
-from server.services.orders import payments_in_flight, release_stock
-from server.services.payments import Payments
+from server.services.payments.refunds import Refunds
+from server.services.payments.settlement import Settlement
 from server.services.providers import (
     IntentStatus,
     ProviderError,
     ProviderIntent,
     ProviderRejected,
 )
+from server.services.stock import payments_in_flight, release_stock
 
 _log = structlog.get_logger("marketplace.upkeep")
 
@@ -90,42 +93,41 @@ class Upkeep:
     def __init__(
         self,
         engine: AsyncEngine,
-        payments: Payments,
+        settlement: Settlement,
+        refunds: Refunds,
         provider: GuardedProvider,
         *,
         batch_size: int,
         lease_seconds: float,
     ) -> None:
         self._engine = engine
-        self._payments = payments
+        self._settlement = settlement
+        self._refunds = refunds
         self._provider = provider
         self._batch_size = batch_size
         self._lease_seconds = lease_seconds
 
     async def expire_orders(self) -> int:
         """Expires one batch of unpaid orders, releasing their stock; returns how many."""
-        async for attempt in retrying_transaction():
-            with attempt:
-                async with self._engine.begin() as conn:
-                    rows = (
-                        await conn.execute(_CLAIM_EXPIRED_ORDERS, {"limit": self._batch_size})
-                    ).all()
-                    if not rows:
-                        return 0
-                    # The claim's NOT EXISTS saw the payments as of its snapshot; a payment
-                    # committed between that snapshot and our row lock is seen only by a
-                    # new statement. Its order stays for the reconciler to settle first.
-                    paying = await payments_in_flight(conn, [row.id for row in rows])
-                    ids = [row.id for row in rows if row.id not in paying]
-                    if not ids:
-                        return 0
-                    current = OrderStatus.PENDING_PAYMENT
-                    target = next_status("*", current, OrderEvent.PAYMENT_WINDOW_CLOSED)
-                    if releases_stock(current, target):
-                        await release_stock(conn, ids)
-                    await conn.execute(_MARK_EXPIRED, {"ids": ids, "status": target.value})
-                    return len(ids)
-        raise AssertionError("unreachable: retrying_transaction re-raises")
+        return await in_transaction(self._engine, self._expire_batch)
+
+    async def _expire_batch(self, conn: AsyncConnection) -> int:
+        rows = (await conn.execute(_CLAIM_EXPIRED_ORDERS, {"limit": self._batch_size})).all()
+        if not rows:
+            return 0
+        # The claim's NOT EXISTS saw the payments as of its snapshot; a payment committed
+        # between that snapshot and our row lock is seen only by a new statement. Its order
+        # stays for the reconciler to settle first.
+        paying = await payments_in_flight(conn, [row.id for row in rows])
+        ids = [row.id for row in rows if row.id not in paying]
+        if not ids:
+            return 0
+        current = OrderStatus.PENDING_PAYMENT
+        target = next_status("*", current, OrderEvent.PAYMENT_WINDOW_CLOSED)
+        if releases_stock(current, target):
+            await release_stock(conn, ids)
+        await conn.execute(_MARK_EXPIRED, {"ids": ids, "status": target.value})
+        return len(ids)
 
     async def reconcile_payments(self) -> int:
         """Asks the provider about payments left PENDING past their lease."""
@@ -179,7 +181,7 @@ class Upkeep:
                     failure_code="abandoned",
                     failure_message="the payment was not confirmed in time",
                 )
-        await self._payments.settle_payment(payment_id, intent)
+        await self._settlement.settle_payment(payment_id, intent)
 
     async def reconcile_refunds(self) -> int:
         """Finishes refunds left PENDING past their lease (including the refund step of a
@@ -199,13 +201,16 @@ class Upkeep:
                     if refund.metadata.get("refund_id") == str(row.id)
                 ]
                 if made:
-                    await self._payments.complete_refund(row.id, made[0])
+                    await self._refunds.complete_refund(row.id, made[0])
                 else:
-                    await self._payments.run_refund(row.id)
-            except Exception as error:  # one refund's trouble must not stop the others
+                    await self._refunds.run_refund(row.id)
+            except (ProviderError, FailedPrecondition) as error:
+                # Left PENDING (or failed, if refused); a later pass looks again.
                 _log.warning(
                     "refund reconciliation deferred", refund_id=str(row.id), error=repr(error)
                 )
+            except Exception:  # one refund's trouble must not stop the others
+                _log.exception("refund reconciliation failed", refund_id=str(row.id))
         return len(claimed)
 
     async def run_forever(self, interval_seconds: float) -> None:
@@ -219,8 +224,11 @@ class Upkeep:
             for name, run_pass in passes:
                 try:
                     count = await run_pass()
-                except Exception as error:  # the loop outlives any one failure (db outage)
+                except DBAPIError as error:  # the database is away: the next pass retries
                     _log.warning("upkeep pass failed", upkeep=name, error=repr(error))
+                    continue
+                except Exception:  # the loop outlives any one failure, and says what it was
+                    _log.exception("upkeep pass failed", upkeep=name)
                     continue
                 if count:
                     _log.info("upkeep", **{name: count})

@@ -1,5 +1,6 @@
 """Two versions of the order transaction in one process, alternating, on the bench's seeded
-database: server/services/orders.py as of a git revision (A) against the working tree (B).
+database: the order placement module (server/services/orders/placement.py) as of a git
+revision (A) against the working tree (B).
 
     .venv/bin/python -m tests.bench.order_ab REVISION [batch sizes, default 1 4 10]
 
@@ -8,9 +9,9 @@ path are worth, so runs of two commits one after the other (tests.bench.order_ba
 cannot tell them apart. Here both versions share the process, the pool and the database,
 and take turns in blocks of about 150 orders; each block's client CPU (this process) and
 PostgreSQL CPU (the embedded server's processes) are measured, and the report compares the
-two versions' blocks. Only orders.py comes from REVISION: everything it imports is the
-working tree's, so this compares changes confined to that file (and what the working tree
-added that the old file does not use).
+two versions' blocks. Only the placement module comes from REVISION (which must have it at
+the same path): everything it imports is the working tree's, so this compares changes
+confined to that file (and what the working tree added that the old file does not use).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from types import ModuleType
 
 import uvloop
 
-from server.services.orders import Orders
+from server.services.orders import placement
+from server.services.orders.placement import OrderPlacement
 from tests.bench.order_batch import order_batches
 from tests.bench.stack import bench_database, tree_cpu_seconds
 from tests.conftest import hot_path_pool, sqlalchemy_engine
@@ -36,11 +38,12 @@ from tests.conftest import hot_path_pool, sqlalchemy_engine
 ORDERS_PER_SIZE = 6000
 ORDERS_PER_BLOCK = 150
 _REPO = Path(__file__).resolve().parents[2]
+PLACEMENT_PATH = Path(placement.__file__).resolve().relative_to(_REPO).as_posix()
 
 
 def _orders_module_at(revision: str, scratch: Path) -> ModuleType:
     source = subprocess.run(
-        ["git", "show", f"{revision}:server/services/orders.py"],
+        ["git", "show", f"{revision}:{PLACEMENT_PATH}"],
         cwd=_REPO,
         check=True,
         capture_output=True,
@@ -61,7 +64,10 @@ async def _compare(url: str, postmaster_pid: int, old: ModuleType, sizes: list[i
     engine = sqlalchemy_engine(url, pool_size=2)
     try:
         async with hot_path_pool(url, size=2) as pool:
-            versions: dict[str, Orders] = {"A": old.Orders(engine, pool), "B": Orders(engine, pool)}
+            versions: dict[str, OrderPlacement] = {
+                "A": old.OrderPlacement(engine, pool),
+                "B": OrderPlacement(engine, pool),
+            }
             rng = random.Random(1)
             for size in sizes:
                 for orders in versions.values():  # warm-up: connections, prepared statements
@@ -103,7 +109,7 @@ def main() -> int:
             if db.postmaster_pid is None:
                 print("PostgreSQL CPU needs the embedded database", file=sys.stderr)
                 return 2
-            print(f"A = server/services/orders.py at {revision}, B = the working tree", flush=True)
+            print(f"A = {PLACEMENT_PATH} at {revision}, B = the working tree", flush=True)
             uvloop.run(_compare(db.url, db.postmaster_pid, old, sizes))
     return 0
 

@@ -1,4 +1,4 @@
-"""The order batch alone: CPU per order of `Orders.place_orders` at several batch sizes,
+"""The order batch alone: CPU per order of `OrderPlacement.place_orders` at several batch sizes,
 with no gRPC and no other load, on the bench's seeded database.
 
     .venv/bin/python -m tests.bench.order_batch [batch sizes, default 1 5 20]
@@ -22,7 +22,7 @@ import psutil  # type: ignore[import-untyped]
 import uvloop
 
 from server.domain.orders import OrderRequest, order_request
-from server.services.orders import Orders
+from server.services.orders.placement import OrderPlacement
 from tests.bench.config import PRODUCT_COUNT, product_id
 from tests.bench.stack import bench_database, tree_cpu_seconds
 from tests.conftest import hot_path_pool, sqlalchemy_engine
@@ -57,12 +57,14 @@ async def _measure(url: str, postmaster_pid: int | None, sizes: list[int]) -> No
     engine = sqlalchemy_engine(url, pool_size=2)
     try:
         async with hot_path_pool(url, size=2) as pool:
-            await _measure_sizes(Orders(engine, pool), postmaster_pid, sizes)
+            await _measure_sizes(OrderPlacement(engine, pool), postmaster_pid, sizes)
     finally:
         await engine.dispose()
 
 
-async def _measure_sizes(orders: Orders, postmaster_pid: int | None, sizes: list[int]) -> None:
+async def _measure_sizes(
+    orders: OrderPlacement, postmaster_pid: int | None, sizes: list[int]
+) -> None:
     rng = random.Random(1)
     me = psutil.Process()
     for size in sizes:

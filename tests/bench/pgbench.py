@@ -80,7 +80,6 @@ SELECT '{' || string_agg(l.product_id, ',' ORDER BY l.product_id) || '}' AS ids,
 # The server's own order statements, imported rather than copied so the baseline can never
 # drift from what the server runs. pgbench's `:name` variables are SQLAlchemy's `:name` bind
 # parameters, so the text runs unchanged, each statement bound to the arrays PARAMETERS built.
-SERVER_STATEMENTS = ("_LOCK_PRODUCTS", "_FIND_BY_REQUEST_IDS", "_WRITE_ORDERS")
 _VARIABLE = re.compile(r"(?<![:\w]):(\w+)")
 # The variables PARAMETERS sets: the aliases of its final SELECT.
 _BUILT = frozenset(
@@ -96,21 +95,21 @@ class OrderSql:
 
 def order_sql() -> OrderSql:
     """The server's order statements; fails loudly if they bind a parameter pgbench lacks."""
-    from server.services import orders
+    from server.services.orders import placement
 
-    statements = tuple(str(getattr(orders, name)) for name in SERVER_STATEMENTS)
+    statements = (placement.LOCK_PRODUCTS, placement.FIND_BY_REQUEST_IDS, placement.WRITE_ORDERS)
     unbound = set(_VARIABLE.findall(" ".join(statements))) - _BUILT
     if unbound:
         raise RuntimeError(
-            f"server/services/orders.py binds {sorted(unbound)}; extend PARAMETERS to build them"
+            f"{placement.__name__} binds {sorted(unbound)}; extend PARAMETERS to build them"
         )
-    return OrderSql(statements, "server/services/orders.py")
+    return OrderSql(statements, placement.__name__)
 
 
 def script(kind: str, sql: OrderSql) -> str:
     """The server's statements for a batch of one order, as the naive transaction: BEGIN,
     the three statements, COMMIT, each its own round trip (the server pipelines the same
-    five into two; see server/services/orders.py)."""
+    five into two; see server/services/orders/placement.py)."""
     lines = {"order-spread": SPREAD_LINES, "flash-sale": FLASH_SALE_LINES}[kind]
     body = "".join(statement.strip().rstrip(";") + ";\n" for statement in sql.statements)
     return lines + PARAMETERS + "BEGIN;\n" + body + "COMMIT;\n"

@@ -230,7 +230,9 @@ def test_retry_info_and_error_info_are_decoded() -> None:
     error = from_rpc_error(
         failure(
             grpc.StatusCode.ABORTED,
-            error_details_pb2.ErrorInfo(reason="TRANSACTION_CONFLICT", domain="marketplace"),
+            error_details_pb2.ErrorInfo(
+                reason="TRANSACTION_CONFLICT", domain="marketplace.example.com"
+            ),
             error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=200_000_000)),
         )
     )

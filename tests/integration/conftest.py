@@ -9,8 +9,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.db.driver import DriverPool
 from server.services.catalog import Catalog
-from server.services.orders import Orders
+from server.services.use_cases import UseCases
 from tests.conftest import hot_path_pool, sqlalchemy_engine
+from tests.use_cases import wired
 
 
 @pytest.fixture(scope="session")
@@ -28,8 +29,9 @@ async def hot_path(database_url: str) -> AsyncIterator[DriverPool]:
 
 
 @pytest.fixture
-def orders(engine: AsyncEngine, hot_path: DriverPool) -> Orders:
-    return Orders(engine, hot_path)
+def use_cases(engine: AsyncEngine, hot_path: DriverPool) -> UseCases:
+    """Every use case, with a provider nothing reaches (these tests pay nothing)."""
+    return wired(engine, hot_path)
 
 
 @pytest.fixture

@@ -13,30 +13,16 @@ import psycopg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from server.adapters.stripe_provider import StripeProvider
 from server.db.driver import DriverPool
 from server.domain.errors import FailedPrecondition
 from server.domain.identity import Principal, Role
-from server.domain.orders import OrderStatus, order_request
-from server.services.circuit import GuardedProvider
-from server.services.orders import Orders
-from server.services.payments import Payments
+from server.domain.orders import OrderStatus, cancel_request, order_request
 from server.services.upkeep import Upkeep
+from server.services.use_cases import UseCases
 from tests.conftest import insert_product, sqlalchemy_engine, stock_of
+from tests.use_cases import wired
 
 pytestmark = pytest.mark.integration
-
-NOWHERE = "http://127.0.0.1:9"  # discard port: nothing listens there
-
-
-def _upkeep(engine: AsyncEngine, orders: Orders) -> Upkeep:
-    provider = GuardedProvider(
-        StripeProvider(api_key="sk_test_x", api_base=NOWHERE, timeout_seconds=1, max_attempts=1),
-        threshold=3,
-        reset_seconds=1,
-    )
-    payments = Payments(engine, orders, provider, lease_seconds=60, recheck_seconds=1)
-    return Upkeep(engine, payments, provider, batch_size=7, lease_seconds=60)
 
 
 @pytest.fixture
@@ -44,7 +30,7 @@ async def sweepers(database_url: str, hot_path: DriverPool) -> AsyncIterator[lis
     """Two sweepers with their own connection pools, as two server processes have (they
     never place orders, so they share the hot-path pool)."""
     engines = [sqlalchemy_engine(database_url, pool_size=4) for _ in range(2)]
-    yield [_upkeep(engine, Orders(engine, hot_path)) for engine in engines]
+    yield [wired(engine, hot_path).upkeep for engine in engines]
     for engine in engines:
         await engine.dispose()
 
@@ -62,9 +48,9 @@ async def test_two_sweepers_expire_each_order_once_and_release_stock_once(
 ) -> None:
     hot = insert_product(database_url, stock=100)
     other = insert_product(database_url, stock=100)
-    quick = Orders(engine, hot_path, payment_window_seconds=0.05)
+    quick = wired(engine, hot_path, payment_window_seconds=0.05)
     placed = [
-        await quick.place_order(
+        await quick.placement.place_order(
             f"cust-{n}", order_request(f"exp-{n}", [(hot, 2), (other, 1)] if n % 2 else [(hot, 3)])
         )
         for n in range(30)
@@ -89,10 +75,12 @@ async def test_two_sweepers_expire_each_order_once_and_release_stock_once(
 
 
 async def test_orders_inside_their_window_are_left_alone(
-    orders: Orders, database_url: str, sweepers: list[Upkeep]
+    use_cases: UseCases, database_url: str, sweepers: list[Upkeep]
 ) -> None:
     product = insert_product(database_url, stock=5)
-    order = await orders.place_order("cust-window", order_request("w-1", [(product, 1)]))
+    order = await use_cases.placement.place_order(
+        "cust-window", order_request("w-1", [(product, 1)])
+    )
     await sweepers[0].expire_orders()
     assert _status_of(database_url, [order.id]) == {order.id: "PENDING_PAYMENT"}
     assert stock_of(database_url, product) == 4
@@ -118,14 +106,14 @@ async def test_an_order_with_a_payment_in_flight_neither_expires_nor_cancels(
     engine: AsyncEngine, hot_path: DriverPool, database_url: str, sweepers: list[Upkeep]
 ) -> None:
     product = insert_product(database_url, stock=5)
-    quick = Orders(engine, hot_path, payment_window_seconds=0.05)
-    order = await quick.place_order("cust-flight", order_request("f-1", [(product, 2)]))
+    quick = wired(engine, hot_path, payment_window_seconds=0.05)
+    order = await quick.placement.place_order("cust-flight", order_request("f-1", [(product, 2)]))
     payment_id = _insert_pending_payment(database_url, order.id, "cust-flight")
     await asyncio.sleep(0.1)
     assert await sweepers[0].expire_orders() == 0
     owner = Principal("cust-flight", frozenset({Role.CUSTOMER}))
     with pytest.raises(FailedPrecondition) as refused:
-        await quick.cancel_order(owner, order.id, "")
+        await quick.cancellation.cancel_order(owner, cancel_request(order.id, ""))
     assert refused.value.reason == "PAYMENT_IN_PROGRESS"
     assert refused.value.metadata["paymentId"] == payment_id
     assert _status_of(database_url, [order.id]) == {order.id: "PENDING_PAYMENT"}

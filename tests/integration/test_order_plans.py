@@ -18,7 +18,7 @@ import pytest
 from server.db.driver import DriverPool
 from server.devstack import create_database, drop_database
 from server.domain.orders import OrderStatus, order_request
-from server.services.orders import Orders
+from server.services.orders.placement import OrderPlacement
 from tests.conftest import hot_path_pool, insert_product, sqlalchemy_engine
 
 pytestmark = pytest.mark.integration
@@ -81,19 +81,21 @@ async def test_request_id_lookups_stay_index_probes_after_the_table_grew(
 ) -> None:
     engine = sqlalchemy_engine(empty_database, pool_size=1)
     try:
-        orders = Orders(engine, one_connection)
+        placement = OrderPlacement(engine, one_connection)
         product = insert_product(empty_database, stock=100)
         # psycopg prepares a statement after five executions, and PostgreSQL plans it for
         # the parameters given five more times before settling: all on a small table.
         for n in range(20):
-            placed = await orders.place_order("early", order_request(f"early-{n}", [(product, 1)]))
+            placed = await placement.place_order(
+                "early", order_request(f"early-{n}", [(product, 1)])
+            )
             assert placed.status is OrderStatus.PENDING_PAYMENT
         _grow_orders(empty_database, GROWN_TO)
         await _flush_statistics(one_connection)
 
         scans_before, rows_before = _orders_scans(empty_database)
         for n in range(3):
-            await orders.place_order("late", order_request(f"late-{n}", [(product, 1)]))
+            await placement.place_order("late", order_request(f"late-{n}", [(product, 1)]))
         await _flush_statistics(one_connection)
         scans_after, rows_after = _orders_scans(empty_database)
 

@@ -19,7 +19,7 @@ from server.db.driver import DriverPool
 from server.domain.errors import RequestIdReused
 from server.domain.identity import Principal, Role
 from server.domain.money import Money
-from server.domain.orders import OrderStatus, order_request
+from server.domain.orders import OrderStatus, cancel_request, order_request
 from server.domain.payments import (
     Payment,
     PaymentStatus,
@@ -28,8 +28,6 @@ from server.domain.payments import (
     refund_request,
 )
 from server.services.circuit import CircuitOpen, GuardedProvider
-from server.services.orders import Orders
-from server.services.payments import Payments
 from server.services.providers import IntentStatus, ProviderIntent, ProviderUnavailable
 from server.services.upkeep import Upkeep
 from tests.conftest import insert_product, stock_of
@@ -39,6 +37,7 @@ from tests.payment_stack import (
     PaymentStack,
     running_payment_stack,
 )
+from tests.use_cases import wired
 
 pytestmark = pytest.mark.integration
 
@@ -69,16 +68,24 @@ class World:
         self.provider = GuardedProvider(self.stripe, threshold=3, reset_seconds=1)
         # Products the use cases report changed, for the server's product cache.
         self.changed: list[str] = []
-        self.orders = Orders(engine, hot_path, products_changed=self.changed.extend)
-        self.payments = Payments(
+        use_cases = wired(
             engine,
-            self.orders,
+            hot_path,
             self.provider,
             lease_seconds=0,
             recheck_seconds=0,
             products_changed=self.changed.extend,
         )
-        self.upkeep = Upkeep(engine, self.payments, self.provider, batch_size=10, lease_seconds=60)
+        self.placement = use_cases.placement
+        self.cancellation = use_cases.cancellation
+        self.charging = use_cases.charging
+        self.settlement = use_cases.settlement
+        self.refunds = use_cases.refunds
+        self.payment_reads = use_cases.payment_reads
+        # Its own lease of 60 s: a row it claims is not claimed again within one pass.
+        self.upkeep = Upkeep(
+            engine, self.settlement, self.refunds, self.provider, batch_size=10, lease_seconds=60
+        )
 
     async def paid_order(
         self, database_url: str, *, stock: int = 10
@@ -97,11 +104,11 @@ class World:
         localstripe test card: the customer, product id, order id and payment."""
         product = insert_product(database_url, stock=stock, price="12.50")
         customer = Principal(f"saga-{uuid.uuid4().hex[:8]}", frozenset({Role.CUSTOMER}))
-        order = await self.orders.place_order(
+        order = await self.placement.place_order(
             customer.subject, order_request(f"o-{uuid.uuid4()}", [(product, 2)])
         )
         card = await self.stack.localstripe.payment_method(card_number)
-        payment = await self.payments.create_payment(
+        payment = await self.charging.create_payment(
             customer, payment_request(order.id, f"p-{uuid.uuid4()}", card)
         )
         return customer, product, order.id, payment
@@ -138,7 +145,7 @@ async def test_a_cancellation_cut_short_by_an_outage_is_finished_by_the_reconcil
     customer, product, order_id, payment_id = await world.paid_order(database_url)
     await world.stack.faults.abort(503)
     with pytest.raises(ProviderUnavailable):
-        await world.payments.cancel_order(customer, order_id, "cancel-1")
+        await world.cancellation.cancel_order(customer, cancel_request(order_id, "cancel-1"))
     # The saga's first step is stored; nothing was refunded or released yet.
     assert _order_status(database_url, order_id) == OrderStatus.PAID.value
     assert stock_of(database_url, product) == 8
@@ -149,10 +156,10 @@ async def test_a_cancellation_cut_short_by_an_outage_is_finished_by_the_reconcil
     assert _order_status(database_url, order_id) == OrderStatus.CANCELLED.value
     assert stock_of(database_url, product) == 10
     assert await _refunded_at_provider(world.stack, order_id) == 2500
-    payment = await world.payments.get_payment(ADMIN, payment_id)
+    payment = await world.payment_reads.get_payment(ADMIN, payment_id)
     assert payment.status is PaymentStatus.REFUNDED
     # A retry of the cancel, and another reconciler pass, change nothing more.
-    again = await world.payments.cancel_order(customer, order_id, "cancel-1")
+    again = await world.cancellation.cancel_order(customer, cancel_request(order_id, "cancel-1"))
     assert again.status is OrderStatus.CANCELLED
     assert await world.upkeep.reconcile_refunds() == 0
     assert stock_of(database_url, product) == 10
@@ -195,20 +202,20 @@ async def test_a_refund_made_at_the_provider_but_not_recorded_is_applied_not_rep
 
 async def test_partial_then_full_refund_restocks_once(world: World, database_url: str) -> None:
     _, product, order_id, payment_id = await world.paid_order(database_url)
-    partial = await world.payments.refund_payment(
+    partial = await world.refunds.refund_payment(
         ADMIN, refund_request(payment_id, "r-part", Money("USD", Decimal("5")), [], "dent")
     )
     assert partial.status is PaymentStatus.PARTIALLY_REFUNDED
     assert _order_status(database_url, order_id) == OrderStatus.PAID.value
     assert stock_of(database_url, product) == 8
-    full = await world.payments.refund_payment(
+    full = await world.refunds.refund_payment(
         ADMIN, refund_request(payment_id, "r-rest", None, [], "")
     )
     assert full.status is PaymentStatus.REFUNDED
     assert full.amount_refunded.amount == Decimal("25")
     assert _order_status(database_url, order_id) == OrderStatus.REFUNDED.value
     assert stock_of(database_url, product) == 10
-    replay = await world.payments.refund_payment(
+    replay = await world.refunds.refund_payment(
         ADMIN, refund_request(payment_id, "r-rest", None, [], "")
     )
     assert replay == full
@@ -225,11 +232,11 @@ async def test_the_circuit_opens_and_refuses_without_writing(
     failures = 0
     with pytest.raises(CircuitOpen) as opened:  # noqa: PT012 - the loop is the arrangement
         for attempt in range(5):
-            order = await world.orders.place_order(
+            order = await world.placement.place_order(
                 customer.subject, order_request(f"c-{attempt}", [(product, 1)])
             )
             try:
-                await world.payments.create_payment(
+                await world.charging.create_payment(
                     customer, payment_request(order.id, f"pay-{attempt}", card)
                 )
             except CircuitOpen:
@@ -267,7 +274,9 @@ async def test_a_payment_recorded_failed_that_the_provider_charged_pays_the_orde
 ) -> None:
     _, product, order_id, payment_id = await _declined_then(world, database_url)
 
-    settled = await world.payments.settle_payment(uuid.UUID(payment_id), _late_success(payment_id))
+    settled = await world.settlement.settle_payment(
+        uuid.UUID(payment_id), _late_success(payment_id)
+    )
 
     assert settled.status is PaymentStatus.SUCCEEDED
     assert _order_status(database_url, order_id) == "PAID"
@@ -279,12 +288,14 @@ async def test_a_late_charge_of_a_failed_payment_never_makes_a_second_live_payme
 ) -> None:
     customer, product, order_id, payment_id = await _declined_then(world, database_url)
     card = await world.stack.localstripe.payment_method(SUCCESS_CARD)
-    paid = await world.payments.create_payment(
+    paid = await world.charging.create_payment(
         customer, payment_request(order_id, f"p-{uuid.uuid4()}", card)
     )
     assert paid.status is PaymentStatus.SUCCEEDED
 
-    settled = await world.payments.settle_payment(uuid.UUID(payment_id), _late_success(payment_id))
+    settled = await world.settlement.settle_payment(
+        uuid.UUID(payment_id), _late_success(payment_id)
+    )
 
     # Left for an operator (logged as a double charge); nothing here may break the paid order.
     assert settled.status is PaymentStatus.FAILED
@@ -295,16 +306,24 @@ async def test_a_late_charge_of_a_failed_payment_never_makes_a_second_live_payme
 async def test_a_charge_waiting_on_3d_secure_past_the_window_is_cancelled_and_the_order_expires(
     engine: AsyncEngine, hot_path: DriverPool, world: World, database_url: str
 ) -> None:
-    quick = Orders(engine, hot_path, payment_window_seconds=1)
-    payments = Payments(engine, quick, world.provider, lease_seconds=0, recheck_seconds=0)
-    upkeep = Upkeep(engine, payments, world.provider, batch_size=50, lease_seconds=60)
+    quick = wired(
+        engine,
+        hot_path,
+        world.provider,
+        payment_window_seconds=1,
+        lease_seconds=0,
+        recheck_seconds=0,
+    )
+    upkeep = Upkeep(
+        engine, quick.settlement, quick.refunds, world.provider, batch_size=50, lease_seconds=60
+    )
     product = insert_product(database_url, stock=10, price="12.50")
     customer = Principal(f"3ds-{uuid.uuid4().hex[:8]}", frozenset({Role.CUSTOMER}))
-    order = await quick.place_order(
+    order = await quick.placement.place_order(
         customer.subject, order_request(f"o-{uuid.uuid4()}", [(product, 2)])
     )
     card = await world.stack.localstripe.payment_method(AUTHENTICATION_CARD)
-    waiting = await payments.create_payment(
+    waiting = await quick.charging.create_payment(
         customer, payment_request(order.id, f"p-{uuid.uuid4()}", card)
     )
     # The customer never authenticates: the payment waits, and holds the order.
@@ -315,7 +334,7 @@ async def test_a_charge_waiting_on_3d_secure_past_the_window_is_cancelled_and_th
     await asyncio.sleep(max(0.0, (order.expire_time - datetime.now(UTC)).total_seconds()) + 0.1)
     while await upkeep.reconcile_payments():
         pass
-    settled = await payments.get_payment(customer, waiting.id)
+    settled = await quick.payment_reads.get_payment(customer, waiting.id)
     assert settled.status is PaymentStatus.FAILED
     [intent] = await world.stack.localstripe.intents_for_order(order.id)
     assert intent["status"] == "canceled"
@@ -329,24 +348,24 @@ async def test_a_cancel_request_id_held_by_a_paid_orders_refunding_cancellation_
 ) -> None:
     customer, _, paid_id, _ = await world.paid_order(database_url)
     other = insert_product(database_url, stock=5)
-    pending = await world.orders.place_order(
+    pending = await world.placement.place_order(
         customer.subject, order_request(f"o-{uuid.uuid4()}", [(other, 1)])
     )
     await world.stack.faults.abort(503)
     with pytest.raises(ProviderUnavailable):
-        await world.payments.cancel_order(customer, paid_id, "cancel-shared")
+        await world.cancellation.cancel_order(customer, cancel_request(paid_id, "cancel-shared"))
     await world.stack.faults.clear()
 
     # The paid order's cancellation holds "cancel-shared" while its refund is pending: the
     # pending order may not take it (else the refund could never be applied).
     with pytest.raises(RequestIdReused):
-        await world.payments.cancel_order(customer, pending.id, "cancel-shared")
+        await world.cancellation.cancel_order(customer, cancel_request(pending.id, "cancel-shared"))
     assert _order_status(database_url, pending.id) == OrderStatus.PENDING_PAYMENT.value
 
     assert await world.upkeep.reconcile_refunds() == 1
     assert _order_status(database_url, paid_id) == OrderStatus.CANCELLED.value
     with pytest.raises(RequestIdReused):
-        await world.payments.cancel_order(customer, pending.id, "cancel-shared")
+        await world.cancellation.cancel_order(customer, cancel_request(pending.id, "cancel-shared"))
 
 
 async def test_a_paid_orders_cancellation_reports_its_products_once_their_stock_is_back(
@@ -354,7 +373,9 @@ async def test_a_paid_orders_cancellation_reports_its_products_once_their_stock_
 ) -> None:
     customer, product, order_id, _ = await world.paid_order(database_url)
     world.changed.clear()
-    cancelled = await world.payments.cancel_order(customer, order_id, f"c-{uuid.uuid4()}")
+    cancelled = await world.cancellation.cancel_order(
+        customer, cancel_request(order_id, f"c-{uuid.uuid4()}")
+    )
     assert cancelled.status is OrderStatus.CANCELLED
     assert stock_of(database_url, product) == 10
     assert world.changed == [product]

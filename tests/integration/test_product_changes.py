@@ -22,9 +22,9 @@ from server.db.driver import DriverPool
 from server.db.engine import libpq_url
 from server.domain.catalog import product_changes
 from server.domain.identity import Principal, Role
-from server.domain.orders import order_request
+from server.domain.orders import cancel_request, order_request
 from server.services.catalog import Catalog
-from server.services.orders import Orders
+from server.services.orders.placement import OrderPlacement
 from server.services.product_cache import (
     CHANNEL,
     ProductCache,
@@ -32,6 +32,7 @@ from server.services.product_cache import (
     follow_product_changes,
 )
 from tests.conftest import insert_product, notification_queue_held, until
+from tests.use_cases import wired
 
 pytestmark = pytest.mark.integration
 
@@ -122,7 +123,7 @@ async def test_an_order_batch_announces_every_product_it_took_stock_from(
     database_url: str,
 ) -> None:
     # Unaware of the cache (no products_changed): only the notification can drop them.
-    orders = Orders(engine, hot_path)
+    orders = OrderPlacement(engine, hot_path)
     taken = [insert_product(database_url, stock=5) for _ in range(3)]
     untouched = insert_product(database_url, stock=5)
     await _cached(cache, catalog, *taken, untouched)
@@ -181,8 +182,8 @@ async def test_the_process_that_changes_a_product_forgets_it_before_answering(
 ) -> None:
     cache = ProductCache(100)
     cache.listening()  # no listener: only the use cases' own forgetting is at work here
-    catalog = Catalog(engine, hot_path, products_changed=cache.forget)
-    orders = Orders(engine, hot_path, products_changed=cache.forget)
+    use_cases = wired(engine, hot_path, products_changed=cache.forget)
+    catalog = use_cases.catalog
     product_id = insert_product(database_url, stock=5)
 
     await _cached(cache, catalog, product_id)
@@ -192,16 +193,18 @@ async def test_the_process_that_changes_a_product_forgets_it_before_answering(
     assert cache.get(product_id) is None
 
     await _cached(cache, catalog, product_id)
-    order = await orders.place_order("carol", order_request("forget-1", [(product_id, 1)]))
+    order = await use_cases.placement.place_order(
+        "carol", order_request("forget-1", [(product_id, 1)])
+    )
     assert cache.get(product_id) is None
 
     carol = Principal("carol", frozenset({Role.CUSTOMER}))
     await _cached(cache, catalog, product_id)
-    await orders.cancel_order(carol, order.id, "")
+    await use_cases.cancellation.cancel_order(carol, cancel_request(order.id, ""))
     assert cache.get(product_id) is None, "the cancel gave its stock back"
 
     await _cached(cache, catalog, product_id)
-    await orders.cancel_order(carol, order.id, "")
+    await use_cases.cancellation.cancel_order(carol, cancel_request(order.id, ""))
     assert cache.get(product_id) is not None, "cancelled already: no stock moved"
 
 

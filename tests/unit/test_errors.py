@@ -297,7 +297,7 @@ def test_every_status_code_matches_the_rich_status_code() -> None:
 def test_every_domain_status_starts_with_an_error_info_of_our_domain(error: DomainError) -> None:
     first = details_of(domain_error_status(error))[0]
     assert isinstance(first, error_details_pb2.ErrorInfo)
-    assert first.domain == ERROR_DOMAIN == "marketplace"
+    assert first.domain == ERROR_DOMAIN == "marketplace.example.com"
     assert first.reason
 
 

@@ -1,18 +1,22 @@
-"""Order use cases. `place_order` is the order + stock transaction."""
+"""Placing orders: the order + stock transaction, `OrderPlacement.place_orders`.
+
+A batch of orders (a single order is a batch of one) commits in two round trips whatever
+its size, in psycopg's pipeline mode: BEGIN + lock + look up retries, then write + COMMIT.
+The row locks are held for one round trip. The statements run on psycopg directly
+(server/db/driver.py); their `:name` text below is the one source of truth, converted once
+for psycopg and used as is by the benchmark's pgbench baseline.
+"""
 
 from __future__ import annotations
 
 import uuid
-from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import psycopg
-from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.db.driver import DriverPool, HotConnection, psycopg_sql
 from server.db.transactions import (
@@ -22,48 +26,32 @@ from server.db.transactions import (
     retrying_transaction,
     sqlstate,
 )
-from server.domain.errors import DomainError, NotFound, RequestIdReused
-from server.domain.identity import Principal
+from server.domain.errors import DomainError, RequestIdReused
 from server.domain.money import Money
 from server.domain.orders import (
     Allocation,
-    Cancellation,
     Order,
     OrderRequest,
     OrderStatus,
     ProductStock,
     allocate,
-    cancellation,
 )
-from server.domain.pagination import decode_page_token, encode_page_token, invalid_page_token
-from server.domain.payments import payment_in_progress
+from server.services.orders.records import load_orders
 from server.services.product_cache import ProductsChanged, no_cache
-from server.services.rows import LINE_COLUMNS, ORDER_COLUMNS, order_from_rows
 
-# The order + stock transaction, for a batch of orders (a single order is a batch of one).
-# Two round trips whatever the batch size, in psycopg's pipeline mode: BEGIN + lock + look up
-# retries, then write + COMMIT. The row locks are held for one round trip. The statements
-# run on psycopg directly (server/db/driver.py); the `:name` text is the one source of
-# truth, converted once for psycopg and imported as is by the benchmark's pgbench baseline.
-#
 # 1. Lock every product of the batch in ascending id order, in one statement: all writers
 #    lock rows in the same global order, so two transactions never wait on each other in a
 #    cycle, and the stock read here cannot change until commit.
-_LOCK_PRODUCTS = """
+LOCK_PRODUCTS = """
     SELECT id, stock, sku, price_currency, price_amount
       FROM products WHERE id = ANY(CAST(:ids AS uuid[]))
      ORDER BY id
        FOR UPDATE
 """
 # 2. Which request ids were seen before (AIP-155): those are answered from the stored order.
-#    Sent unprepared, so PostgreSQL plans it for each batch's keys and the table as it is
-#    now. Prepared, it got a generic plan once psycopg had run it five times and PostgreSQL
-#    five more; made while orders was nearly empty, that plan (hash join over a sequential
-#    scan) stayed until an ANALYZE of orders, so a server started on an empty table read
-#    every order in each batch, with the batch's products locked: 34 ms per lookup at
-#    109,000 orders, against 0.4 ms planned for its keys (tests/integration/
-#    test_order_plans.py). Planning it costs PostgreSQL about 0.07 ms per batch.
-_FIND_BY_REQUEST_IDS = """
+#    Sent unprepared: a generic plan made while orders was nearly empty scans the whole
+#    table under the batch's locks (tests/integration/test_order_plans.py).
+FIND_BY_REQUEST_IDS = """
     SELECT o.id, o.customer_id, o.request_id, o.request_fingerprint
       FROM orders o
       JOIN unnest(CAST(:customers AS text[]), CAST(:request_ids AS text[]))
@@ -75,7 +63,7 @@ _FIND_BY_REQUEST_IDS = """
 #    inserted, its lines break their foreign key, and the whole transaction is retried,
 #    finding the winner's order in step 2. CHECK (stock >= 0) backs the decision made on the
 #    locked rows.
-_WRITE_ORDERS = """
+WRITE_ORDERS = """
     WITH new_orders AS (
         INSERT INTO orders (id, customer_id, request_id, request_fingerprint, status,
                             currency, total, create_time, update_time, expire_time)
@@ -104,102 +92,14 @@ _WRITE_ORDERS = """
     SELECT id, create_time, expire_time FROM new_orders
 """
 _BEGIN, _COMMIT = "BEGIN", "COMMIT"
-_LOCK_PRODUCTS_SQL = psycopg_sql(_LOCK_PRODUCTS)
-_FIND_BY_REQUEST_IDS_SQL = psycopg_sql(_FIND_BY_REQUEST_IDS)
-_WRITE_ORDERS_SQL = psycopg_sql(_WRITE_ORDERS)
+_LOCK_PRODUCTS_SQL = psycopg_sql(LOCK_PRODUCTS)
+_FIND_BY_REQUEST_IDS_SQL = psycopg_sql(FIND_BY_REQUEST_IDS)
+_WRITE_ORDERS_SQL = psycopg_sql(WRITE_ORDERS)
 _INTEGRITY_RACES = frozenset({UNIQUE_VIOLATION, FOREIGN_KEY_VIOLATION})
-_GET_ORDER = text(f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = :id")
-_GET_ORDERS = text(f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = ANY(CAST(:ids AS uuid[]))")
-_LOCK_ORDER = text(f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = :id FOR UPDATE")
-_LINES_OF = text(
-    f"SELECT {LINE_COLUMNS} FROM order_lines WHERE order_id = ANY(:order_ids)"
-    " ORDER BY order_id, line_no"
-)
-# Giving stock back, for any number of orders: lock the products in ascending id order (the
-# order every writer uses, so no lock cycles), then add back what the orders' lines took.
-_LOCK_LINE_PRODUCTS = text(
-    """
-    SELECT id FROM products
-     WHERE id IN (SELECT product_id FROM order_lines WHERE order_id = ANY(:order_ids))
-     ORDER BY id FOR UPDATE
-    """
-)
-_RELEASE_STOCK = text(
-    """
-    UPDATE products p SET stock = p.stock + taken.quantity, update_time = now()
-      FROM (SELECT product_id, sum(quantity) AS quantity FROM order_lines
-             WHERE order_id = ANY(:order_ids) GROUP BY product_id) AS taken
-     WHERE p.id = taken.product_id
-    RETURNING p.id
-    """
-)
-_MARK_CANCELLED = text(
-    """
-    UPDATE orders SET status = 'CANCELLED', cancel_request_id = :request_id,
-                      cancelled_by = :actor, update_time = now()
-     WHERE id = :id
-    """
-)
-_PAYMENTS_IN_FLIGHT = text(
-    "SELECT order_id, id FROM payments WHERE order_id = ANY(:ids) AND status = 'PENDING'"
-)
-# A cancel request id is taken by a cancelled order, or by a paid order's cancellation still
-# refunding (it takes the id when its refund completes).
-_FIND_CANCELLATION = text(
-    """
-    SELECT id FROM orders WHERE cancelled_by = :actor AND cancel_request_id = :request_id
-    UNION ALL
-    SELECT p.order_id FROM refunds r JOIN payments p ON p.id = r.payment_id
-     WHERE r.actor = :actor AND r.request_id = :request_id AND r.cancels_order
-    """
-)
-_LIST_ALL = text(
-    f"""
-    SELECT {ORDER_COLUMNS} FROM orders
-     WHERE (create_time, id) < (:before_time, :before_id)
-     ORDER BY create_time DESC, id DESC LIMIT :limit
-    """
-)
-_LIST_FOR_CUSTOMER = text(
-    f"""
-    SELECT {ORDER_COLUMNS} FROM orders
-     WHERE customer_id = :customer_id AND (create_time, id) < (:before_time, :before_id)
-     ORDER BY create_time DESC, id DESC LIMIT :limit
-    """
-)
-_FAR_FUTURE = datetime.fromisoformat("9999-12-31T00:00:00+00:00")
-_MAX_UUID = uuid.UUID(int=(1 << 128) - 1)
 
 
 class _RequestIdRace(Exception):
     """Another transaction committed one of this batch's request ids first; run again."""
-
-
-class RefundNeeded(Exception):
-    """The order is paid: cancelling it is a refund first (the payments use case)."""
-
-    def __init__(self, order: Order) -> None:
-        super().__init__(f"order {order.id} is paid")
-        self.order = order
-
-
-async def payments_in_flight(
-    conn: AsyncConnection, order_ids: Sequence[uuid.UUID]
-) -> dict[uuid.UUID, uuid.UUID]:
-    """Which of these orders have a payment still PENDING (its charge may yet succeed), and
-    one such payment of each. Read by a new statement, so it sees payments committed after
-    the transaction's earlier snapshots."""
-    rows = await conn.execute(_PAYMENTS_IN_FLIGHT, {"ids": list(order_ids)})
-    return {row.order_id: row.id for row in rows}
-
-
-async def release_stock(conn: AsyncConnection, order_ids: Sequence[uuid.UUID]) -> list[str]:
-    """Puts the orders' units back on sale and returns the products' ids. The caller moves
-    the orders out of a stock-holding status in the same transaction, under the orders' row
-    locks, so each order's stock comes back exactly once."""
-    await conn.execute(_LOCK_LINE_PRODUCTS, {"order_ids": list(order_ids)})
-    released = await conn.execute(_RELEASE_STOCK, {"order_ids": list(order_ids)})
-    return [str(row.id) for row in released]
 
 
 def _is_connection_error(error: DBAPIError) -> bool:
@@ -252,7 +152,7 @@ class _Decided:
         return results
 
 
-class Orders:
+class OrderPlacement:
     def __init__(
         self,
         engine: AsyncEngine,
@@ -260,10 +160,13 @@ class Orders:
         *,
         payment_window_seconds: float = 900.0,
         products_changed: ProductsChanged = no_cache,
+        on_placed: Callable[[int], None] = lambda count: None,
     ) -> None:
-        self._engine = engine
+        """`on_placed(n)` hears how many orders a batch answered with an order (a new one
+        or a retry's stored one), for the business metrics."""
         self._hot_path = hot_path
         self._products_changed = products_changed
+        self._on_placed = on_placed
         self._payment_window_seconds = payment_window_seconds
         # Single-statement reads run in autocommit: no BEGIN/ROLLBACK round trips around them.
         self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -284,6 +187,13 @@ class Orders:
         this request_id before with the same lines), or RequestIdReused, NotFound for an
         unknown product, OutOfStock listing every short line, MIXED_CURRENCIES.
         """
+        outcomes = await self._place_orders(batch)
+        self._on_placed(sum(1 for outcome in outcomes if isinstance(outcome, Order)))
+        return outcomes
+
+    async def _place_orders(
+        self, batch: Sequence[tuple[str, OrderRequest]]
+    ) -> list[Order | DomainError]:
         try:
             async for attempt in retrying_transaction(extra=_RequestIdRace):
                 with attempt:
@@ -303,7 +213,7 @@ class Orders:
                         self._products_changed(decided.products_taken())
                     except IntegrityError as error:
                         # The write's violation surfaces with its COMMIT: a retry of one of
-                        # these orders committed meanwhile (see _WRITE_ORDERS).
+                        # these orders committed meanwhile (see WRITE_ORDERS).
                         if sqlstate(error) in _INTEGRITY_RACES:
                             raise _RequestIdRace from error
                         raise
@@ -313,10 +223,7 @@ class Orders:
             # Something in one order broke the statement for all; isolate it.
             outcomes: list[Order | DomainError] = []
             for single in batch:
-                try:
-                    outcomes.append(await self.place_order(*single))
-                except DomainError as failure:
-                    outcomes.append(failure)
+                outcomes.extend(await self._place_orders([single]))
             return outcomes
         # Retries are answered with the order they stored, read after the transaction: it
         # was committed by an earlier one, and a replay returns its current state anyway.
@@ -324,7 +231,7 @@ class Orders:
         stored: dict[uuid.UUID, Order] = {}
         if replayed:
             async with self._reads.connect() as conn:
-                stored = await self._load_many(conn, replayed)
+                stored = await load_orders(conn, replayed)
         return [
             stored[outcome] if isinstance(outcome, uuid.UUID) else outcome for outcome in placed
         ]
@@ -362,14 +269,10 @@ class Orders:
                 "customers": [batch[i][0] for i in firsts],
                 "request_ids": [batch[i][1].request_id for i in firsts],
             },
-            prepare=False,  # see _FIND_BY_REQUEST_IDS
+            prepare=False,  # see FIND_BY_REQUEST_IDS
         )
         # A Sync, so the backend waits "idle in transaction" while we decide, and the hot
-        # path's idle_in_transaction_session_timeout (server/db/driver.py) ends a batch whose
-        # process froze here, releasing its row locks. Without BEGIN and COMMIT, with these
-        # results fetched on a flush request (PostgreSQL commits a pipeline's statements at
-        # its Sync), the batch measured 4-9% less client CPU, but that wait was bounded by
-        # no timeout at all.
+        # path's idle_in_transaction_session_timeout ends a batch whose process froze here.
         await pipeline.sync()
         locked = await locking.fetchall()
         seen = await finding.fetchall()
@@ -435,123 +338,3 @@ class Orders:
             "payment_window": self._payment_window_seconds,
         }
         return await driver.execute_reusing_cursor(_WRITE_ORDERS_SQL, params)
-
-    async def _load_many(
-        self, conn: AsyncConnection, order_ids: Sequence[uuid.UUID]
-    ) -> dict[uuid.UUID, Order]:
-        rows = (await conn.execute(_GET_ORDERS, {"ids": list(order_ids)})).all()
-        return {
-            row.id: order
-            for row, order in zip(rows, await self._with_lines(conn, rows), strict=True)
-        }
-
-    async def get_order(self, principal: Principal, order_id: str) -> Order:
-        async with self._reads.connect() as conn:
-            return await self._load_visible(conn, principal, order_id, lock=False)
-
-    async def cancel_order(self, principal: Principal, order_id: str, request_id: str) -> Order:
-        """Cancels a pending order and releases its stock in the same transaction.
-
-        A `request_id` this caller already used to cancel another order is RequestIdReused;
-        the unique (cancelled_by, cancel_request_id) index decides concurrent attempts.
-        """
-        try:
-            async for attempt in retrying_transaction():
-                with attempt:
-                    async with self._engine.begin() as conn:
-                        cancelled, released = await self._cancel(
-                            conn, principal, order_id, request_id
-                        )
-                    self._products_changed(released)
-                    return cancelled
-        except IntegrityError as error:
-            if sqlstate(error) == UNIQUE_VIOLATION:
-                raise RequestIdReused(request_id) from None
-            raise
-        raise AssertionError("unreachable: retrying_transaction re-raises")
-
-    async def _cancel(
-        self, conn: AsyncConnection, principal: Principal, order_id: str, request_id: str
-    ) -> tuple[Order, list[str]]:
-        """The order after the cancel, and the products whose stock came back (none when it
-        was cancelled or expired already)."""
-        if request_id:
-            previous = (
-                await conn.execute(
-                    _FIND_CANCELLATION, {"actor": principal.subject, "request_id": request_id}
-                )
-            ).all()
-            if any(str(row.id) != order_id for row in previous):
-                raise RequestIdReused(request_id)
-        order = await self._load_visible(conn, principal, order_id, lock=True)
-        plan = cancellation(order.id, order.status)
-        if plan is Cancellation.NOTHING:
-            return order, []
-        if plan is Cancellation.REFUND_FIRST:
-            raise RefundNeeded(order)
-        in_flight = await payments_in_flight(conn, [uuid.UUID(order.id)])
-        if in_flight:
-            # Its charge may still succeed: cancelling now could keep money for nothing.
-            raise payment_in_progress(order.id, str(next(iter(in_flight.values()))))
-        released = await release_stock(conn, [uuid.UUID(order.id)])
-        await conn.execute(
-            _MARK_CANCELLED,
-            {
-                "id": uuid.UUID(order.id),
-                "request_id": request_id or None,
-                "actor": principal.subject,
-            },
-        )
-        return await self._load(conn, uuid.UUID(order.id)), released
-
-    async def list_orders(
-        self, principal: Principal, page_size: int, page_token: str
-    ) -> tuple[list[Order], str]:
-        scope = "*" if principal.is_admin else principal.subject
-        position = decode_page_token(page_token, kind="orders", scope=scope)
-        params: dict[str, Any] = {"limit": page_size + 1}
-        params["before_time"], params["before_id"] = _FAR_FUTURE, _MAX_UUID
-        if position is not None:
-            try:
-                params["before_time"] = datetime.fromisoformat(str(position["t"]))
-                params["before_id"] = uuid.UUID(str(position["id"]))
-            except (KeyError, ValueError):
-                raise invalid_page_token() from None
-        async with self._reads.connect() as conn:
-            if principal.is_admin:
-                rows = (await conn.execute(_LIST_ALL, params)).all()
-            else:
-                params["customer_id"] = principal.subject
-                rows = (await conn.execute(_LIST_FOR_CUSTOMER, params)).all()
-            page = rows[:page_size]
-            orders = await self._with_lines(conn, page)
-        next_token = ""
-        if len(rows) > page_size:
-            last = page[-1]
-            next_token = encode_page_token(
-                "orders", scope, {"t": last.create_time.isoformat(), "id": str(last.id)}
-            )
-        return orders, next_token
-
-    async def _load_visible(
-        self, conn: AsyncConnection, principal: Principal, order_id: str, *, lock: bool
-    ) -> Order:
-        statement = _LOCK_ORDER if lock else _GET_ORDER
-        row = (await conn.execute(statement, {"id": uuid.UUID(order_id)})).first()
-        # Another customer's order is reported as absent: its existence is not theirs to know.
-        if row is None or not principal.may_see_customer(row.customer_id):
-            raise NotFound("order", order_id)
-        return (await self._with_lines(conn, [row]))[0]
-
-    async def _load(self, conn: AsyncConnection, order_id: uuid.UUID) -> Order:
-        row = (await conn.execute(_GET_ORDER, {"id": order_id})).one()
-        return (await self._with_lines(conn, [row]))[0]
-
-    async def _with_lines(self, conn: AsyncConnection, rows: Sequence[Any]) -> list[Order]:
-        if not rows:
-            return []
-        line_rows = (await conn.execute(_LINES_OF, {"order_ids": [row.id for row in rows]})).all()
-        lines_by_order: dict[Any, list[Any]] = defaultdict(list)
-        for line_row in line_rows:
-            lines_by_order[line_row.order_id].append(line_row)
-        return [order_from_rows(row, lines_by_order[row.id]) for row in rows]

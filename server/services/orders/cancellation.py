@@ -1,0 +1,199 @@
+"""Cancelling an order: a pending one at once, a paid one by refunding its payment first.
+
+A pending order is cancelled and its stock released in one transaction. A paid one is a
+saga: a refund is recorded, sent to the provider, then applied together with the
+cancellation and the stock release (server/services/payments/refunds.py); the reconciler
+resumes it after a crash.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from server.db.transactions import UNIQUE_VIOLATION, in_transaction, sqlstate
+from server.domain.errors import (
+    ErrorReason,
+    FailedPrecondition,
+    RequestIdReused,
+    check_replay,
+)
+from server.domain.identity import Principal
+from server.domain.orders import Cancellation, CancelRequest, Order, OrderStatus, cancellation
+from server.domain.payments import Payment, RefundStatus, payment_in_progress, refund_in_progress
+from server.services.circuit import GuardedProvider
+from server.services.orders.records import (
+    LOCK_ORDER,
+    MARK_CANCELLED,
+    load_order,
+    load_visible_order,
+)
+from server.services.payments.records import (
+    FIND_REFUND_REQUEST,
+    PAYMENT_COLUMNS,
+    PENDING_REFUND_OF_PAYMENT,
+    payment_from_row,
+)
+from server.services.payments.refunds import Refunds, insert_refund, refund_conflict
+from server.services.product_cache import ProductsChanged, no_cache
+from server.services.stock import payments_in_flight, release_stock
+
+# A cancel request id is taken by a cancelled order, or by a paid order's cancellation still
+# refunding (it takes the id when its refund completes).
+_FIND_CANCELLATION = text(
+    """
+    SELECT id FROM orders WHERE cancelled_by = :actor AND cancel_request_id = :request_id
+    UNION ALL
+    SELECT p.order_id FROM refunds r JOIN payments p ON p.id = r.payment_id
+     WHERE r.actor = :actor AND r.request_id = :request_id AND r.cancels_order
+    """
+)
+_PAID_PAYMENT_OF_ORDER = text(
+    f"""
+    SELECT {PAYMENT_COLUMNS} FROM payments
+     WHERE order_id = :order_id AND status IN ('SUCCEEDED', 'PARTIALLY_REFUNDED') FOR UPDATE
+    """
+)
+
+
+class OrderCancellation:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        provider: GuardedProvider,
+        refunds: Refunds,
+        *,
+        lease_seconds: float,
+        products_changed: ProductsChanged = no_cache,
+    ) -> None:
+        """`lease_seconds`: how long a cancellation's refund in flight keeps the reconciler
+        away; it must outlast a provider call with all its retries."""
+        self._engine = engine
+        self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._provider = provider
+        self._refunds = refunds
+        self._lease_seconds = lease_seconds
+        self._products_changed = products_changed
+
+    async def cancel_order(self, principal: Principal, request: CancelRequest) -> Order:
+        """Cancels the order and answers with it as it stands after the cancel.
+
+        A `request_id` this caller already used to cancel another order is RequestIdReused;
+        the unique (cancelled_by, cancel_request_id) index decides concurrent attempts.
+        """
+        try:
+            plan, order, released = await in_transaction(
+                self._engine, lambda conn: self._cancel_unless_paid(conn, principal, request)
+            )
+        except IntegrityError as error:
+            if sqlstate(error) == UNIQUE_VIOLATION:
+                raise RequestIdReused(request.request_id) from None
+            raise
+        self._products_changed(released)
+        if plan is not Cancellation.REFUND_FIRST:
+            return order
+        return await self._cancel_paid(principal, request)
+
+    async def _cancel_unless_paid(
+        self, conn: AsyncConnection, principal: Principal, request: CancelRequest
+    ) -> tuple[Cancellation, Order, list[str]]:
+        """Cancels a pending order; the plan, the order, and the products whose stock came
+        back (none when it was cancelled already, or is paid and must be refunded first)."""
+        if request.request_id:
+            previous = (
+                await conn.execute(
+                    _FIND_CANCELLATION,
+                    {"actor": principal.subject, "request_id": request.request_id},
+                )
+            ).all()
+            if any(str(row.id) != request.order_id for row in previous):
+                raise RequestIdReused(request.request_id)
+        order = await load_visible_order(conn, principal, request.order_id, lock=True)
+        plan = cancellation(order.id, order.status)
+        if plan is not Cancellation.RELEASE_NOW:
+            return plan, order, []
+        in_flight = await payments_in_flight(conn, [uuid.UUID(order.id)])
+        if in_flight:
+            # Its charge may still succeed: cancelling now could keep money for nothing.
+            raise payment_in_progress(order.id, str(next(iter(in_flight.values()))))
+        released = await release_stock(conn, [uuid.UUID(order.id)])
+        await conn.execute(
+            MARK_CANCELLED,
+            {
+                "id": uuid.UUID(order.id),
+                "status": OrderStatus.CANCELLED.value,
+                "request_id": request.request_id or None,
+                "actor": principal.subject,
+            },
+        )
+        return plan, await load_order(conn, uuid.UUID(order.id)), released
+
+    async def _cancel_paid(self, principal: Principal, request: CancelRequest) -> Order:
+        await self._provider.raise_if_open()
+        try:
+            refund_id = await in_transaction(
+                self._engine, lambda conn: self._record_refund(conn, principal, request)
+            )
+        except IntegrityError as error:
+            raise refund_conflict(error, request.refund_request_id()) from None
+        if refund_id is not None:
+            await self._refunds.run_refund(refund_id)
+        async with self._reads.connect() as conn:
+            return await load_visible_order(conn, principal, request.order_id, lock=False)
+
+    async def _record_refund(
+        self, conn: AsyncConnection, principal: Principal, request: CancelRequest
+    ) -> uuid.UUID | None:
+        """Records the cancellation's PENDING refund and returns its id; None when there is
+        nothing to run (cancelled meanwhile, or a retry that already has its outcome)."""
+        order = (await conn.execute(LOCK_ORDER, {"id": uuid.UUID(request.order_id)})).one()
+        if OrderStatus(order.status) is not OrderStatus.PAID:
+            return None  # cancelled meanwhile (a concurrent retry finished first)
+        key = request.refund_request_id()
+        earlier = (
+            await conn.execute(FIND_REFUND_REQUEST, {"actor": principal.subject, "request_id": key})
+        ).first()
+        if earlier is not None:
+            check_replay(key, earlier.request_fingerprint, request.fingerprint())
+            if earlier.status == RefundStatus.FAILED:
+                # The order is still PAID: answering OK would claim a cancellation that did
+                # not happen. The provider refused the refund; an operator must look.
+                raise FailedPrecondition(
+                    "the payment provider refused this cancellation's refund",
+                    reason=ErrorReason.REFUND_REJECTED,
+                    metadata={"orderId": request.order_id, "refundId": str(earlier.id)},
+                )
+            return earlier.id if earlier.status == RefundStatus.PENDING else None
+        payment = await _lock_paid_payment(conn, order.id)
+        pending = (
+            await conn.execute(PENDING_REFUND_OF_PAYMENT, {"payment_id": uuid.UUID(payment.id)})
+        ).first()
+        if pending is not None:
+            if pending.cancels_order:
+                return uuid.UUID(str(pending.id))  # another caller's cancellation: finish it
+            raise refund_in_progress(payment.id)
+        return await insert_refund(
+            conn,
+            payment=payment,
+            actor=principal.subject,
+            request_id=key,
+            fingerprint=request.fingerprint(),
+            amount=payment.refundable,
+            reason="order cancelled",
+            cancels_order=True,
+            lease=self._lease_seconds,
+        )
+
+
+async def _lock_paid_payment(conn: AsyncConnection, order_id: uuid.UUID) -> Payment:
+    row = (await conn.execute(_PAID_PAYMENT_OF_ORDER, {"order_id": order_id})).first()
+    if row is None:
+        raise FailedPrecondition(
+            f"order {order_id} is paid but has no refundable payment",
+            reason=ErrorReason.PAYMENT_NOT_REFUNDABLE,
+            metadata={"orderId": str(order_id)},
+        )
+    return payment_from_row(row)

@@ -1,0 +1,51 @@
+"""Giving an order's stock back, and the one thing that must stop it: a payment in flight.
+Shared by cancellation, refunds and expiry."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+# Lock the products in ascending id order (the order every writer uses, so no lock cycles),
+# then add back what the orders' lines took.
+_LOCK_LINE_PRODUCTS = text(
+    """
+    SELECT id FROM products
+     WHERE id IN (SELECT product_id FROM order_lines WHERE order_id = ANY(:order_ids))
+     ORDER BY id FOR UPDATE
+    """
+)
+_RELEASE_STOCK = text(
+    """
+    UPDATE products p SET stock = p.stock + taken.quantity, update_time = now()
+      FROM (SELECT product_id, sum(quantity) AS quantity FROM order_lines
+             WHERE order_id = ANY(:order_ids) GROUP BY product_id) AS taken
+     WHERE p.id = taken.product_id
+    RETURNING p.id
+    """
+)
+_PAYMENTS_IN_FLIGHT = text(
+    "SELECT order_id, id FROM payments WHERE order_id = ANY(:ids) AND status = 'PENDING'"
+)
+
+
+async def release_stock(conn: AsyncConnection, order_ids: Sequence[uuid.UUID]) -> list[str]:
+    """Puts the orders' units back on sale and returns the products' ids. The caller moves
+    the orders out of a stock-holding status in the same transaction, under the orders' row
+    locks, so each order's stock comes back exactly once."""
+    await conn.execute(_LOCK_LINE_PRODUCTS, {"order_ids": list(order_ids)})
+    released = await conn.execute(_RELEASE_STOCK, {"order_ids": list(order_ids)})
+    return [str(row.id) for row in released]
+
+
+async def payments_in_flight(
+    conn: AsyncConnection, order_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, uuid.UUID]:
+    """Which of these orders have a payment still PENDING (its charge may yet succeed), and
+    one such payment of each. Read by a new statement, so it sees payments committed after
+    the transaction's earlier snapshots."""
+    rows = await conn.execute(_PAYMENTS_IN_FLIGHT, {"ids": list(order_ids)})
+    return {row.order_id: row.id for row in rows}
