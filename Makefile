@@ -40,22 +40,27 @@ lint: $(STAMP) check-generated
 	$(BIN)/ruff format --check server clients tests migrations
 	$(BIN)/buf lint generated/marketplace.binpb --path marketplace --config buf.yaml
 
-# Fails when the protos break clients of BREAKING_AGAINST: compares the current image with the
-# one committed there, and says so when there is none (first commit, shallow clone).
-BREAKING_AGAINST ?= HEAD~1
+# Fails when the protos break clients of any commit in BREAKING_AGAINST: compares the current
+# image with the one committed there, and says so when there is none (first commit, shallow
+# clone). HEAD~1 is the previous commit; RELEASED_CONTRACT is the last landed API, so a break
+# followed by other commits is still caught. Move it forward only with a new API version.
+RELEASED_CONTRACT := b7f8d55
+BREAKING_AGAINST ?= HEAD~1 $(RELEASED_CONTRACT)
 .PHONY: breaking
 breaking: $(STAMP) check-generated
-	@against=$$(mktemp) && trap 'rm -f "$$against"' EXIT && \
-	if ! git rev-parse --quiet --verify '$(BREAKING_AGAINST)^{commit}' >/dev/null; then \
-	  echo "buf breaking: SKIPPED, no commit $(BREAKING_AGAINST) (first commit or shallow clone)"; \
-	elif ! git show '$(BREAKING_AGAINST):generated/marketplace.binpb' >"$$against" 2>/dev/null; then \
-	  echo "buf breaking: SKIPPED, $(BREAKING_AGAINST) has no generated/marketplace.binpb"; \
-	else \
-	  echo "buf breaking: generated/marketplace.binpb against $(BREAKING_AGAINST)'s" \
-	    "($$(git rev-parse --short '$(BREAKING_AGAINST)'))"; \
-	  $(BIN)/buf breaking generated/marketplace.binpb --against "$$against#format=binpb" \
-	    --path marketplace --config buf.yaml; \
-	fi
+	@against=$$(mktemp) && trap 'rm -f "$$against"' EXIT && failed=0 && \
+	for ref in $(BREAKING_AGAINST); do \
+	  if ! git rev-parse --quiet --verify "$$ref^{commit}" >/dev/null; then \
+	    echo "buf breaking: SKIPPED, no commit $$ref (first commit or shallow clone)"; \
+	  elif ! git show "$$ref:generated/marketplace.binpb" >"$$against" 2>/dev/null; then \
+	    echo "buf breaking: SKIPPED, $$ref has no generated/marketplace.binpb"; \
+	  else \
+	    echo "buf breaking: generated/marketplace.binpb against $$ref's" \
+	      "($$(git rev-parse --short "$$ref"))"; \
+	    $(BIN)/buf breaking generated/marketplace.binpb --against "$$against#format=binpb" \
+	      --path marketplace --config buf.yaml || failed=1; \
+	  fi; \
+	done; exit $$failed
 
 typecheck: $(STAMP)
 	$(BIN)/mypy server clients
