@@ -1,0 +1,125 @@
+"""What every scenario runs against: the seeded database, the server (restarted between
+scenario groups), Envoy once the REST scenario needs it, the customers' tokens, and the rows
+measured so far."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+
+from server.api.auth import issue_development_token
+from server.services.product_cache import CHANNEL as PRODUCT_CHANGES
+from tests.bench.config import CUSTOMER_SUBJECTS, JWT_SECRET_BYTES, BenchConfig
+from tests.bench.cpu import CpuSample, sample_cpu
+from tests.bench.pgbench import order_sql
+from tests.bench.progress import progress
+from tests.bench.report import Row
+from tests.bench.stack import (
+    Database,
+    EnvoyProcess,
+    ServerProcess,
+    start_bench_server,
+)
+
+TOKEN_LIFETIME_SECONDS = 4 * 3600
+
+
+class Bench:
+    def __init__(self, config: BenchConfig, scratch: Path) -> None:
+        self.config = config
+        self.scratch = scratch
+        self.secret = secrets.token_urlsafe(JWT_SECRET_BYTES)
+        self.tokens = tuple(
+            issue_development_token(
+                self.secret,
+                f"bench-customer-{number:03d}",
+                ["customer"],
+                lifetime_seconds=TOKEN_LIFETIME_SECONDS,
+            )
+            for number in range(CUSTOMER_SUBJECTS)
+        )
+        self.rows: list[Row] = []
+        self.order_sql = order_sql()
+        self.database: Database | None = None
+        self.server: ServerProcess | None = None
+        self.envoy: EnvoyProcess | None = None
+
+    @property
+    def db(self) -> Database:
+        assert self.database is not None
+        return self.database
+
+    def sample(self, generator_pids: list[int]) -> CpuSample:
+        """The CPU of the generators and of whatever server and Envoy run at this moment."""
+        return sample_cpu(
+            generator_pids,
+            server=self.server,
+            envoy=self.envoy,
+            postmaster_pid=self.db.postmaster_pid,
+        )
+
+    def start_server(self, workers: int, settings: Mapping[str, str] | None = None) -> None:
+        """The server with `workers` processes and any other `settings` (environment)."""
+        extra = dict(settings or {})
+        shown = " ".join(f"{name}={value}" for name, value in extra.items())
+        progress(f"starting the server (SERVER_WORKERS={workers} {shown}) ...")
+        self.server = start_bench_server(
+            self.db,
+            secret=self.secret,
+            workers=workers,
+            pool_size=self.config.db_pool_size,
+            max_overflow=self.config.db_max_overflow,
+            log_path=self.scratch / f"server-{workers}{'-'.join(['', *extra.values()])}.log",
+            settings=extra,
+        )
+
+    def running_server(self) -> ServerProcess:
+        """The server, which must still be running: a scenario against a dead server would
+        only measure connection errors."""
+        server = self.server
+        assert server is not None
+        if server.process.poll() is not None:
+            raise RuntimeError(
+                f"the server exited with {server.process.returncode}; its log ends with:\n"
+                + server.log_tail()
+            )
+        return server
+
+    def stop_server(self) -> None:
+        if self.envoy is not None:
+            self.envoy.stop()
+            self.envoy = None
+        if self.server is not None:
+            server, self.server = self.server, None
+            server.stop()
+            if server.process.returncode not in (0, -signal.SIGTERM):
+                progress(
+                    f"the server exited with {server.process.returncode}; its log ends with:\n"
+                    + server.log_tail()
+                )
+
+    def announce_product_changes(self, on: bool) -> None:
+        with self.db.connect() as conn:
+            verb = "ENABLE" if on else "DISABLE"
+            conn.execute(f"ALTER TABLE products {verb} TRIGGER products_updated_notify")
+            if on:
+                conn.execute("SELECT pg_notify(%s, '*')", (PRODUCT_CHANGES,))
+
+    def checkpoint(self) -> None:
+        """Starts every write scenario from clean buffers, so no scenario inherits a
+        checkpoint triggered by the one before."""
+        with contextlib.suppress(Exception), self.db.connect() as conn:
+            conn.execute("CHECKPOINT")
+
+    def keep(self, row: Row) -> Row:
+        """Adds a measured scenario's row to the report, and says what it measured."""
+        self.rows.append(row)
+        p99 = "-" if row.p99_ms is None else f"{row.p99_ms:.1f}"
+        progress(
+            f"  {row.scenario}: {row.throughput:.0f}/s, p99 {p99} ms, {row.errors} errors,"
+            f" check {row.check} ({row.check_detail})"
+        )
+        return row
