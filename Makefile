@@ -36,8 +36,8 @@ check-generated: $(STAMP)
 
 # buf reads the image in generated/, so it must be current first (rules: buf.yaml).
 lint: $(STAMP) check-generated
-	$(BIN)/ruff check server clients tests migrations
-	$(BIN)/ruff format --check server clients tests migrations
+	$(BIN)/ruff check server devstack clients tests migrations
+	$(BIN)/ruff format --check server devstack clients tests migrations
 	$(BIN)/buf lint generated/marketplace.binpb --path marketplace --config buf.yaml
 
 # Fails when the protos break clients of any commit in BREAKING_AGAINST: compares the current
@@ -63,7 +63,7 @@ breaking: $(STAMP) check-generated
 	done; exit $$failed
 
 typecheck: $(STAMP)
-	$(BIN)/mypy server clients
+	$(BIN)/mypy server devstack clients
 
 test: $(STAMP) check-generated lint breaking typecheck
 	$(BIN)/pytest -q tests
@@ -78,16 +78,16 @@ test-e2e: $(STAMP)
 	$(BIN)/pytest -q tests/e2e
 
 run: $(STAMP)
-	$(PY) -m server.devstack
+	$(PY) -m devstack
 
 ROLE ?= customer
 SUB ?= demo-customer
 token: $(STAMP)
-	@$(PY) -m server.devstack token --role $(ROLE) --sub $(SUB)
+	@$(PY) -m devstack token --role $(ROLE) --sub $(SUB)
 
 CARD ?= 4242424242424242
 card: $(STAMP)
-	@$(PY) -m server.devstack card --number $(CARD)
+	@$(PY) -m devstack card --number $(CARD)
 
 bench: $(STAMP)
 	$(PY) -m tests.bench

@@ -21,10 +21,10 @@ import psycopg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from devstack.postgres import EmbeddedPostgres, create_database, drop_database
 from server.api.auth import issue_development_token
 from server.db.driver import DriverPool
 from server.db.engine import create_engine
-from server.devstack import EmbeddedPostgres, create_database, drop_database
 
 JWT_SECRET = "test-secret-" + "x" * 32
 T = TypeVar("T")

@@ -13,20 +13,25 @@ from typing import Any
 
 import httpx
 
-from server.devstack import (
+from devstack.envoy import render_envoy_config, start_envoy, wait_for_envoy
+from devstack.localstripe import (
+    DECLINED_CARD,
     LOCALSTRIPE_API_KEY,
-    free_port,
-    render_envoy_config,
-    start_envoy,
+    SUCCESS_CARD,
     start_localstripe,
-    stop_process,
-    wait_for_envoy,
     wait_for_localstripe,
 )
+from devstack.processes import free_port, stop_process
 
-# Stripe's test cards, as localstripe knows them.
-SUCCESS_CARD = "4242424242424242"
-DECLINED_CARD = "4000000000000341"  # attaches fine, declined when charged
+# The cards are devstack's; the provider tests import them from here with the rest.
+__all__ = [
+    "DECLINED_CARD",
+    "SUCCESS_CARD",
+    "FaultInjector",
+    "LocalStripe",
+    "PaymentStack",
+    "running_payment_stack",
+]
 
 EGRESS_STATS = "http.provider_egress."
 

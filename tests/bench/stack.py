@@ -20,19 +20,11 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import make_url
 
+from devstack.envoy import render_envoy_config, start_envoy, wait_for_envoy
+from devstack.postgres import EmbeddedPostgres, create_database, drop_database
+from devstack.processes import free_port, stop_process
+from devstack.server import start_server, wait_for_grpc
 from server.db.engine import connect_options
-from server.devstack import (
-    EmbeddedPostgres,
-    create_database,
-    drop_database,
-    free_port,
-    render_envoy_config,
-    start_envoy,
-    start_server,
-    stop_process,
-    wait_for_envoy,
-    wait_for_grpc,
-)
 from tests.bench.config import (
     CURRENCY,
     HOT_PRODUCT_N,

@@ -12,24 +12,19 @@ import grpc
 import httpx
 import pytest
 
-from marketplace.catalog.v1 import catalog_pb2_grpc
-from marketplace.order.v1 import order_pb2_grpc
-from server.devstack import (
+from devstack.envoy import render_envoy_config, start_envoy, wait_for_envoy
+from devstack.localstripe import (
     LOCALSTRIPE_API_KEY,
     WEBHOOK_PATH,
-    create_database,
-    drop_database,
-    free_port,
     register_localstripe_webhook,
-    render_envoy_config,
-    start_envoy,
     start_localstripe,
-    start_server,
-    stop_process,
-    wait_for_envoy,
-    wait_for_grpc,
     wait_for_localstripe,
 )
+from devstack.postgres import create_database, drop_database
+from devstack.processes import free_port, stop_process
+from devstack.server import start_server, wait_for_grpc
+from marketplace.catalog.v1 import catalog_pb2_grpc
+from marketplace.order.v1 import order_pb2_grpc
 from tests.conftest import JWT_SECRET
 from tests.payment_stack import FaultInjector, LocalStripe
 

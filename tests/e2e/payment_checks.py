@@ -25,14 +25,10 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from google.type import money_pb2
 
+from devstack.localstripe import LOCALSTRIPE_API_KEY, WEBHOOK_PATH, register_localstripe_webhook
+from devstack.processes import free_port
 from marketplace.order.v1 import order_pb2, order_pb2_grpc
 from marketplace.payment.v1 import payment_pb2, payment_pb2_grpc
-from server.devstack import (
-    LOCALSTRIPE_API_KEY,
-    WEBHOOK_PATH,
-    free_port,
-    register_localstripe_webhook,
-)
 from tests.conftest import eventually, insert_product
 from tests.e2e.conftest import WEBHOOK_SECRET, Stack, bearer
 from tests.e2e.statuses import detail_of, status_of_rpc_error

@@ -11,16 +11,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devstack.postgres import EmbeddedPostgres, create_database
+from devstack.processes import free_port, stop_process
+from devstack.server import start_server, wait_for_grpc
 from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from marketplace.order.v1 import order_pb2, order_pb2_grpc
-from server.devstack import (
-    EmbeddedPostgres,
-    create_database,
-    free_port,
-    start_server,
-    stop_process,
-    wait_for_grpc,
-)
 from tests.conftest import Tokens, eventually, insert_product
 from tests.e2e.conftest import bearer, server_env
 

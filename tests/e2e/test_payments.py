@@ -24,9 +24,10 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from google.type import money_pb2
 
+from devstack.processes import free_port, stop_process
+from devstack.server import start_server, wait_for_grpc
 from marketplace.order.v1 import order_pb2
 from marketplace.payment.v1 import payment_pb2
-from server.devstack import free_port, start_server, stop_process, wait_for_grpc
 from tests.conftest import Tokens, stock_of
 from tests.e2e.conftest import Stack, server_env
 from tests.e2e.payment_checks import (

@@ -11,8 +11,9 @@ import grpc
 import psycopg
 import pytest
 
+from devstack.processes import free_port, stop_process
+from devstack.server import start_server, wait_for_grpc
 from marketplace.order.v1 import order_pb2, order_pb2_grpc
-from server.devstack import free_port, start_server, stop_process, wait_for_grpc
 from tests.conftest import Tokens, insert_product, stock_of
 from tests.e2e.conftest import bearer, server_env
 

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Iterator
 import psycopg
 import pytest
 
+from devstack.postgres import create_database, drop_database
 from server.db.driver import DriverPool
-from server.devstack import create_database, drop_database
 from server.domain.orders import OrderStatus, order_request
 from server.services.orders.placement import OrderPlacement
 from tests.conftest import hot_path_pool, insert_product, sqlalchemy_engine

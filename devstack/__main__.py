@@ -1,0 +1,179 @@
+"""`python -m devstack`: the stack behind `make run`, `make token` and `make card`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+import devstack
+from devstack import DATA_DIR
+from devstack.envoy import render_envoy_config, start_envoy, wait_for_envoy
+from devstack.localstripe import (
+    DECLINED_CARD,
+    DEV_WEBHOOK_SECRET,
+    LOCALSTRIPE_API_KEY,
+    SUCCESS_CARD,
+    WEBHOOK_PATH,
+    create_test_payment_method,
+    register_localstripe_webhook,
+    serve_localstripe,
+    start_localstripe,
+    wait_for_localstripe,
+)
+from devstack.postgres import database, seed_demo_catalog
+from devstack.processes import stop_process
+from devstack.server import ensure_jwt_secret, start_server, wait_for_grpc
+from server.api.auth import issue_development_token
+from server.db.engine import upgrade_schema
+
+TOKEN_LIFETIME_SECONDS = 24 * 3600
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _port(name: str, default: int) -> int:
+    return int(os.environ.get(name, str(default)))
+
+
+def run() -> int:
+    # Ctrl-C and `kill` both stop the whole stack, even where SIGINT was inherited ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    grpc_port = _port("GRPC_PORT", 50051)
+    http_port = _port("HTTP_PORT", 8080)
+    admin_port = _port("ENVOY_ADMIN_PORT", 9901)
+    localstripe_port = _port("LOCALSTRIPE_PORT", 8420)
+    provider_proxy_port = _port("PROVIDER_PROXY_PORT", 8421)
+    webhook_secret = os.environ.get("STRIPE_WEBHOOK_SECRET", DEV_WEBHOOK_SECRET)
+    secret = ensure_jwt_secret()
+    DATA_DIR.mkdir(exist_ok=True)
+    with database() as database_url:
+        print(f"PostgreSQL: {database_url}", flush=True)
+        upgrade_schema(database_url)
+        seed_demo_catalog(database_url)
+        config_path = DATA_DIR / "envoy.yaml"
+        config_path.write_text(
+            render_envoy_config(
+                http_port=http_port,
+                grpc_port=grpc_port,
+                admin_port=admin_port,
+                provider_proxy_port=provider_proxy_port,
+                localstripe_port=localstripe_port,
+            )
+        )
+        with (DATA_DIR / "localstripe.log").open("ab") as localstripe_log:
+            localstripe = start_localstripe(localstripe_port, log=localstripe_log)
+        try:
+            wait_for_localstripe(localstripe_port, localstripe)
+            register_localstripe_webhook(
+                localstripe_port, f"http://127.0.0.1:{http_port}{WEBHOOK_PATH}", webhook_secret
+            )
+        except BaseException:
+            stop_process(localstripe)
+            raise
+        server = start_server(
+            {
+                "DATABASE_URL": database_url,
+                "MARKETPLACE_JWT_SECRET": secret,
+                "GRPC_PORT": str(grpc_port),
+                # The server reaches localstripe through Envoy, where faults can be injected.
+                "STRIPE_API_BASE": f"http://127.0.0.1:{provider_proxy_port}",
+                "STRIPE_API_KEY": LOCALSTRIPE_API_KEY,
+                "STRIPE_WEBHOOK_SECRET": webhook_secret,
+            }
+        )
+        with (DATA_DIR / "envoy.log").open("ab") as envoy_log:
+            envoy = start_envoy(config_path, log=envoy_log)
+        try:
+            wait_for_grpc(grpc_port, server)
+            wait_for_envoy(admin_port, envoy)
+            customer = issue_development_token(
+                secret, "demo-customer", ["customer"], lifetime_seconds=TOKEN_LIFETIME_SECONDS
+            )
+            admin = issue_development_token(
+                secret, "demo-admin", ["admin"], lifetime_seconds=TOKEN_LIFETIME_SECONDS
+            )
+            print(
+                f"\nMarketplace is up.\n"
+                f"  gRPC   127.0.0.1:{grpc_port}"
+                f"   (.venv/bin/grpcurl -plaintext 127.0.0.1:{grpc_port} list)\n"
+                f"  REST   http://127.0.0.1:{http_port}/v1/products\n"
+                f"  Envoy admin http://127.0.0.1:{admin_port}   envoy log: .data/envoy.log\n"
+                f"  localstripe http://127.0.0.1:{localstripe_port}"
+                f" (the server's Stripe, via Envoy on {provider_proxy_port})"
+                f"   log: .data/localstripe.log\n"
+                f"  a card: make card CARD={SUCCESS_CARD}\n"
+                f"\n  export CUSTOMER_TOKEN={customer}\n"
+                f"  export ADMIN_TOKEN={admin}\n"
+                f"\nCtrl-C stops everything.\n",
+                flush=True,
+            )
+            while all(p.poll() is None for p in (server, envoy, localstripe)):
+                time.sleep(0.5)
+            print("a component exited; stopping", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\nstopping...", flush=True)
+            return 0
+        finally:
+            stop_process(envoy)
+            stop_process(server)
+            stop_process(localstripe)
+
+
+def print_token(role: str, subject: str) -> int:
+    roles = [r for r in role.replace(",", " ").split() if r]
+    print(
+        issue_development_token(
+            ensure_jwt_secret(), subject, roles, lifetime_seconds=TOKEN_LIFETIME_SECONDS
+        )
+    )
+    return 0
+
+
+def print_card(number: str) -> int:
+    port = _port("LOCALSTRIPE_PORT", 8420)
+    try:
+        print(create_test_payment_method(port, number))
+    except OSError as error:
+        print(f"localstripe on port {port} did not answer ({error}); is `make run` up?")
+        return 1
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m devstack", description=devstack.__doc__)
+    commands = parser.add_subparsers(dest="command")
+    token = commands.add_parser("token", help="print a development JWT")
+    token.add_argument(
+        "--role", default="customer", help="customer, admin, or both: 'customer,admin'"
+    )
+    token.add_argument("--sub", default="demo-customer", help="the customer id")
+    card = commands.add_parser(
+        "card", help="print a new PaymentMethod id from the running localstripe"
+    )
+    card.add_argument(
+        "--number",
+        default=SUCCESS_CARD,
+        help=f"a Stripe test card: {SUCCESS_CARD} pays, {DECLINED_CARD} is declined",
+    )
+    emulator = commands.add_parser("localstripe", help="run localstripe (used by `make run`)")
+    emulator.add_argument("--port", type=int, default=8420)
+    options = parser.parse_args()
+    if options.command == "token":
+        return print_token(options.role, options.sub)
+    if options.command == "card":
+        return print_card(options.number)
+    if options.command == "localstripe":
+        serve_localstripe(options.port)
+        return 0
+    return run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""PostgreSQL for the stack and the tests: a private server from the pgserver package, or
+DATABASE_URL's; throwaway migrated databases on it; the demo catalog."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+from devstack import DATA_DIR
+from server.db.engine import upgrade_schema
+
+# Fixed ids so the README's examples work exactly as written.
+DEMO_PRODUCTS = (
+    ("00000000-0000-4000-8000-000000000001", "MUG-CLASSIC", "Classic mug", "12.50", 100),
+    ("00000000-0000-4000-8000-000000000002", "TEE-BLACK-M", "Black tee, M", "19.99", 50),
+    ("00000000-0000-4000-8000-000000000003", "SNEAKER-LTD", "Limited sneaker", "180.00", 10),
+    ("00000000-0000-4000-8000-000000000004", "POSTER-A2", "Poster, A2", "9.00", 200),
+)
+
+
+class EmbeddedPostgres:
+    """A private PostgreSQL from the pgserver package, with stop/start for outage drills."""
+
+    def __init__(self, data_dir: Path, *, delete_on_exit: bool = False) -> None:
+        from pgserver.postgres_server import get_server
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._server = get_server(data_dir, cleanup_mode="delete" if delete_on_exit else "stop")
+        self.data_dir = data_dir
+
+    @property
+    def url(self) -> str:
+        uri: str = self._server.get_uri()
+        return uri
+
+    def stop(self) -> None:
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        subprocess.run(
+            [
+                str(POSTGRES_BIN_PATH / "pg_ctl"),
+                "-D",
+                str(self.data_dir),
+                "-w",
+                "-m",
+                "fast",
+                "stop",
+            ],
+            check=True,
+            capture_output=True,
+            user=self._server.system_user,
+        )
+
+    def start(self) -> None:
+        self._server.ensure_postgres_running()
+
+    def close(self) -> None:
+        """Stops the server, then lets pgserver clean up (delete the data when asked to).
+
+        pgserver alone stops a server only if no other process ever attached to it, which
+        left servers running after tests; whoever owns the data directory stops it here.
+        """
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop()  # fails only when it is not running
+        self._server.cleanup()
+
+    def __enter__(self) -> EmbeddedPostgres:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def database() -> Iterator[str]:
+    """`make run`'s database: DATABASE_URL, or the embedded server kept under .data/."""
+    if url := os.environ.get("DATABASE_URL"):
+        yield url
+        return
+    with EmbeddedPostgres(DATA_DIR / "pgdata") as postgres:
+        yield postgres.url
+
+
+def create_database(server_url: str, prefix: str) -> str:
+    """A new database named `prefix` + a random suffix on `server_url`, migrated; its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    upgrade_schema(url)
+    return url
+
+
+def drop_database(server_url: str, url: str) -> None:
+    name = make_url(url).database
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def seed_demo_catalog(database_url: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        for product_id, sku, name, price, stock in DEMO_PRODUCTS:
+            conn.execute(
+                """
+                INSERT INTO products (id, sku, name, description, price_currency, price_amount,
+                                      stock, create_time, update_time)
+                VALUES (%s, %s, %s, '', 'USD', %s, %s, now(), now())
+                ON CONFLICT DO NOTHING
+                """,
+                (product_id, sku, name, Decimal(price), stock),
+            )
