@@ -47,6 +47,7 @@ def run() -> int:
     grpc_port = _port("GRPC_PORT", 50051)
     http_port = _port("HTTP_PORT", 8080)
     admin_port = _port("ENVOY_ADMIN_PORT", 9901)
+    metrics_port = _port("METRICS_PORT", 9464)
     localstripe_port = _port("LOCALSTRIPE_PORT", 8420)
     provider_proxy_port = _port("PROVIDER_PROXY_PORT", 8421)
     webhook_secret = os.environ.get("STRIPE_WEBHOOK_SECRET", DEV_WEBHOOK_SECRET)
@@ -81,6 +82,8 @@ def run() -> int:
                 "DATABASE_URL": database_url,
                 "MARKETPLACE_JWT_SECRET": secret,
                 "GRPC_PORT": str(grpc_port),
+                # Set here, not left to the settings' default, so the banner names the real port.
+                "METRICS_PORT": str(metrics_port),
                 # The server reaches localstripe through Envoy, where faults can be injected.
                 "STRIPE_API_BASE": f"http://127.0.0.1:{provider_proxy_port}",
                 "STRIPE_API_KEY": LOCALSTRIPE_API_KEY,
@@ -98,11 +101,17 @@ def run() -> int:
             admin = issue_development_token(
                 secret, "demo-admin", ["admin"], lifetime_seconds=TOKEN_LIFETIME_SECONDS
             )
+            metrics = (
+                f"http://127.0.0.1:{metrics_port}/metrics   (Prometheus)"
+                if metrics_port
+                else "off (METRICS_PORT=0)"
+            )
             print(
                 f"\nMarketplace is up.\n"
                 f"  gRPC   127.0.0.1:{grpc_port}"
                 f"   (.venv/bin/grpcurl -plaintext 127.0.0.1:{grpc_port} list)\n"
                 f"  REST   http://127.0.0.1:{http_port}/v1/products\n"
+                f"  metrics {metrics}\n"
                 f"  Envoy admin http://127.0.0.1:{admin_port}   envoy log: .data/envoy.log\n"
                 f"  localstripe http://127.0.0.1:{localstripe_port}"
                 f" (the server's Stripe, via Envoy on {provider_proxy_port})"
