@@ -24,12 +24,13 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from google.type import money_pb2
 
+from devstack.localstripe import DECLINED_CARD, SUCCESS_CARD
 from devstack.processes import free_port, stop_process
 from devstack.server import start_server, wait_for_grpc
 from marketplace.order.v1 import order_pb2
 from marketplace.payment.v1 import payment_pb2
 from tests.conftest import Tokens, stock_of
-from tests.e2e.conftest import Stack, server_env
+from tests.e2e.conftest import Stack
 from tests.e2e.payment_checks import (
     Ledger,
     Shopper,
@@ -48,11 +49,11 @@ from tests.e2e.payment_checks import (
     stripe_signature,
 )
 from tests.e2e.statuses import detail_of, status_of_json
-from tests.payment_stack import DECLINED_CARD, SUCCESS_CARD, FaultInjector
+from tests.stack import FaultInjector, server_env
 
 pytestmark = pytest.mark.e2e
 
-# The stack's provider settings (tests/e2e/conftest.py server_env).
+# The stack's provider settings (tests/stack.py server_env).
 PROVIDER_TIMEOUT = 1.0
 PROVIDER_MAX_ATTEMPTS = 3
 RECONCILE_AFTER = 1.0

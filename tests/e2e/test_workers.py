@@ -15,7 +15,7 @@ from devstack.processes import free_port, stop_process
 from devstack.server import start_server, wait_for_grpc
 from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from tests.conftest import insert_product, notification_queue_held
-from tests.e2e.conftest import server_env
+from tests.stack import server_env
 
 pytestmark = pytest.mark.e2e
 

@@ -1,0 +1,280 @@
+"""The stack the provider and end-to-end tests run against: localstripe (a Stripe emulator)
+behind Envoy's fault-injecting `provider_egress` listener and, given a database, our server
+as its own process behind Envoy's REST listener. Faults are switched at run time, and a look
+at what localstripe actually holds bypasses Envoy, so that faults never blur the evidence."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from devstack.envoy import render_envoy_config, start_envoy, wait_for_envoy
+from devstack.localstripe import (
+    LOCALSTRIPE_API_KEY,
+    WEBHOOK_PATH,
+    register_localstripe_webhook,
+    start_localstripe,
+    wait_for_localstripe,
+)
+from devstack.processes import free_port, stop_process
+from devstack.server import start_server, wait_for_grpc
+from tests.conftest import JWT_SECRET
+
+WEBHOOK_SECRET = "whsec_e2e_" + "x" * 24
+EGRESS_STATS = "http.provider_egress."
+
+
+def _scope(confirm_only: bool) -> str:
+    """Runtime key prefix: every provider request, or only PaymentIntent confirms (the
+    second fault filter in envoy.yaml's provider_egress listener)."""
+    return "fault.confirm" if confirm_only else "fault.http"
+
+
+class FaultInjector:
+    """The fault filter on Envoy's provider listener, through the admin runtime."""
+
+    def __init__(self, admin_port: int) -> None:
+        self._admin = f"http://127.0.0.1:{admin_port}"
+
+    async def abort(
+        self, http_status: int = 503, percent: int = 100, *, confirm_only: bool = False
+    ) -> None:
+        """Envoy answers `http_status` ("fault filter abort") without forwarding."""
+        scope = _scope(confirm_only)
+        await self._set(
+            {f"{scope}.abort.abort_percent": percent, f"{scope}.abort.http_status": http_status}
+        )
+
+    async def delay(self, ms: int, percent: int = 100, *, confirm_only: bool = False) -> None:
+        """Requests wait `ms` in Envoy before being forwarded (dropped if the caller leaves)."""
+        scope = _scope(confirm_only)
+        await self._set(
+            {f"{scope}.delay.fixed_delay_percent": percent, f"{scope}.delay.fixed_duration_ms": ms}
+        )
+
+    async def throttle_responses(self, percent: int = 100, *, confirm_only: bool = False) -> None:
+        """Requests reach localstripe, whose answers then trickle back at 1 KiB/s: the
+        provider has acted long before the caller hears of it."""
+        await self._set({f"{_scope(confirm_only)}.rate_limit.response_percent": percent})
+
+    async def clear(self) -> None:
+        await self._set(
+            {
+                f"{scope}.{key}": 0
+                for scope in ("fault.http", "fault.confirm")
+                for key in (
+                    "abort.abort_percent",
+                    "delay.fixed_delay_percent",
+                    "rate_limit.response_percent",
+                )
+            }
+        )
+
+    async def stat(self, name: str) -> int:
+        """One Envoy counter of the provider listener, e.g. "downstream_rq_total" (every
+        request that arrived) or "fault.aborts_injected"."""
+        async with httpx.AsyncClient(base_url=self._admin, timeout=5) as admin:
+            reply = await admin.get("/stats", params={"filter": f"^{EGRESS_STATS}{name}$"})
+        reply.raise_for_status()
+        for line in reply.text.splitlines():
+            key, _, value = line.partition(": ")
+            if key == EGRESS_STATS + name:
+                return int(value)
+        raise KeyError(name)
+
+    async def _set(self, values: dict[str, int]) -> None:
+        async with httpx.AsyncClient(base_url=self._admin, timeout=5) as admin:
+            reply = await admin.post("/runtime_modify", params=values)
+        reply.raise_for_status()
+
+
+class LocalStripe:
+    """localstripe's own API on its own port (not through Envoy)."""
+
+    def __init__(self, port: int) -> None:
+        self._base = f"http://127.0.0.1:{port}"
+
+    async def payment_method(self, card_number: str) -> str:
+        card = {"number": card_number, "exp_month": "12", "exp_year": "2030", "cvc": "123"}
+        form = {"type": "card", **{f"card[{key}]": value for key, value in card.items()}}
+        async with self._client() as client:
+            reply = await client.post("/v1/payment_methods", data=form)
+        reply.raise_for_status()
+        payment_method_id: str = reply.json()["id"]
+        return payment_method_id
+
+    async def list_payment_intents(self) -> list[dict[str, Any]]:
+        return await self._list("/v1/payment_intents")
+
+    async def intents_for_order(self, order_id: str) -> list[dict[str, Any]]:
+        intents = await self.list_payment_intents()
+        return [intent for intent in intents if intent["metadata"].get("order_id") == order_id]
+
+    async def intent(self, intent_id: str) -> dict[str, Any]:
+        async with self._client() as client:
+            reply = await client.get(f"/v1/payment_intents/{intent_id}")
+        reply.raise_for_status()
+        intent: dict[str, Any] = reply.json()
+        return intent
+
+    async def refunds_for(self, intent_id: str) -> list[dict[str, Any]]:
+        return await self._list("/v1/refunds", payment_intent=intent_id)
+
+    async def charges_for(self, intent_id: str) -> list[dict[str, Any]]:
+        # localstripe cannot filter charges by intent; an intent only shows its latest one.
+        charges = await self._list("/v1/charges")
+        return [charge for charge in charges if charge["payment_intent"] == intent_id]
+
+    async def _list(self, path: str, **filters: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        params: dict[str, str | int] = {**filters, "limit": 100}
+        async with self._client() as client:
+            while True:
+                reply = await client.get(path, params=params)
+                reply.raise_for_status()
+                page = reply.json()
+                items.extend(page["data"])
+                if not page["has_more"] or not page["data"]:
+                    return items
+                params["starting_after"] = page["data"][-1]["id"]
+
+    def _client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self._base,
+            headers={"Authorization": f"Bearer {LOCALSTRIPE_API_KEY}"},
+            timeout=10,
+        )
+
+
+def server_env(
+    database_url: str, grpc_port: int, provider_proxy_port: int | None = None
+) -> dict[str, str]:
+    """The server's environment. Without a provider port (tests that make no payments) the
+    provider is a port nobody listens on: never the real Stripe."""
+    if provider_proxy_port is None:
+        provider_proxy_port = free_port()
+    return {
+        "DATABASE_URL": database_url,
+        "MARKETPLACE_JWT_SECRET": JWT_SECRET,
+        "GRPC_PORT": str(grpc_port),
+        "METRICS_PORT": "0",
+        "HEALTH_CHECK_INTERVAL": "0.2",
+        "DB_POOL_SIZE": "20",
+        "DB_MAX_OVERFLOW": "10",
+        "LOG_LEVEL": "WARNING",
+        # localstripe, through Envoy's provider listener where tests inject faults
+        "STRIPE_API_BASE": f"http://127.0.0.1:{provider_proxy_port}",
+        "STRIPE_API_KEY": LOCALSTRIPE_API_KEY,
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        # short enough that failure drills finish in seconds
+        "PROVIDER_TIMEOUT": "1",
+        "PROVIDER_MAX_ATTEMPTS": "3",
+        "PROVIDER_BREAKER_THRESHOLD": "3",
+        "PROVIDER_BREAKER_RESET": "2",
+        "BACKGROUND_INTERVAL": "0.2",
+        "RECONCILE_AFTER": "1",
+    }
+
+
+@dataclass(frozen=True)
+class Stack:
+    """The ports of a running stack. Without a server, its gRPC and REST ports lead nowhere."""
+
+    grpc_port: int
+    http_port: int
+    admin_port: int
+    localstripe_port: int
+    provider_proxy_port: int
+    log_dir: Path
+    server_database_url: str | None
+
+    @property
+    def database_url(self) -> str:
+        """The server's database."""
+        if self.server_database_url is None:
+            raise RuntimeError("this stack runs no server, so it has no database")
+        return self.server_database_url
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def rest_base(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def api_base(self) -> str:
+        """Where the Stripe SDK is pointed: Envoy's egress listener, not localstripe."""
+        return f"http://127.0.0.1:{self.provider_proxy_port}"
+
+    @property
+    def faults(self) -> FaultInjector:
+        """Faults between the server (or any Stripe SDK at `api_base`) and localstripe."""
+        return FaultInjector(self.admin_port)
+
+    @property
+    def localstripe(self) -> LocalStripe:
+        return LocalStripe(self.localstripe_port)
+
+
+@contextlib.contextmanager
+def running_stack(database_url: str | None = None) -> Iterator[Stack]:
+    """localstripe and an Envoy in front of it on free ports and, with `database_url`, the
+    server on that database, with localstripe's webhooks going to it through Envoy.
+
+    Envoy always runs the whole envoy.yaml; without a server its REST listener points at a
+    gRPC port nobody listens on, which costs nothing.
+    """
+    grpc_port, http_port, admin_port = free_port(), free_port(), free_port()
+    localstripe_port, provider_proxy_port = free_port(), free_port()
+    with tempfile.TemporaryDirectory(prefix="marketplace-stack-") as scratch:
+        log_dir = Path(scratch)
+        config = log_dir / "envoy.yaml"
+        config.write_text(
+            render_envoy_config(
+                http_port=http_port,
+                grpc_port=grpc_port,
+                admin_port=admin_port,
+                provider_proxy_port=provider_proxy_port,
+                localstripe_port=localstripe_port,
+            )
+        )
+        with (
+            (log_dir / "server.log").open("wb") as server_log,
+            (log_dir / "envoy.log").open("wb") as envoy_log,
+            (log_dir / "localstripe.log").open("wb") as localstripe_log,
+        ):
+            localstripe = start_localstripe(localstripe_port, log=localstripe_log)
+            server = None
+            if database_url is not None:
+                env = server_env(database_url, grpc_port, provider_proxy_port)
+                server = start_server(env, log=server_log)
+            envoy = start_envoy(config, log=envoy_log)
+            try:
+                wait_for_localstripe(localstripe_port, localstripe)
+                if server is not None:
+                    webhook_url = f"http://127.0.0.1:{http_port}{WEBHOOK_PATH}"
+                    register_localstripe_webhook(localstripe_port, webhook_url, WEBHOOK_SECRET)
+                    wait_for_grpc(grpc_port, server)
+                wait_for_envoy(admin_port, envoy)
+                yield Stack(
+                    grpc_port,
+                    http_port,
+                    admin_port,
+                    localstripe_port,
+                    provider_proxy_port,
+                    log_dir,
+                    database_url,
+                )
+            finally:
+                stop_process(envoy)
+                exit_code = stop_process(server) if server is not None else 0
+                stop_process(localstripe)
+        assert exit_code == 0, (log_dir / "server.log").read_text()[-4000:]
