@@ -278,3 +278,8 @@ def running_stack(database_url: str | None = None) -> Iterator[Stack]:
                 exit_code = stop_process(server) if server is not None else 0
                 stop_process(localstripe)
         assert exit_code == 0, (log_dir / "server.log").read_text()[-4000:]
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    """gRPC metadata carrying a bearer token."""
+    return (("authorization", f"Bearer {token}"),)

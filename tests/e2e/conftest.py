@@ -14,6 +14,11 @@ from marketplace.catalog.v1 import catalog_pb2_grpc
 from marketplace.order.v1 import order_pb2_grpc
 from tests.stack import Stack, running_stack
 
+# The shared checks' asserts show their operands on failure, like a test's own.
+pytest.register_assert_rewrite(
+    "tests.e2e.refusals", "tests.e2e.statuses", "tests.e2e.payment_checks"
+)
+
 
 @pytest.fixture(scope="session")
 def database_url(postgres_server_url: str) -> Iterator[str]:
@@ -50,7 +55,3 @@ def order_stub(channel: grpc.aio.Channel) -> order_pb2_grpc.OrderServiceStub:
 async def rest(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=stack.rest_base, timeout=30) as client:
         yield client
-
-
-def bearer(token: str) -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer {token}"),)

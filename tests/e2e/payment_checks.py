@@ -30,9 +30,8 @@ from devstack.processes import free_port
 from marketplace.order.v1 import order_pb2, order_pb2_grpc
 from marketplace.payment.v1 import payment_pb2, payment_pb2_grpc
 from tests.conftest import eventually, insert_product
-from tests.e2e.conftest import bearer
 from tests.e2e.statuses import detail_of, status_of_rpc_error
-from tests.stack import WEBHOOK_SECRET, Stack
+from tests.stack import WEBHOOK_SECRET, Stack, bearer
 
 # Every table a payment, a refund or a webhook can touch (tests/conftest.py's
 # table_snapshot predates payments).

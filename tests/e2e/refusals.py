@@ -32,7 +32,6 @@ from marketplace.order.v1 import order_pb2, order_pb2_grpc
 from marketplace.payment.v1 import payment_pb2
 from server.api.errors import ERROR_DOMAIN
 from tests.conftest import Tokens, insert_product, table_snapshot
-from tests.e2e.conftest import Stack, bearer
 from tests.e2e.statuses import (
     HTTP_STATUS_OF,
     code_name,
@@ -40,6 +39,7 @@ from tests.e2e.statuses import (
     status_of_json,
     status_of_rpc_error,
 )
+from tests.stack import Stack, bearer
 
 CATALOG = "/marketplace.catalog.v1.CatalogService"
 ORDERS = "/marketplace.order.v1.OrderService"

@@ -12,7 +12,6 @@ from google.rpc import code_pb2
 
 from server.api.auth import issue_development_token
 from tests.conftest import Tokens, insert_product, stock_of
-from tests.e2e.conftest import Stack
 from tests.e2e.refusals import (
     ORDERS,
     REST,
@@ -29,6 +28,7 @@ from tests.e2e.refusals import (
     unauthenticated,
     varint,
 )
+from tests.stack import Stack
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,6 @@ from google.type import money_pb2
 
 from marketplace.catalog.v1 import catalog_pb2
 from server.domain.pagination import encode_page_token
-from tests.e2e.conftest import bearer
 from tests.e2e.refusals import (
     SQL_INJECTION,
     Call,
@@ -29,6 +28,7 @@ from tests.e2e.refusals import (
     precondition,
     update_product,
 )
+from tests.stack import bearer
 
 pytestmark = pytest.mark.e2e
 

@@ -14,7 +14,6 @@ from marketplace.catalog.v1 import catalog_pb2
 from marketplace.order.v1 import order_pb2
 from server.domain.pagination import encode_page_token
 from tests.conftest import Tokens, stock_of
-from tests.e2e.conftest import Stack, bearer
 from tests.e2e.refusals import (
     BOTH,
     GRPC,
@@ -40,6 +39,7 @@ from tests.e2e.refusals import (
     varint,
 )
 from tests.e2e.statuses import code_name, details_of, status_of_json
+from tests.stack import Stack, bearer
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,6 @@ from google.type import money_pb2
 from marketplace.order.v1 import order_pb2
 from marketplace.payment.v1 import payment_pb2
 from server.domain.pagination import encode_page_token
-from tests.e2e.conftest import bearer
 from tests.e2e.refusals import (
     PAYMENTS,
     SQL_INJECTION,
@@ -34,6 +33,7 @@ from tests.e2e.refusals import (
     refund_payment,
     unauthenticated,
 )
+from tests.stack import bearer
 
 pytestmark = pytest.mark.e2e
 

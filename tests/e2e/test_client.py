@@ -35,7 +35,7 @@ from marketplace_client import (
 )
 from marketplace_client.errors import from_rpc_error
 from tests.conftest import Tokens, insert_product, stock_of
-from tests.e2e.conftest import Stack
+from tests.stack import Stack
 
 pytestmark = pytest.mark.e2e
 

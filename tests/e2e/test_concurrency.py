@@ -14,7 +14,7 @@ import pytest
 
 from marketplace.order.v1 import order_pb2, order_pb2_grpc
 from tests.conftest import Tokens, insert_product, stock_of
-from tests.e2e.conftest import Stack, bearer
+from tests.stack import Stack, bearer
 
 pytestmark = pytest.mark.e2e
 

@@ -17,8 +17,7 @@ from devstack.server import start_server, wait_for_grpc
 from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from marketplace.order.v1 import order_pb2, order_pb2_grpc
 from tests.conftest import Tokens, eventually, insert_product
-from tests.e2e.conftest import bearer
-from tests.stack import server_env
+from tests.stack import bearer, server_env
 
 pytestmark = pytest.mark.e2e
 

@@ -30,7 +30,6 @@ from devstack.server import start_server, wait_for_grpc
 from marketplace.order.v1 import order_pb2
 from marketplace.payment.v1 import payment_pb2
 from tests.conftest import Tokens, stock_of
-from tests.e2e.conftest import Stack
 from tests.e2e.payment_checks import (
     Ledger,
     Shopper,
@@ -49,7 +48,7 @@ from tests.e2e.payment_checks import (
     stripe_signature,
 )
 from tests.e2e.statuses import detail_of, status_of_json
-from tests.stack import FaultInjector, server_env
+from tests.stack import FaultInjector, Stack, server_env
 
 pytestmark = pytest.mark.e2e
 

@@ -15,8 +15,7 @@ from devstack.processes import free_port, stop_process
 from devstack.server import start_server, wait_for_grpc
 from marketplace.order.v1 import order_pb2, order_pb2_grpc
 from tests.conftest import Tokens, insert_product, stock_of
-from tests.e2e.conftest import bearer
-from tests.stack import server_env
+from tests.stack import bearer, server_env
 
 pytestmark = pytest.mark.e2e
 

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from devstack.localstripe import DECLINED_CARD, SUCCESS_CARD
 from server.adapters.stripe_provider import StripeProvider
 from server.db.driver import DriverPool
 from server.domain.errors import RequestIdReused
@@ -31,12 +32,7 @@ from server.services.circuit import CircuitOpen, GuardedProvider
 from server.services.providers import IntentStatus, ProviderIntent, ProviderUnavailable
 from server.services.upkeep import Upkeep
 from tests.conftest import insert_product, stock_of
-from tests.payment_stack import (
-    DECLINED_CARD,
-    SUCCESS_CARD,
-    PaymentStack,
-    running_payment_stack,
-)
+from tests.stack import Stack, running_stack
 from tests.use_cases import wired
 
 pytestmark = pytest.mark.integration
@@ -48,8 +44,8 @@ ADMIN = Principal("root", frozenset({Role.ADMIN}))
 
 
 @pytest.fixture(scope="module")
-def payment_stack() -> Iterator[PaymentStack]:
-    with running_payment_stack() as stack:
+def payment_stack() -> Iterator[Stack]:
+    with running_stack() as stack:
         yield stack
 
 
@@ -57,7 +53,7 @@ class World:
     """Payments wired as the server wires them, with a lease of 0 so the reconciler may
     take over at once (the test plays the crash)."""
 
-    def __init__(self, engine: AsyncEngine, hot_path: DriverPool, stack: PaymentStack) -> None:
+    def __init__(self, engine: AsyncEngine, hot_path: DriverPool, stack: Stack) -> None:
         self.stack = stack
         self.stripe = StripeProvider(
             api_key="sk_test_marketplace",
@@ -116,7 +112,7 @@ class World:
 
 @pytest.fixture
 async def world(
-    engine: AsyncEngine, hot_path: DriverPool, payment_stack: PaymentStack
+    engine: AsyncEngine, hot_path: DriverPool, payment_stack: Stack
 ) -> AsyncIterator[World]:
     built = World(engine, hot_path, payment_stack)
     yield built
@@ -132,7 +128,7 @@ def _order_status(database_url: str, order_id: str) -> str:
     return status
 
 
-async def _refunded_at_provider(stack: PaymentStack, order_id: str) -> int:
+async def _refunded_at_provider(stack: Stack, order_id: str) -> int:
     [intent] = [
         i for i in await stack.localstripe.intents_for_order(order_id) if i["status"] == "succeeded"
     ]
