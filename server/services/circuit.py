@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 import structlog
 from purgatory import AsyncCircuitBreakerFactory
@@ -22,12 +22,11 @@ from purgatory.domain.model import OpenedState
 from server.services.providers import (
     CardDeclined,
     PaymentProvider,
-    ProviderIntent,
-    ProviderRefund,
     ProviderRejected,
     ProviderUnavailable,
 )
 
+Params = ParamSpec("Params")
 Result = TypeVar("Result")
 _log = structlog.get_logger("marketplace.payments")
 
@@ -38,6 +37,45 @@ class CircuitOpen(ProviderUnavailable):
     def __init__(self, provider: str, retry_after_seconds: float) -> None:
         super().__init__(f"the {provider} circuit is open")
         self.retry_after_seconds = retry_after_seconds
+
+
+class _ThroughCircuit(Generic[Params, Result]):
+    """A PaymentProvider method of GuardedProvider: the wrapped provider's method of the
+    same name, called through the circuit.
+
+    A descriptor built from the Protocol's own method, so mypy takes each signature from
+    the port and checks every call against it; forwarding methods written out would copy
+    the port's signatures a third time, and a `__getattr__` proxy would hand callers Any.
+    """
+
+    def __init__(
+        self, method: Callable[Concatenate[PaymentProvider, Params], Coroutine[Any, Any, Result]]
+    ) -> None:
+        self._name = method.__name__
+
+    def __set_name__(self, owner: type[object], name: str) -> None:
+        if name != self._name:
+            raise TypeError(f"{owner.__name__}.{name} would call the provider's {self._name}")
+
+    @overload
+    def __get__(self, guarded: None, owner: type[object]) -> _ThroughCircuit[Params, Result]: ...
+
+    @overload
+    def __get__(
+        self, guarded: GuardedProvider, owner: type[object] | None = None
+    ) -> Callable[Params, Coroutine[Any, Any, Result]]: ...
+
+    def __get__(
+        self, guarded: GuardedProvider | None, owner: type[object] | None = None
+    ) -> _ThroughCircuit[Params, Result] | Callable[Params, Coroutine[Any, Any, Result]]:
+        if guarded is None:
+            return self
+        method: Callable[Params, Awaitable[Result]] = getattr(guarded._provider, self._name)
+
+        async def through_circuit(*args: Params.args, **kwargs: Params.kwargs) -> Result:
+            return await guarded._call(lambda: method(*args, **kwargs))
+
+        return through_circuit
 
 
 class GuardedProvider:
@@ -101,57 +139,13 @@ class GuardedProvider:
             retry_after = max(opened.opened_at + self._reset_seconds - time.time(), 0.0)
             raise CircuitOpen(self.name, retry_after) from None
 
-    async def create_intent(
-        self,
-        *,
-        amount_minor: int,
-        currency: str,
-        payment_method: str,
-        metadata: Mapping[str, str],
-        idempotency_key: str,
-    ) -> ProviderIntent:
-        return await self._call(
-            lambda: self._provider.create_intent(
-                amount_minor=amount_minor,
-                currency=currency,
-                payment_method=payment_method,
-                metadata=metadata,
-                idempotency_key=idempotency_key,
-            )
-        )
-
-    async def confirm_intent(self, reference: str, *, idempotency_key: str) -> ProviderIntent:
-        return await self._call(
-            lambda: self._provider.confirm_intent(reference, idempotency_key=idempotency_key)
-        )
-
-    async def retrieve_intent(self, reference: str) -> ProviderIntent:
-        return await self._call(lambda: self._provider.retrieve_intent(reference))
-
-    async def cancel_intent(self, reference: str, *, idempotency_key: str) -> ProviderIntent:
-        return await self._call(
-            lambda: self._provider.cancel_intent(reference, idempotency_key=idempotency_key)
-        )
-
-    async def refund(
-        self,
-        intent_reference: str,
-        *,
-        amount_minor: int,
-        metadata: Mapping[str, str],
-        idempotency_key: str,
-    ) -> ProviderRefund:
-        return await self._call(
-            lambda: self._provider.refund(
-                intent_reference,
-                amount_minor=amount_minor,
-                metadata=metadata,
-                idempotency_key=idempotency_key,
-            )
-        )
-
-    async def list_refunds(self, intent_reference: str) -> list[ProviderRefund]:
-        return await self._call(lambda: self._provider.list_refunds(intent_reference))
+    # The port's methods, typed by PaymentProvider itself (see _ThroughCircuit).
+    create_intent = _ThroughCircuit(PaymentProvider.create_intent)
+    confirm_intent = _ThroughCircuit(PaymentProvider.confirm_intent)
+    retrieve_intent = _ThroughCircuit(PaymentProvider.retrieve_intent)
+    cancel_intent = _ThroughCircuit(PaymentProvider.cancel_intent)
+    refund = _ThroughCircuit(PaymentProvider.refund)
+    list_refunds = _ThroughCircuit(PaymentProvider.list_refunds)
 
 
 def _consume_outcome(call: asyncio.Future[Any]) -> None:

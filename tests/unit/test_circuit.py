@@ -1,5 +1,6 @@
-"""The provider's circuit breaker, around a stand-in provider whose answers the test holds
-back, so what a caller's cancellation does is decided by the breaker alone."""
+"""The provider's circuit breaker, around stand-in providers: one whose answers the test
+holds back, so what a caller's cancellation does is decided by the breaker alone, one that
+records what reaches it, and one that refuses."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ from typing import Any
 import pytest
 
 from server.services.circuit import GuardedProvider
-from server.services.providers import IntentStatus, ProviderIntent, ProviderUnavailable
+from server.services.providers import (
+    CardDeclined,
+    IntentStatus,
+    ProviderIntent,
+    ProviderRejected,
+    ProviderUnavailable,
+)
 
 
 class HeldBackProvider:
@@ -61,3 +68,70 @@ async def test_provider_failures_still_open_it() -> None:
             await guarded.retrieve_intent("pi_x")
     with pytest.raises(ProviderUnavailable, match="circuit is open"):
         await guarded.raise_if_open()
+
+
+class RecordingProvider:
+    """Every port method, answering at once and recording what it was called with."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[object, ...], dict[str, object]]] = []
+
+    def __getattr__(self, method: str) -> Any:
+        async def record(*args: object, **kwargs: object) -> str:
+            self.calls.append((method, args, kwargs))
+            return f"{method} answered"
+
+        return record
+
+
+async def test_every_port_method_reaches_the_provider_with_its_arguments() -> None:
+    provider = RecordingProvider()
+    guarded: Any = _guarded(provider)
+    calls: list[tuple[str, tuple[object, ...], dict[str, object]]] = [
+        (
+            "create_intent",
+            (),
+            {
+                "amount_minor": 100,
+                "currency": "EUR",
+                "payment_method": "pm_card",
+                "metadata": {"order_id": "o1"},
+                "idempotency_key": "k1",
+            },
+        ),
+        ("confirm_intent", ("pi_1",), {"idempotency_key": "k2"}),
+        ("retrieve_intent", ("pi_1",), {}),
+        ("cancel_intent", ("pi_1",), {"idempotency_key": "k3"}),
+        ("refund", ("pi_1",), {"amount_minor": 50, "metadata": {}, "idempotency_key": "k4"}),
+        ("list_refunds", ("pi_1",), {}),
+    ]
+    for method, args, kwargs in calls:
+        assert await getattr(guarded, method)(*args, **kwargs) == f"{method} answered"
+    assert provider.calls == calls
+
+
+class RefusingProvider:
+    """Refuses every retrieve_intent as told: the caller's problem, not the provider's."""
+
+    name = "stand-in"
+
+    def __init__(self, refusal: Exception) -> None:
+        self.refusal = refusal
+
+    async def retrieve_intent(self, reference: str) -> ProviderIntent:
+        raise self.refusal
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [CardDeclined("card_declined", "no"), ProviderRejected("invalid", "no", 400)],
+    ids=["declined", "rejected"],
+)
+async def test_declines_and_rejections_never_open_it(refusal: Exception) -> None:
+    guarded = _guarded(RefusingProvider(refusal))
+    for _ in range(3):
+        with pytest.raises(type(refusal)):
+            await guarded.retrieve_intent("pi_x")
+    await guarded.raise_if_open()  # still closed
