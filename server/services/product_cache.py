@@ -2,8 +2,8 @@
 
 GetProduct is the marketplace's most frequent call (every product page, and under a flash
 sale thousands of viewers of one product). Read from the database, each call costs a round
-trip: measured on the bench machine, about 300 µs of server CPU and 110 µs of PostgreSQL
-CPU per lookup, more than the whole rest of the call. From memory it costs neither.
+trip, whose CPU on both sides is more than the whole rest of the call (docs/benchmarks.md).
+From memory it costs neither.
 
 Staying current: a trigger on `products` (migration 0004) sends a NOTIFY with the ids of
 every committed change, whoever made it (orders, AdjustStock, UpdateProduct, expiry,
@@ -71,7 +71,7 @@ class ProductCache:
         self._capacity = capacity
         self._on_listening = on_listening
         self._products: OrderedDict[str, Product] = OrderedDict()
-        self._listening = False
+        self._caching = False
         self._epoch = 0  # counts (re)connections of the listener
         self._generation = 0  # counts calls of forget()
         self._fetches = 0  # database reads in flight
@@ -81,7 +81,7 @@ class ProductCache:
 
     @property
     def enabled(self) -> bool:
-        return self._listening and self._capacity > 0
+        return self._caching and self._capacity > 0
 
     def __len__(self) -> int:
         return len(self._products)
@@ -105,16 +105,18 @@ class ProductCache:
         self._products.clear()
         self._epoch += 1
 
-    def listening(self) -> None:
-        """The listener is connected: from now on every change is heard."""
+    def start_caching(self) -> None:
+        """For when the listener has connected: from now on every change is heard, so
+        products read from now on may be kept."""
         self.forget_everything()
-        self._listening = True
+        self._caching = True
         self._on_listening(True)
 
-    def deaf(self) -> None:
-        """The listener lost its connection: changes may go unheard, so cache nothing."""
+    def stop_caching(self) -> None:
+        """For when the listener lost its connection: changes may go unheard, so nothing
+        is kept until start_caching()."""
         self.forget_everything()
-        self._listening = False
+        self._caching = False
         self._on_listening(False)
 
     def read_through(self, fetch: FetchProducts) -> FetchProducts:
@@ -159,7 +161,7 @@ class ProductCache:
 
     def _store(self, products: list[Product], started: _Fetch) -> None:
         if not self.enabled or started.epoch != self._epoch:
-            return  # read while deaf, or before the listener (re)connected
+            return  # read while caching was off, or before the listener (re)connected
         for product in products:
             if self._forgotten_at.get(product.id, -1) > started.generation:
                 continue
@@ -251,7 +253,7 @@ async def _follow(
     queue_usage: Callable[[float], None],
 ) -> None:
     """Returns when the connection is lost, with the cache off."""
-    cache.listening()
+    cache.start_caching()
     # Alongside, not before, the loop below: changes heard while a page is read keep it out.
     warming = asyncio.create_task(cache.warm(warm_from)) if warm_from else None
     if warming is not None:
@@ -267,9 +269,11 @@ async def _follow(
     except _CONNECTION_ERRORS as error:
         _log.warning("lost the product changes connection; reconnecting", error=repr(error))
     finally:
+        cache.stop_caching()
         if warming is not None:
             warming.cancel()
-        cache.deaf()
+            # Over before this returns: at shutdown the pools close next, under its reads.
+            await asyncio.wait({warming})
 
 
 async def _heartbeat(
@@ -281,7 +285,8 @@ async def _heartbeat(
     try:
         done, _ = await asyncio.wait({ping}, timeout=seconds)
         if not done:
-            cache.deaf()  # now, not once psycopg has finished cancelling on a dead connection
+            # Now, not once psycopg has finished cancelling on a dead connection.
+            cache.stop_caching()
             raise TimeoutError(f"no answer to a heartbeat within {seconds} s")
         return ping.result()
     finally:

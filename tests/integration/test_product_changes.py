@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.db.driver import DriverPool
 from server.db.engine import libpq_url
-from server.domain.catalog import product_changes
+from server.domain.catalog import Product, product_changes
 from server.domain.identity import Principal, Role
 from server.domain.orders import cancel_request, order_request
 from server.services.catalog import Catalog
@@ -181,7 +181,7 @@ async def test_the_process_that_changes_a_product_forgets_it_before_answering(
     engine: AsyncEngine, hot_path: DriverPool, database_url: str
 ) -> None:
     cache = ProductCache(100)
-    cache.listening()  # no listener: only the use cases' own forgetting is at work here
+    cache.start_caching()  # no listener: only the use cases' own forgetting is at work here
     use_cases = wired(engine, hot_path, products_changed=cache.forget)
     catalog = use_cases.catalog
     product_id = insert_product(database_url, stock=5)
@@ -256,6 +256,27 @@ async def test_the_listener_fills_the_cache_once_it_listens(
     async with listening(database_url, cache, warm_from=catalog.list_products):
         await until(lambda: len(cache) >= total[0], what="len(cache) >= total[0]")
         assert all(cache.get(p) is not None for p in product_ids)
+
+
+async def test_a_stopped_listener_leaves_no_warming_behind(database_url: str) -> None:
+    """At shutdown the pools close once the listener has stopped: a page still being read
+    for the cache would be read on a closing pool."""
+    reading = asyncio.Event()
+    finished = asyncio.Event()
+
+    async def endless_page(page_size: int, page_token: str) -> tuple[list[Product], str]:
+        reading.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(0.2)  # as a query does, it takes a moment to give up
+            finished.set()
+        raise AssertionError("unreachable")
+
+    cache = ProductCache(10)
+    async with listening(database_url, cache, warm_from=endless_page):
+        await asyncio.wait_for(reading.wait(), timeout=10)
+    assert finished.is_set()
 
 
 async def test_everything_is_forgotten_when_everything_is_announced(

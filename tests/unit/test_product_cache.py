@@ -51,7 +51,7 @@ class Database:
 
 def listening_cache(capacity: int = 10) -> ProductCache:
     cache = ProductCache(capacity)
-    cache.listening()
+    cache.start_caching()
     return cache
 
 
@@ -95,11 +95,11 @@ async def test_nothing_is_stored_while_the_listener_is_down() -> None:
     await cache.read_through(database.fetch)(["a"])
     assert cache.get("a") is None
 
-    cache.listening()
+    cache.start_caching()
     await cache.read_through(database.fetch)(["a"])
     assert cache.get("a") == product("a")
 
-    cache.deaf()
+    cache.stop_caching()
     assert cache.get("a") is None, "changes may go unheard: everything cached goes"
     await cache.read_through(database.fetch)(["a"])
     assert cache.get("a") is None
@@ -111,8 +111,8 @@ async def test_a_read_started_before_the_listener_reconnected_is_not_stored() ->
     database.hold = True
     reading = asyncio.ensure_future(cache.read_through(database.fetch)(["a"]))
     await asyncio.sleep(0)
-    cache.deaf()  # a change made now is never heard...
-    cache.listening()  # ...and the listener is back before the read answers
+    cache.stop_caching()  # a change made now is never heard...
+    cache.start_caching()  # ...and the listener is back before the read answers
     database.release.set()
     await reading
     assert cache.get("a") is None
@@ -216,7 +216,7 @@ async def test_warming_stops_when_the_listener_is_lost() -> None:
     pages.hold = True
     warming = asyncio.ensure_future(cache.warm(pages.page, page_size=1))
     await asyncio.sleep(0)
-    cache.deaf()
+    cache.stop_caching()
     pages.release.set()
     assert await warming == 1
     assert len(cache) == 0
@@ -241,7 +241,7 @@ async def test_forgetting_everything_drops_every_product_and_every_read_in_fligh
 def test_the_cache_reports_turning_on_and_off() -> None:
     reported: list[bool] = []
     cache = ProductCache(10, on_listening=reported.append)
-    cache.listening()
-    cache.deaf()
-    cache.listening()
+    cache.start_caching()
+    cache.stop_caching()
+    cache.start_caching()
     assert reported == [True, False, True]
