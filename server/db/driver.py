@@ -2,12 +2,12 @@
 
 SQLAlchemy costs tens of microseconds of Python per statement (compiling the bind
 parameters, building a result object, running event hooks), and its asyncio layer hops
-through a greenlet for every checkout, BEGIN, COMMIT and checkin: measured at about 500 µs of
-CPU per transaction on the bench machine, more than the two round trips of the order
-transaction themselves. The hot paths therefore run on psycopg's own pool (psycopg_pool),
-with psycopg's pipeline mode to send several statements in one round trip. Everything else
-stays on SQLAlchemy. Errors come out as SQLAlchemy's exceptions, so retries and status
-mapping see one kind of error whichever layer raised it.
+through a greenlet for every checkout, BEGIN, COMMIT and checkin: more CPU per transaction
+than the order transaction's two round trips themselves (docs/benchmarks.md). The hot paths
+therefore run on psycopg's own pool (psycopg_pool), with psycopg's pipeline mode to send
+several statements in one round trip. Everything else stays on SQLAlchemy. Errors come out
+as SQLAlchemy's exceptions, so retries and status mapping see one kind of error whichever
+layer raised it.
 """
 
 from __future__ import annotations
@@ -35,9 +35,7 @@ def psycopg_sql(statement: str) -> str:
     use CAST(... AS ...), never `::`, so a colon before a word is always a parameter).
 
     Binary, because psycopg's text format checks every array element against a quoting
-    regex. Alternating runs of `python -m tests.bench.order_batch 5 20` measured about 8%
-    less CPU per order for a batch of 20 (best of three: 220 and 275 µs against 240 and
-    295), nothing measurable for a batch of 5."""
+    regex, which costs measurable CPU per order in large batches (docs/benchmarks.md)."""
     if "%" in statement:
         raise ValueError("a literal % would need escaping for psycopg")
     return _NAMED_PARAMETER.sub(r"%(\1)b", statement)
@@ -65,10 +63,8 @@ class HotConnection(psycopg.AsyncConnection[Any]):
 
     psycopg keeps a cursor's adaptation state (its Transformer: the dumper chosen for each
     parameter type, array dumpers included) when the same query object runs on that cursor
-    again; a new cursor per statement builds it all again. Order batches alternated between
-    the two ways in one process measured 10-17% less client CPU per batch with kept cursors
-    (batches of 1, 4 and 10: median 2,057 against 2,486 µs, 2,613 against 3,100, 3,912
-    against 4,371)."""
+    again; a new cursor per statement builds it all again, a measurable share of an order
+    batch's CPU (docs/benchmarks.md)."""
 
     def __init__(self, pgconn: PGconn, row_factory: AsyncRowFactory[Any] = tuple_row) -> None:
         super().__init__(pgconn, row_factory)
