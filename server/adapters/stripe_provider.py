@@ -124,6 +124,14 @@ class StripeProvider:
     def name(self) -> str:
         return "stripe"
 
+    @property
+    def longest_call_seconds(self) -> float:
+        """How long one call may take with all its retries, for whoever leases the work it
+        does: every attempt its whole timeout, each followed by the longest backoff. An
+        attempt that first looks at the provider's state sends a second request, which
+        this does not count."""
+        return self._max_attempts * (self._timeout_seconds + RETRY_MAX_SECONDS)
+
     async def aclose(self) -> None:
         await self._http.close_async()  # type: ignore[no-untyped-call]
 
