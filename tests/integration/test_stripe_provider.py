@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
+from devstack.localstripe import DECLINED_CARD, SUCCESS_CARD
 from server.adapters.stripe_provider import StripeProvider
 from server.domain.payments import RefundStatus
 from server.services.providers import (
@@ -24,14 +25,7 @@ from server.services.providers import (
     ProviderUnavailable,
 )
 from tests.conftest import eventually
-from tests.payment_stack import (
-    DECLINED_CARD,
-    SUCCESS_CARD,
-    FaultInjector,
-    LocalStripe,
-    PaymentStack,
-    running_payment_stack,
-)
+from tests.stack import FaultInjector, LocalStripe, Stack, running_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -45,13 +39,13 @@ MakeProvider = Callable[..., StripeProvider]
 
 
 @pytest.fixture(scope="module")
-def payment_stack() -> Iterator[PaymentStack]:
-    with running_payment_stack() as stack:
+def payment_stack() -> Iterator[Stack]:
+    with running_stack() as stack:
         yield stack
 
 
 @pytest.fixture
-async def faults(payment_stack: PaymentStack) -> AsyncIterator[FaultInjector]:
+async def faults(payment_stack: Stack) -> AsyncIterator[FaultInjector]:
     injector = payment_stack.faults
     await injector.clear()
     yield injector
@@ -59,12 +53,12 @@ async def faults(payment_stack: PaymentStack) -> AsyncIterator[FaultInjector]:
 
 
 @pytest.fixture
-def localstripe(payment_stack: PaymentStack) -> LocalStripe:
+def localstripe(payment_stack: Stack) -> LocalStripe:
     return payment_stack.localstripe
 
 
 @pytest.fixture
-async def make_provider(payment_stack: PaymentStack) -> AsyncIterator[MakeProvider]:
+async def make_provider(payment_stack: Stack) -> AsyncIterator[MakeProvider]:
     made: list[StripeProvider] = []
 
     def make(*, max_attempts: int = MAX_ATTEMPTS) -> StripeProvider:
