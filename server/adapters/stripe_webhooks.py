@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import stripe
 
-from server.adapters.stripe_provider import intent_from_stripe
+from server.adapters.stripe_answers import intent_from_stripe
 from server.services.providers import InvalidSignature, ProviderEvent
 
 # Events whose object is a PaymentIntent and that say how a charge ended.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import stripe
 
-from server.adapters.stripe_provider import _refund, _Transient, _translate
+from server.adapters.stripe_answers import Transient, refund_from_stripe, translate_error
 from server.domain.payments import RefundStatus
 from server.services.providers import ProviderRejected
 
@@ -30,7 +30,7 @@ def _refund_in(status: str) -> stripe.Refund:
 def test_only_final_refund_states_are_success_or_failure(
     status: str, expected: RefundStatus
 ) -> None:
-    refund = _refund(_refund_in(status), "pi_1")
+    refund = refund_from_stripe(_refund_in(status), "pi_1")
     assert refund.status is expected
     assert (refund.reference, refund.intent_reference, refund.amount_minor) == (
         "re_1",
@@ -43,8 +43,8 @@ def test_a_409_is_a_request_in_flight_that_may_yet_act() -> None:
     in_use = stripe.IdempotencyError(
         "Keys for idempotent requests can only be used ...", http_status=409
     )
-    translated = _translate("confirm", in_use)
-    assert isinstance(translated, _Transient)
+    translated = translate_error("confirm", in_use)
+    assert isinstance(translated, Transient)
     assert translated.maybe_acted
 
 
@@ -52,6 +52,6 @@ def test_a_400_is_a_refusal() -> None:
     bad = stripe.InvalidRequestError(
         "No such payment_intent", "intent", code="resource_missing", http_status=400
     )
-    translated = _translate("confirm", bad)
+    translated = translate_error("confirm", bad)
     assert isinstance(translated, ProviderRejected)
     assert translated.status == 400
