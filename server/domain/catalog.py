@@ -7,8 +7,10 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
+from decimal import Decimal
 
 from server.domain.money import Money, money_problems
+from server.domain.payments import chargeable_exponent, is_chargeable
 from server.domain.validation import (
     Violations,
     check_request_id,
@@ -74,8 +76,23 @@ def _check_fields(
             violations, f"{prefix}description", description, min_len=0, max_len=MAX_DESCRIPTION
         )
     if price is not None:
-        for problem in money_problems(price.currency, price.units, price.nanos):
+        for problem in price_problems(price):
             violations.add(f"{prefix}price", problem)
+
+
+def price_problems(price: PriceInput) -> list[str]:
+    """A price must be a well-formed amount that can be charged: above zero, in whole
+    units of what the currency's smallest coin is (ISO 4217) and the provider counts."""
+    problems = money_problems(price.currency, price.units, price.nanos)
+    if problems:
+        return problems
+    money = Money.from_units_nanos(price.currency, price.units, price.nanos)
+    if money.amount == 0:
+        return ["amount must be greater than zero"]
+    if not is_chargeable(money):
+        smallest = Decimal(1).scaleb(-chargeable_exponent(money.currency))
+        return [f"amount must be a whole multiple of {smallest} {money.currency}"]
+    return []
 
 
 def new_product(

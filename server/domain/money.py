@@ -4,173 +4,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from types import MappingProxyType
+
+import iso4217
 
 NANOS_PER_UNIT = 1_000_000_000
 # A unit price above a billion is a typo, and bounding it keeps any order total
 # (100 lines x 1,000 units) inside the database's NUMERIC(24, 9).
 MAX_UNIT_PRICE_UNITS = 1_000_000_000
 
-# Active ISO 4217 codes (2024). Kept inline: a constant list needs no dependency.
-ISO_4217_CODES = frozenset(
-    [
-        "AED",
-        "AFN",
-        "ALL",
-        "AMD",
-        "ANG",
-        "AOA",
-        "ARS",
-        "AUD",
-        "AWG",
-        "AZN",
-        "BAM",
-        "BBD",
-        "BDT",
-        "BGN",
-        "BHD",
-        "BIF",
-        "BMD",
-        "BND",
-        "BOB",
-        "BRL",
-        "BSD",
-        "BTN",
-        "BWP",
-        "BYN",
-        "BZD",
-        "CAD",
-        "CDF",
-        "CHF",
-        "CLP",
-        "CNY",
-        "COP",
-        "CRC",
-        "CUP",
-        "CVE",
-        "CZK",
-        "DJF",
-        "DKK",
-        "DOP",
-        "DZD",
-        "EGP",
-        "ERN",
-        "ETB",
-        "EUR",
-        "FJD",
-        "FKP",
-        "GBP",
-        "GEL",
-        "GHS",
-        "GIP",
-        "GMD",
-        "GNF",
-        "GTQ",
-        "GYD",
-        "HKD",
-        "HNL",
-        "HTG",
-        "HUF",
-        "IDR",
-        "ILS",
-        "INR",
-        "IQD",
-        "IRR",
-        "ISK",
-        "JMD",
-        "JOD",
-        "JPY",
-        "KES",
-        "KGS",
-        "KHR",
-        "KMF",
-        "KPW",
-        "KRW",
-        "KWD",
-        "KYD",
-        "KZT",
-        "LAK",
-        "LBP",
-        "LKR",
-        "LRD",
-        "LSL",
-        "LYD",
-        "MAD",
-        "MDL",
-        "MGA",
-        "MKD",
-        "MMK",
-        "MNT",
-        "MOP",
-        "MRU",
-        "MUR",
-        "MVR",
-        "MWK",
-        "MXN",
-        "MYR",
-        "MZN",
-        "NAD",
-        "NGN",
-        "NIO",
-        "NOK",
-        "NPR",
-        "NZD",
-        "OMR",
-        "PAB",
-        "PEN",
-        "PGK",
-        "PHP",
-        "PKR",
-        "PLN",
-        "PYG",
-        "QAR",
-        "RON",
-        "RSD",
-        "RUB",
-        "RWF",
-        "SAR",
-        "SBD",
-        "SCR",
-        "SDG",
-        "SEK",
-        "SGD",
-        "SHP",
-        "SLE",
-        "SOS",
-        "SRD",
-        "SSP",
-        "STN",
-        "SVC",
-        "SYP",
-        "SZL",
-        "THB",
-        "TJS",
-        "TMT",
-        "TND",
-        "TOP",
-        "TRY",
-        "TTD",
-        "TWD",
-        "TZS",
-        "UAH",
-        "UGX",
-        "USD",
-        "UYU",
-        "UZS",
-        "VES",
-        "VND",
-        "VUV",
-        "WST",
-        "XAF",
-        "XCD",
-        "XCG",
-        "XOF",
-        "XPF",
-        "YER",
-        "ZAR",
-        "ZMW",
-        "ZWG",
-    ]
-)
+
+def _chargeable_minor_units() -> dict[str, int]:
+    """ISO 4217's list one as the iso4217 package ships it: each currency's minor-unit
+    exponent, less the fund codes and the units without a minor unit (gold, the SDR, XTS),
+    which no price is ever charged in."""
+    funds = {
+        entry.findtext("Ccy")
+        for entry in iso4217.raw_xml.iter("CcyNtry")
+        if (name := entry.find("CcyNm")) is not None and name.get("IsFund")
+    }
+    return {
+        currency.code: currency.exponent
+        for currency in iso4217.Currency
+        if currency.exponent is not None and currency.code not in funds
+    }
+
+
+MINOR_UNITS = MappingProxyType(_chargeable_minor_units())
+ISO_4217_CODES = frozenset(MINOR_UNITS)
+# For amounts stored before ISO withdrew their code (ANG, BGN): two decimals, as most have.
+_WITHDRAWN_CODE_EXPONENT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,3 +75,18 @@ def money_problems(currency: str, units: int, nanos: int) -> list[str]:
     if units >= MAX_UNIT_PRICE_UNITS:
         problems.append(f"amount must be below {MAX_UNIT_PRICE_UNITS:,}")
     return problems
+
+
+def minor_unit_exponent(currency: str) -> int:
+    """Decimals of the currency's minor unit (ISO 4217): 2 for USD, 0 for JPY, 3 for KWD."""
+    return MINOR_UNITS.get(currency, _WITHDRAWN_CODE_EXPONENT)
+
+
+def is_whole_minor_units(money: Money) -> bool:
+    return is_whole_at(money, minor_unit_exponent(money.currency))
+
+
+def is_whole_at(money: Money, decimals: int) -> bool:
+    """Whether the amount has no digits beyond `decimals` places."""
+    scaled = money.amount.scaleb(decimals)
+    return scaled == scaled.to_integral_value()

@@ -10,7 +10,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from server.domain.errors import ErrorReason, FailedPrecondition, FieldViolation, InvalidArgument
-from server.domain.money import Money
+from server.domain.money import Money, is_whole_at, is_whole_minor_units, minor_unit_exponent
 from server.domain.orders import OrderEvent, OrderStatus, next_status, releases_stock
 from server.domain.validation import (
     Violations,
@@ -24,28 +24,9 @@ from server.domain.validation import (
 PAYMENT_METHOD_PATTERN = re.compile(r"pm_[A-Za-z0-9_]{1,250}")
 MAX_REASON_LENGTH = 500
 
-# ISO 4217 minor-unit exponents that differ from 2, as card providers count them.
-_ZERO_DECIMAL = frozenset(
-    [
-        "BIF",
-        "CLP",
-        "DJF",
-        "GNF",
-        "JPY",
-        "KMF",
-        "KRW",
-        "MGA",
-        "PYG",
-        "RWF",
-        "UGX",
-        "VND",
-        "VUV",
-        "XAF",
-        "XOF",
-        "XPF",
-    ]
-)
-_THREE_DECIMAL = frozenset(["BHD", "JOD", "KWD", "OMR", "TND"])
+# Stripe counts two currencies otherwise than ISO 4217's minor unit (its currencies page,
+# "special cases"): the króna in hundredths (ISO: none) and the ariary in whole units (ISO: 2).
+_PROVIDER_EXPONENTS = {"ISK": 2, "MGA": 0}
 
 
 class PaymentStatus(enum.StrEnum):
@@ -160,32 +141,34 @@ def refund_request(
     return RefundRequest(canonical_id, request_id, amount, reason)
 
 
-def minor_unit_exponent(currency: str) -> int:
-    if currency in _ZERO_DECIMAL:
-        return 0
-    if currency in _THREE_DECIMAL:
-        return 3
-    return 2
+def provider_exponent(currency: str) -> int:
+    """The decimals of the unit the payment provider counts amounts in (cents for USD)."""
+    return _PROVIDER_EXPONENTS.get(currency, minor_unit_exponent(currency))
 
 
-def is_whole_minor_units(money: Money) -> bool:
-    scaled = money.amount.scaleb(minor_unit_exponent(money.currency))
-    return scaled == scaled.to_integral_value()
+def chargeable_exponent(currency: str) -> int:
+    """The decimals of the smallest amount that can be charged: ISO 4217's minor unit, or
+    the provider's own when coarser (whole ariary)."""
+    return min(minor_unit_exponent(currency), provider_exponent(currency))
+
+
+def is_chargeable(money: Money) -> bool:
+    return is_whole_at(money, chargeable_exponent(money.currency))
 
 
 def to_minor_units(money: Money) -> int:
-    """The amount as a card provider counts it (cents); refuses what it cannot charge."""
-    if not is_whole_minor_units(money):
+    """The amount as the card provider counts it (cents); refuses what it cannot charge."""
+    if not is_chargeable(money):
         raise FailedPrecondition(
             f"{money.amount} {money.currency} is not a whole number of minor units",
             reason=ErrorReason.AMOUNT_NOT_CHARGEABLE,
             metadata={"currency": money.currency, "amount": str(money.amount)},
         )
-    return int(money.amount.scaleb(minor_unit_exponent(money.currency)))
+    return int(money.amount.scaleb(provider_exponent(money.currency)))
 
 
 def from_minor_units(currency: str, minor: int) -> Money:
-    return Money(currency, Decimal(minor).scaleb(-minor_unit_exponent(currency)))
+    return Money(currency, Decimal(minor).scaleb(-provider_exponent(currency)))
 
 
 def refund_amount(payment: Payment, requested: Money | None) -> Money:

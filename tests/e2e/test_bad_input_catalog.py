@@ -122,6 +122,44 @@ async def nanos_out_of_range(env: Env) -> tuple[Call, Expect]:
     return create_product(env.tokens.admin(), product), invalid("product.price")
 
 
+@CASES.case("price-zero")
+async def zero_price(env: Env) -> tuple[Call, Expect]:
+    return create_product(env.tokens.admin(), _priced("USD", 0)), invalid("product.price")
+
+
+@CASES.case("price-a-tenth-of-a-cent")
+async def price_below_a_cent(env: Env) -> tuple[Call, Expect]:
+    product = _priced("USD", 0, 1_000_000)  # USD 0.001
+    return create_product(env.tokens.admin(), product), invalid("product.price")
+
+
+@CASES.case("price-half-a-yen")
+async def price_half_a_yen(env: Env) -> tuple[Call, Expect]:
+    product = _priced("JPY", 100, 500_000_000)  # the yen has no minor unit
+    return create_product(env.tokens.admin(), product), invalid("product.price")
+
+
+@CASES.case("price-finer-than-a-fils")
+async def price_below_a_fils(env: Env) -> tuple[Call, Expect]:
+    product = _priced("KWD", 1, 500_000)  # KWD 1.0005: the dinar has three decimals
+    return create_product(env.tokens.admin(), product), invalid("product.price")
+
+
+@CASES.case("update-price-to-zero")
+async def update_price_to_zero(env: Env) -> tuple[Call, Expect]:
+    product = catalog_pb2.Product(
+        id=env.product(), price=money_pb2.Money(currency_code="USD", units=0, nanos=0)
+    )
+    return update_product(env.tokens.admin(), product, ["price"]), invalid("product.price")
+
+
+@CASES.case("update-price-to-half-a-yen")
+async def update_price_half_a_yen(env: Env) -> tuple[Call, Expect]:
+    price = money_pb2.Money(currency_code="JPY", units=100, nanos=500_000_000)
+    product = catalog_pb2.Product(id=env.product(currency="JPY"), price=price)
+    return update_product(env.tokens.admin(), product, ["price"]), invalid("product.price")
+
+
 @CASES.case("missing-price")
 async def missing_price(env: Env) -> tuple[Call, Expect]:
     product = new_product(price=None)

@@ -132,6 +132,45 @@ def test_bad_price_reports_each_money_problem_on_price() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    "price",
+    [
+        PriceInput("USD", 0, 10_000_000),  # one cent
+        PriceInput("JPY", 100, 0),
+        PriceInput("KWD", 1, 234_000_000),  # three decimals
+        PriceInput("ISK", 5, 0),
+        PriceInput("MGA", 10, 0),
+    ],
+)
+def test_chargeable_prices_are_accepted(price: PriceInput) -> None:
+    assert draft(price=price).price == Money.from_units_nanos(
+        price.currency, price.units, price.nanos
+    )
+
+
+@pytest.mark.parametrize(
+    ("price", "problem"),
+    [
+        (PriceInput("USD", 0, 0), "amount must be greater than zero"),
+        (PriceInput("JPY", 0, 0), "amount must be greater than zero"),
+        (PriceInput("USD", 0, 1_000_000), "amount must be a whole multiple of 0.01 USD"),
+        (PriceInput("USD", 19, 999_000_000), "amount must be a whole multiple of 0.01 USD"),
+        (PriceInput("JPY", 100, 500_000_000), "amount must be a whole multiple of 1 JPY"),
+        (PriceInput("KWD", 1, 500_000), "amount must be a whole multiple of 0.001 KWD"),
+        (PriceInput("ISK", 5, 500_000_000), "amount must be a whole multiple of 1 ISK"),
+        # ISO gives the ariary two decimals, but the card provider charges whole ariary
+        (PriceInput("MGA", 10, 500_000_000), "amount must be a whole multiple of 1 MGA"),
+    ],
+)
+def test_prices_that_cannot_be_charged_are_refused(price: PriceInput, problem: str) -> None:
+    assert new_product_violations(price=price) == [FieldViolation("product.price", problem)]
+    assert change_violations(["price"], price=price) == [FieldViolation("product.price", problem)]
+
+
+def test_an_unchanged_price_is_not_checked() -> None:
+    assert changes(["name"], price=PriceInput("USD", 0, 0)) == ProductChanges(name="Big mug")
+
+
 @pytest.mark.parametrize("stock", [0, MAX_INITIAL_STOCK])
 def test_stock_bounds_are_accepted(stock: int) -> None:
     assert draft(stock=stock).stock == stock

@@ -11,8 +11,11 @@ from server.domain.money import (
     MAX_UNIT_PRICE_UNITS,
     NANOS_PER_UNIT,
     Money,
+    is_whole_minor_units,
+    minor_unit_exponent,
     money_problems,
 )
+from server.domain.payments import from_minor_units, provider_exponent, to_minor_units
 
 pytestmark = pytest.mark.unit
 
@@ -153,3 +156,46 @@ def test_every_problem_is_reported_together() -> None:
         "nanos must be between -999,999,999 and 999,999,999",
         "amount must not be negative",
     ]
+
+
+@pytest.mark.parametrize(
+    ("currency", "exponent"),
+    [("USD", 2), ("EUR", 2), ("JPY", 0), ("KRW", 0), ("ISK", 0), ("KWD", 3), ("IQD", 3)],
+)
+def test_minor_units_are_iso_4217s(currency: str, exponent: int) -> None:
+    assert minor_unit_exponent(currency) == exponent
+
+
+@pytest.mark.parametrize("code", ["CLF", "BOV", "USN", "XAU", "XDR", "XTS", "XXX"])
+def test_funds_metals_and_test_codes_are_not_price_currencies(code: str) -> None:
+    assert code not in ISO_4217_CODES
+
+
+def test_a_withdrawn_code_still_reads_with_two_decimals() -> None:
+    """Rows priced before ISO withdrew their currency (the Bulgarian lev, 2026) stay readable."""
+    assert "BGN" not in ISO_4217_CODES
+    assert minor_unit_exponent("BGN") == 2
+
+
+@pytest.mark.parametrize(
+    ("amount", "whole"),
+    [
+        (Money("USD", Decimal("0.01")), True),
+        (Money("USD", Decimal("0.001")), False),
+        (Money("JPY", Decimal("100")), True),
+        (Money("JPY", Decimal("100.5")), False),
+        (Money("KWD", Decimal("1.001")), True),
+        (Money("KWD", Decimal("1.0005")), False),
+    ],
+)
+def test_whole_minor_units(amount: Money, whole: bool) -> None:
+    assert is_whole_minor_units(amount) is whole
+
+
+def test_provider_amounts_count_the_unit_stripe_counts() -> None:
+    """ISO 4217 where Stripe follows it; the króna in hundredths and the ariary whole."""
+    assert [provider_exponent(c) for c in ("USD", "JPY", "KWD", "ISK", "MGA")] == [2, 0, 3, 2, 0]
+    assert to_minor_units(Money("ISK", Decimal(5))) == 500
+    assert from_minor_units("ISK", 500) == Money("ISK", Decimal(5))
+    assert to_minor_units(Money("MGA", Decimal(300))) == 300
+    assert from_minor_units("MGA", 300) == Money("MGA", Decimal(300))
