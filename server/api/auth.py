@@ -138,6 +138,18 @@ class TokenVerifier:
         )
 
 
+def single_authorization(entries: Sequence[str | bytes]) -> str | None:
+    """The call's one `authorization` entry, if any. Several are refused rather than one
+    picked, since which of them is the caller would be ambiguous (over REST, Envoy joins
+    repeated headers into one value, which fails as a token)."""
+    if len(entries) > 1:
+        raise Unauthenticated(f"send one authorization entry, not {len(entries)}")
+    if not entries:
+        return None
+    entry = entries[0]
+    return entry.decode("utf-8", "replace") if isinstance(entry, bytes) else entry
+
+
 def _principal(claims: dict[str, Any]) -> Principal:
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject or len(subject) > _MAX_SUBJECT_LENGTH:

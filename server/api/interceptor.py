@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 import grpc
@@ -14,7 +14,7 @@ import structlog
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Histogram
 
-from server.api.auth import TokenVerifier
+from server.api.auth import TokenVerifier, single_authorization
 from server.api.context import bind_principal
 from server.api.errors import domain_error_status, infrastructure_error_status, internal_status
 from server.domain.errors import DomainError, FieldViolation, InvalidArgument
@@ -93,7 +93,8 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         deserialize: Callable[[bytes], Any] | None,
     ) -> UnaryBehavior:
         async def behavior(payload: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            metadata = dict(context.invocation_metadata() or ())
+            invocation = context.invocation_metadata() or ()
+            metadata = dict(invocation)
             supplied = metadata.get("x-request-id")
             request_id = (
                 supplied
@@ -106,7 +107,9 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             failure: grpc.Status | None = None
             response: Any = None
             try:
-                principal = self._authenticate(metadata.get("authorization"))
+                principal = self._authenticate(
+                    [value for key, value in invocation if key == "authorization"]
+                )
                 authorize(access, principal)
                 bind_principal(principal)
                 if principal is not None:
@@ -134,12 +137,9 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
 
         return behavior
 
-    def _authenticate(self, header: str | bytes | None) -> Principal | None:
-        if header is None:
-            return None
-        if isinstance(header, bytes):
-            header = header.decode("utf-8", "replace")
-        return self._verifier.verify(header)
+    def _authenticate(self, entries: Sequence[str | bytes]) -> Principal | None:
+        header = single_authorization(entries)
+        return None if header is None else self._verifier.verify(header)
 
     def _record(
         self,

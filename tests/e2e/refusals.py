@@ -69,7 +69,15 @@ class Call:
     rpc: str
     request: Message | bytes
     http: Http
-    authorization: str | None = None
+    # A tuple sends one `authorization` entry (gRPC metadata, REST header) per value.
+    authorization: str | tuple[str, ...] | None = None
+
+    def authorizations(self) -> tuple[str, ...]:
+        if self.authorization is None:
+            return ()
+        if isinstance(self.authorization, str):
+            return (self.authorization,)
+        return self.authorization
 
 
 def auth_header(token: str | None) -> str | None:
@@ -313,7 +321,7 @@ def check_status(status: status_pb2.Status, expect: Expect) -> None:
 async def refusal_over_grpc(channel: grpc.aio.Channel, call: Call) -> status_pb2.Status:
     serialize = None if isinstance(call.request, bytes) else type(call.request).SerializeToString
     method = channel.unary_unary(call.rpc, request_serializer=serialize)
-    metadata = () if call.authorization is None else (("authorization", call.authorization),)
+    metadata = tuple(("authorization", value) for value in call.authorizations())
     try:
         await method(call.request, metadata=metadata, timeout=30)
     except grpc.aio.AioRpcError as error:
@@ -322,9 +330,9 @@ async def refusal_over_grpc(channel: grpc.aio.Channel, call: Call) -> status_pb2
 
 
 async def over_rest(rest: httpx.AsyncClient, call: Call) -> httpx.Response:
-    headers = {} if call.authorization is None else {"authorization": call.authorization}
+    headers = [("authorization", value) for value in call.authorizations()]
     if call.http.content is not None:
-        headers["content-type"] = "application/json"
+        headers.append(("content-type", "application/json"))
     return await rest.request(
         call.http.method,
         call.http.path,

@@ -63,6 +63,16 @@ async def basic_authorization(env: Env) -> tuple[Call, Expect]:
     return call, unauthenticated("MISSING_TOKEN")
 
 
+@CASES.case("two-authorization-entries")
+async def two_authorization_entries(env: Env) -> tuple[Call, Expect]:
+    """A valid token and another one: which of them would be the caller is ambiguous, so
+    neither is (gRPC used to take the last entry)."""
+    intruder, victim = env.customer(), env.customer()
+    call = create_order(None, [(env.product(), 1)])
+    twice = (f"Bearer {intruder}", f"Bearer {victim}")
+    return Call(call.rpc, call.request, call.http, twice), unauthenticated("INVALID_TOKEN")
+
+
 @CASES.case("roleless-token-lists-orders")
 async def roleless_token(env: Env) -> tuple[Call, Expect]:
     token = issue_development_token(

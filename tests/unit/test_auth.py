@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from server.api.auth import TokenVerifier, issue_development_token
+from server.api.auth import TokenVerifier, issue_development_token, single_authorization
 from server.domain.errors import Unauthenticated
 from server.domain.identity import Principal, Role
 
@@ -436,3 +436,19 @@ def test_public_key_of_another_type_is_a_configuration_error(tmp_path: Path) -> 
     path.write_text(public_pem(ed25519.Ed25519PrivateKey.generate()))
     with pytest.raises(ValueError, match="is neither an RSA nor an EC public key"):
         TokenVerifier(public_key_file=path)
+
+
+def test_one_authorization_entry_is_the_header() -> None:
+    assert single_authorization([]) is None
+    assert single_authorization(["Bearer abc"]) == "Bearer abc"
+    assert single_authorization([b"Bearer abc"]) == "Bearer abc"
+
+
+@pytest.mark.parametrize(
+    "entries", [["Bearer a", "Bearer b"], ["Bearer a", "Bearer a"], ["Bearer a", b"", "x"]]
+)
+def test_several_authorization_entries_are_refused(entries: list[str | bytes]) -> None:
+    with pytest.raises(Unauthenticated) as raised:
+        single_authorization(entries)
+    assert raised.value.reason == "INVALID_TOKEN"
+    assert f"not {len(entries)}" in str(raised.value)
