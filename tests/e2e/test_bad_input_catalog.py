@@ -4,14 +4,17 @@ list page tokens. How a table runs is tests/e2e/refusals.py."""
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import pytest
+from google.rpc import code_pb2
 from google.type import money_pb2
 
 from marketplace.catalog.v1 import catalog_pb2
 from server.domain.pagination import encode_page_token
 from tests.e2e.refusals import (
+    REST,
     SQL_INJECTION,
     Call,
     Env,
@@ -187,6 +190,37 @@ async def update_to_taken_sku(env: Env) -> tuple[Call, Expect]:
     return update_product(env.tokens.admin(), product, ["sku"]), already_exists(taken)
 
 
+# The path names the product. A body field or query parameter naming another one is refused,
+# never obeyed (Envoy's transcoder would let its value override the path's): the body by the
+# transcoder's collision check, the query by a route of envoy.yaml.
+PATH_OVERRIDDEN_BY_BODY = Expect(code_pb2.INVALID_ARGUMENT, envoy_status=400, envoy_text="conflict")
+
+
+def _with_body_field(call: Call, name: str, value: str) -> Call:
+    return replace(call, http=replace(call.http, json={**call.http.json, name: value}))
+
+
+def _with_query(call: Call, name: str, value: str) -> Call:
+    return replace(call, http=replace(call.http, params={**call.http.params, name: value}))
+
+
+def _rename(env: Env, product_id: str) -> Call:
+    product = catalog_pb2.Product(id=product_id, name="Renamed")
+    return update_product(env.tokens.admin(), product, ["name"])
+
+
+@CASES.case("update-with-another-products-id-in-the-body", transports=(REST,))
+async def update_other_product_through_body(env: Env) -> tuple[Call, Expect]:
+    call = _rename(env, env.product())
+    return _with_body_field(call, "id", env.product()), PATH_OVERRIDDEN_BY_BODY
+
+
+@CASES.case("update-with-another-products-id-in-the-query", transports=(REST,))
+async def update_other_product_through_query(env: Env) -> tuple[Call, Expect]:
+    call = _rename(env, env.product())
+    return _with_query(call, "product.id", env.product()), Expect(code_pb2.INVALID_ARGUMENT)
+
+
 @CASES.case("update-unknown-product")
 async def update_unknown_product(env: Env) -> tuple[Call, Expect]:
     missing = str(uuid.uuid4())
@@ -223,6 +257,18 @@ async def adjust_by_zero(env: Env) -> tuple[Call, Expect]:
 async def adjust_unknown_product(env: Env) -> tuple[Call, Expect]:
     missing = str(uuid.uuid4())
     return adjust_stock(env.tokens.admin(), missing, 1), not_found("product", missing)
+
+
+@CASES.case("adjust-stock-with-another-products-id-in-the-body", transports=(REST,))
+async def adjust_other_product_through_body(env: Env) -> tuple[Call, Expect]:
+    call = adjust_stock(env.tokens.admin(), env.product(), 5)
+    return _with_body_field(call, "id", env.product()), PATH_OVERRIDDEN_BY_BODY
+
+
+@CASES.case("adjust-stock-with-another-products-id-in-the-query", transports=(REST,))
+async def adjust_other_product_through_query(env: Env) -> tuple[Call, Expect]:
+    call = adjust_stock(env.tokens.admin(), env.product(), 5)
+    return _with_query(call, "id", env.product()), Expect(code_pb2.INVALID_ARGUMENT)
 
 
 @CASES.case("adjust-stock-request-id-reused")
