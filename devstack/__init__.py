@@ -7,8 +7,10 @@ and the server as its own process. Not part of the server: nothing under server/
     python -m devstack card --number 4242424242424242   # a PaymentMethod id
 """
 
+import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# What `make run` keeps between runs: the embedded database, its JWT secret, config and logs.
-DATA_DIR = REPO_ROOT / ".data"
+# What `make run` keeps between runs: the embedded database, localstripe's store, the JWT
+# secret, config and logs. DEVSTACK_DATA_DIR moves it (the tests run whole stacks in tmp).
+DATA_DIR = Path(os.environ.get("DEVSTACK_DATA_DIR") or REPO_ROOT / ".data").resolve()

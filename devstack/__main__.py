@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import devstack
 from devstack import DATA_DIR
@@ -17,6 +18,7 @@ from devstack.localstripe import (
     LOCALSTRIPE_API_KEY,
     SUCCESS_CARD,
     WEBHOOK_PATH,
+    CardRefused,
     create_test_payment_method,
     register_localstripe_webhook,
     serve_localstripe,
@@ -24,10 +26,11 @@ from devstack.localstripe import (
     wait_for_localstripe,
 )
 from devstack.postgres import database, seed_demo_catalog
-from devstack.processes import stop_process
+from devstack.processes import port_holder, port_is_taken, stop_process
 from devstack.server import ensure_jwt_secret, start_server, wait_for_grpc
 from server.api.auth import issue_development_token
 from server.db.engine import upgrade_schema
+from server.domain.identity import Role
 
 TOKEN_LIFETIME_SECONDS = 24 * 3600
 
@@ -36,20 +39,63 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _port(name: str, default: int) -> int:
-    return int(os.environ.get(name, str(default)))
+# Every port the stack listens on: the variable that moves it, its default, what listens there.
+STACK_PORTS = {
+    "GRPC_PORT": (50051, "the gRPC server"),
+    "HTTP_PORT": (8080, "Envoy's REST listener"),
+    "ENVOY_ADMIN_PORT": (9901, "Envoy's admin interface"),
+    "METRICS_PORT": (9464, "the server's Prometheus /metrics; 0 turns it off"),
+    "LOCALSTRIPE_PORT": (8420, "localstripe"),
+    "PROVIDER_PROXY_PORT": (8421, "Envoy's listener in front of localstripe"),
+}
+
+
+def _port(name: str) -> int:
+    return int(os.environ.get(name, str(STACK_PORTS[name][0])))
+
+
+def _shown(path: Path) -> str:
+    """`path` as the banner shows it: relative to where `make run` runs, when it is below it."""
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def _port_problems(ports: dict[str, int]) -> list[str]:
+    """Why the stack could not listen where `ports` say, one line a port; empty when it can."""
+    problems = []
+    first_user: dict[int, str] = {}
+    for name, port in ports.items():
+        if port == 0:
+            continue
+        purpose = STACK_PORTS[name][1]
+        if port in first_user:
+            problems.append(f"{name} and {first_user[port]} are both {port}")
+        elif port_is_taken(port):
+            holder = port_holder(port)
+            by = f"held by {holder}" if holder else "held by a process this user cannot see"
+            problems.append(f"port {port} ({name}, {purpose}) is {by}")
+        first_user.setdefault(port, name)
+    return problems
 
 
 def run() -> int:
     # Ctrl-C and `kill` both stop the whole stack, even where SIGINT was inherited ignored.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    grpc_port = _port("GRPC_PORT", 50051)
-    http_port = _port("HTTP_PORT", 8080)
-    admin_port = _port("ENVOY_ADMIN_PORT", 9901)
-    metrics_port = _port("METRICS_PORT", 9464)
-    localstripe_port = _port("LOCALSTRIPE_PORT", 8420)
-    provider_proxy_port = _port("PROVIDER_PROXY_PORT", 8421)
+    ports = {name: _port(name) for name in STACK_PORTS}
+    # Checked before anything starts: otherwise Envoy (say) dies after the rest is up, and
+    # its "Address already in use" is only in its log.
+    if problems := _port_problems(ports):
+        print(
+            "make run cannot start, nothing was started:\n  "
+            + "\n  ".join(problems)
+            + "\nStop what holds a port, or move the stack with its variable, e.g."
+            + " `HTTP_PORT=8081 make run`.",
+            file=sys.stderr,
+        )
+        return 1
+    grpc_port, http_port = ports["GRPC_PORT"], ports["HTTP_PORT"]
+    admin_port, metrics_port = ports["ENVOY_ADMIN_PORT"], ports["METRICS_PORT"]
+    localstripe_port, provider_proxy_port = ports["LOCALSTRIPE_PORT"], ports["PROVIDER_PROXY_PORT"]
     webhook_secret = os.environ.get("STRIPE_WEBHOOK_SECRET", DEV_WEBHOOK_SECRET)
     secret = ensure_jwt_secret()
     DATA_DIR.mkdir(exist_ok=True)
@@ -68,7 +114,9 @@ def run() -> int:
             )
         )
         with (DATA_DIR / "localstripe.log").open("ab") as localstripe_log:
-            localstripe = start_localstripe(localstripe_port, log=localstripe_log)
+            localstripe = start_localstripe(
+                localstripe_port, log=localstripe_log, store_path=DATA_DIR / "localstripe.pickle"
+            )
         try:
             wait_for_localstripe(localstripe_port, localstripe)
             register_localstripe_webhook(
@@ -84,6 +132,9 @@ def run() -> int:
                 "GRPC_PORT": str(grpc_port),
                 # Set here, not left to the settings' default, so the banner names the real port.
                 "METRICS_PORT": str(metrics_port),
+                # The workers' metric files: under .data/, so even a killed run's are found
+                # (and cleared) by the next one instead of piling up in /tmp.
+                "PROMETHEUS_MULTIPROC_DIR": str(DATA_DIR / "metrics"),
                 # The server reaches localstripe through Envoy, where faults can be injected.
                 "STRIPE_API_BASE": f"http://127.0.0.1:{provider_proxy_port}",
                 "STRIPE_API_KEY": LOCALSTRIPE_API_KEY,
@@ -112,10 +163,11 @@ def run() -> int:
                 f"   (.venv/bin/grpcurl -plaintext 127.0.0.1:{grpc_port} list)\n"
                 f"  REST   http://127.0.0.1:{http_port}/v1/products\n"
                 f"  metrics {metrics}\n"
-                f"  Envoy admin http://127.0.0.1:{admin_port}   envoy log: .data/envoy.log\n"
+                f"  Envoy admin http://127.0.0.1:{admin_port}"
+                f"   envoy log: {_shown(DATA_DIR / 'envoy.log')}\n"
                 f"  localstripe http://127.0.0.1:{localstripe_port}"
                 f" (the server's Stripe, via Envoy on {provider_proxy_port})"
-                f"   log: .data/localstripe.log\n"
+                f"   log: {_shown(DATA_DIR / 'localstripe.log')}\n"
                 f"  a card: make card CARD={SUCCESS_CARD}\n"
                 f"\n  export CUSTOMER_TOKEN={customer}\n"
                 f"  export ADMIN_TOKEN={admin}\n"
@@ -137,6 +189,16 @@ def run() -> int:
 
 def print_token(role: str, subject: str) -> int:
     roles = [r for r in role.replace(",", " ").split() if r]
+    known = [str(r) for r in Role]
+    unknown = [r for r in roles if r not in known]
+    if unknown or not roles:
+        what = f"unknown role {', '.join(map(repr, unknown))}" if unknown else "no role given"
+        print(
+            f"{what}: the roles are {', '.join(known)}"
+            f" (both: {','.join(known)}); a token without a known role can do nothing",
+            file=sys.stderr,
+        )
+        return 1
     print(
         issue_development_token(
             ensure_jwt_secret(), subject, roles, lifetime_seconds=TOKEN_LIFETIME_SECONDS
@@ -146,11 +208,21 @@ def print_token(role: str, subject: str) -> int:
 
 
 def print_card(number: str) -> int:
-    port = _port("LOCALSTRIPE_PORT", 8420)
+    port = _port("LOCALSTRIPE_PORT")
     try:
         print(create_test_payment_method(port, number))
+    except CardRefused as refusal:
+        print(
+            f"localstripe refused the card {number}: {refusal}. It takes 16-digit Stripe test"
+            f" numbers: {SUCCESS_CARD} pays, {DECLINED_CARD} is declined when charged",
+            file=sys.stderr,
+        )
+        return 1
     except OSError as error:
-        print(f"localstripe on port {port} did not answer ({error}); is `make run` up?")
+        print(
+            f"localstripe on port {port} did not answer ({error}); is `make run` up?",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -173,13 +245,14 @@ def main() -> int:
     )
     emulator = commands.add_parser("localstripe", help="run localstripe (used by `make run`)")
     emulator.add_argument("--port", type=int, default=8420)
+    emulator.add_argument("--store", type=Path, help="keep the store in this file across runs")
     options = parser.parse_args()
     if options.command == "token":
         return print_token(options.role, options.sub)
     if options.command == "card":
         return print_card(options.number)
     if options.command == "localstripe":
-        serve_localstripe(options.port)
+        serve_localstripe(options.port, options.store)
         return 0
     return run()
 

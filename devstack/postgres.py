@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import uuid
+import warnings
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -30,11 +32,18 @@ class EmbeddedPostgres:
     """A private PostgreSQL from the pgserver package, with stop/start for outage drills."""
 
     def __init__(self, data_dir: Path, *, delete_on_exit: bool = False) -> None:
-        from pgserver.postgres_server import get_server
+        with warnings.catch_warnings():
+            # platformdirs warns at pgserver's import when XDG_RUNTIME_DIR is unset (it
+            # falls back to /tmp), which would greet every `make run` with a warning.
+            warnings.filterwarnings("ignore", category=UserWarning, module="platformdirs")
+            from pgserver.postgres_server import get_server
 
         data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = get_server(data_dir, cleanup_mode="delete" if delete_on_exit else "stop")
+        # Stopping and deleting are ours (close()); pgserver's own stop misreads a stopped
+        # postmaster not yet reaped (a zombie) as running and logs a failed `pg_ctl stop`.
+        self._server = get_server(data_dir, cleanup_mode=None)
         self.data_dir = data_dir
+        self._delete_on_exit = delete_on_exit
 
     @property
     def url(self) -> str:
@@ -63,7 +72,7 @@ class EmbeddedPostgres:
         self._server.ensure_postgres_running()
 
     def close(self) -> None:
-        """Stops the server, then lets pgserver clean up (delete the data when asked to).
+        """Stops the server, lets pgserver forget it, and deletes the data when asked to.
 
         pgserver alone stops a server only if no other process ever attached to it, which
         left servers running after tests; whoever owns the data directory stops it here.
@@ -71,6 +80,8 @@ class EmbeddedPostgres:
         with contextlib.suppress(subprocess.CalledProcessError):
             self.stop()  # fails only when it is not running
         self._server.cleanup()
+        if self._delete_on_exit:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedPostgres:
         return self

@@ -5,8 +5,11 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import textwrap
 import time
 from collections.abc import Callable
+
+import psutil
 
 
 def free_port() -> int:
@@ -15,6 +18,42 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def port_is_taken(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something listens on `port` (or holds it bound), so a server could not bind it."""
+    with socket.socket() as probe:
+        # As Envoy, aiohttp and grpc do: connections the last run left in TIME_WAIT are no conflict.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def port_holder(port: int) -> str | None:
+    """Who listens on TCP `port`, e.g. "pid 1234 (python3 -m http.server 8080)"; None when
+    the system will not say (another user's process, or no permission to list sockets)."""
+    try:
+        listeners = [
+            connection.pid
+            for connection in psutil.net_connections(kind="tcp")
+            if connection.status == psutil.CONN_LISTEN
+            and connection.laddr
+            and connection.laddr.port == port
+            and connection.pid
+        ]
+    except psutil.AccessDenied:
+        return None
+    for pid in listeners:
+        try:
+            process = psutil.Process(pid)
+            command = " ".join(process.cmdline()) or process.name()
+        except psutil.Error:
+            return f"pid {pid}"
+        return f"pid {pid} ({textwrap.shorten(command, 100)})"
+    return None
 
 
 def wait_until_ready(
