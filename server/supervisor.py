@@ -9,6 +9,7 @@ the database, which is also how replicas on several machines behave.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -27,6 +29,8 @@ from server.observability import configure_logging
 from server.settings import Settings
 
 WORKER_ENV = "MARKETPLACE_WORKER_INDEX"
+# prometheus-client's own variable: where every process of one server writes its metric files.
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _RESTART_BACKOFF_SECONDS = 1.0
 _log = structlog.get_logger("marketplace.supervisor")
 
@@ -41,20 +45,38 @@ def _port_is_free(host: str, port: int) -> bool:
     return True
 
 
+def _remove_metric_files(folder: Path) -> None:
+    for stale in folder.glob("*.db"):
+        stale.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def metrics_folder() -> Iterator[Path]:
+    """The folder of this run's metric files: PROMETHEUS_MULTIPROC_DIR, emptied of them at
+    the start (a crashed run's counts would otherwise be added in) and at the end; without
+    it, a temporary folder removed at the end. Only a SIGKILL leaves the temporary one."""
+    if given := os.environ.get(METRICS_DIR_ENV):
+        folder = Path(given)
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_metric_files(folder)
+        try:
+            yield folder
+        finally:
+            _remove_metric_files(folder)
+        return
+    with tempfile.TemporaryDirectory(prefix="marketplace-metrics-") as scratch:
+        yield Path(scratch)
+
+
 class Supervisor:
     def __init__(self, settings: Settings, workers: int) -> None:
         self._settings = settings
         self._workers = workers
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
         self._stopping = False
-        self._metrics_dir = Path(tempfile.mkdtemp(prefix="marketplace-metrics-"))
 
-    def _spawn(self, index: int) -> None:
-        env = {
-            **os.environ,
-            WORKER_ENV: str(index),
-            "PROMETHEUS_MULTIPROC_DIR": str(self._metrics_dir),
-        }
+    def _spawn(self, index: int, metrics_dir: Path) -> None:
+        env = {**os.environ, WORKER_ENV: str(index), METRICS_DIR_ENV: str(metrics_dir)}
         self._processes[index] = subprocess.Popen([sys.executable, "-m", "server"], env=env)
         _log.info("worker started", worker=index, pid=self._processes[index].pid)
 
@@ -71,12 +93,17 @@ class Supervisor:
             return 1
         signal.signal(signal.SIGTERM, self._forward)
         signal.signal(signal.SIGINT, self._forward)
+        with metrics_folder() as metrics_dir:
+            return self._supervise(metrics_dir)
+
+    def _supervise(self, metrics_dir: Path) -> int:
+        settings = self._settings
         if settings.metrics_port:
             registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=str(self._metrics_dir))  # type: ignore[no-untyped-call]
+            MultiProcessCollector(registry, path=str(metrics_dir))  # type: ignore[no-untyped-call]
             start_http_server(settings.metrics_port, addr=settings.grpc_host, registry=registry)
         for index in range(self._workers):
-            self._spawn(index)
+            self._spawn(index, metrics_dir)
         failed = False
         while self._processes:
             time.sleep(0.2)
@@ -84,7 +111,7 @@ class Supervisor:
                 code = process.poll()
                 if code is None:
                     continue
-                mark_process_dead(process.pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
+                mark_process_dead(process.pid, str(metrics_dir))  # type: ignore[no-untyped-call]
                 del self._processes[index]
                 if self._stopping:
                     # -SIGTERM: stopped while still starting up, before it could serve.
@@ -93,7 +120,7 @@ class Supervisor:
                 _log.error("worker died; restarting", worker=index, exit_code=code)
                 time.sleep(_RESTART_BACKOFF_SECONDS)
                 if not self._stopping:
-                    self._spawn(index)
+                    self._spawn(index, metrics_dir)
         _log.info("all workers stopped")
         return 1 if failed else 0
 
@@ -101,10 +128,18 @@ class Supervisor:
 def main() -> None:
     settings = Settings()  # type: ignore[call-arg]  # fields come from the environment
     workers = settings.server_workers or os.cpu_count() or 1
-    if os.environ.get(WORKER_ENV) is not None or workers == 1:
+    if os.environ.get(WORKER_ENV) is not None:
         from server.app import main as serve_one
 
-        serve_one(settings, reuse_port=os.environ.get(WORKER_ENV) is not None)
+        serve_one(settings, reuse_port=True)
+        return
+    if workers == 1:
+        from server.app import main as serve_one
+
+        # Its metrics are its own registry's; with PROMETHEUS_MULTIPROC_DIR set, it still
+        # writes metric files there, which are its own to clear.
+        with metrics_folder() if os.environ.get(METRICS_DIR_ENV) else contextlib.nullcontext():
+            serve_one(settings, reuse_port=False)
         return
     configure_logging(settings.log_level, settings.log_format)
     raise SystemExit(Supervisor(settings, workers).run())

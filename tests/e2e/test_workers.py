@@ -24,12 +24,24 @@ def _workers(supervisor_pid: int) -> list[psutil.Process]:
     return psutil.Process(supervisor_pid).children()
 
 
-def _queue_usage(metrics_port: int) -> float:
+def _exposition(metrics_port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-        exposition = r.read().decode()
+        return r.read().decode()
+
+
+def _served(metrics_port: int, method: str) -> float:
+    """How many calls of `method` /metrics counts as answered OK."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in _exposition(metrics_port).splitlines()
+        if line.startswith("marketplace_rpc_total{") and method in line and 'code="OK"' in line
+    )
+
+
+def _queue_usage(metrics_port: int) -> float:
     [line] = [
         line
-        for line in exposition.splitlines()
+        for line in _exposition(metrics_port).splitlines()
         if line.startswith("marketplace_notification_queue_usage ")
     ]
     return float(line.rsplit(" ", 1)[1])
@@ -76,23 +88,98 @@ def test_a_dead_worker_is_replaced_and_metrics_cover_all_workers(
         else:
             raise AssertionError("the killed worker was not replaced")
 
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
-            for _ in range(20):
-                reply = stub.GetProduct(catalog_pb2.GetProductRequest(id=product_id), timeout=10)
-                assert reply.product.id == product_id
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-            exposition = r.read().decode()
-        served = [
-            line
-            for line in exposition.splitlines()
-            if line.startswith("marketplace_rpc_total{")
-            and "GetProduct" in line
-            and 'code="OK"' in line
-        ]
-        assert served, exposition[:2000]
-        assert sum(float(line.rsplit(" ", 1)[1]) for line in served) >= 20
+        _get_products(port, product_id, 20)
+        assert _served(metrics_port, "GetProduct") >= 20, _exposition(metrics_port)[:2000]
         _queue_usage_is_reported(database_url, metrics_port)
     finally:
         assert stop_process(server) == 0
+
+
+def _get_products(port: int, product_id: str, times: int) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+        for _ in range(times):
+            reply = stub.GetProduct(catalog_pb2.GetProductRequest(id=product_id), timeout=10)
+            assert reply.product.id == product_id
+
+
+def _supervised(database_url: str, scratch: Path, **extra: str) -> tuple[dict[str, str], int]:
+    """Two workers' environment with TMPDIR at `scratch`, and its metrics port."""
+    port, metrics_port = free_port(), free_port()
+    env = {
+        **server_env(database_url, port),
+        "SERVER_WORKERS": "2",
+        "METRICS_PORT": str(metrics_port),
+        "TMPDIR": str(scratch),
+        **extra,
+    }
+    return env, metrics_port
+
+
+def _until_dead(processes: list[psutil.Process]) -> None:
+    """Until each has died (a zombie nobody reaped yet has let go of its sockets too)."""
+
+    def dead(process: psutil.Process) -> bool:
+        try:
+            return process.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    deadline = time.monotonic() + 10
+    while not all(dead(process) for process in processes):
+        assert time.monotonic() < deadline, "a killed worker lives on"
+        time.sleep(0.1)
+
+
+def _metrics_folders(scratch: Path) -> list[Path]:
+    return sorted(scratch.glob("marketplace-metrics-*"))
+
+
+def test_a_clean_stop_leaves_no_metrics_folder_behind(database_url: str, tmp_path: Path) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env, _ = _supervised(database_url, scratch)
+    with (tmp_path / "server.log").open("wb") as log:
+        server = start_server(env, log=log)
+    try:
+        wait_for_grpc(int(env["GRPC_PORT"]), server)
+        assert len(_metrics_folders(scratch)) == 1
+    finally:
+        assert stop_process(server) == 0
+    assert _metrics_folders(scratch) == []
+
+
+def test_a_killed_supervisor_s_metric_files_are_cleared_by_the_next_one(
+    database_url: str, tmp_path: Path
+) -> None:
+    """With PROMETHEUS_MULTIPROC_DIR (make run's is under .data/), even a SIGKILL leaves
+    nothing in /tmp, and the next supervisor does not add the dead run's counts to its own."""
+    product_id = insert_product(database_url, stock=1)
+    scratch, metrics_dir = tmp_path / "tmp", tmp_path / "metrics"
+    scratch.mkdir()
+    env, metrics_port = _supervised(
+        database_url, scratch, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir)
+    )
+    port = int(env["GRPC_PORT"])
+    with (tmp_path / "killed.log").open("wb") as log:
+        killed = start_server(env, log=log)
+    wait_for_grpc(port, killed)
+    _get_products(port, product_id, 10)
+    assert _served(metrics_port, "GetProduct") >= 10
+    workers = _workers(killed.pid)
+    killed.kill()
+    killed.wait()
+    for worker in workers:
+        worker.kill()
+    _until_dead(workers)
+    assert _metrics_folders(scratch) == []
+    assert list(metrics_dir.glob("*.db")), "the killed run wrote no metric files"
+
+    with (tmp_path / "next.log").open("wb") as log:
+        server = start_server(env, log=log)
+    try:
+        wait_for_grpc(port, server)
+        assert _served(metrics_port, "GetProduct") == 0
+    finally:
+        assert stop_process(server) == 0
+    assert list(metrics_dir.glob("*.db")) == []
