@@ -83,11 +83,11 @@ run: $(STAMP)
 ROLE ?= customer
 SUB ?= demo-customer
 token: $(STAMP)
-	@$(PY) -m devstack token --role $(ROLE) --sub $(SUB)
+	@$(PY) -m devstack token --role '$(ROLE)' --sub '$(SUB)'
 
 CARD ?= 4242424242424242
 card: $(STAMP)
-	@$(PY) -m devstack card --number $(CARD)
+	@$(PY) -m devstack card --number '$(CARD)'
 
 bench: $(STAMP)
 	$(PY) -m tests.bench
