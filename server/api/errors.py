@@ -15,6 +15,7 @@ from server.domain.errors import (
     DomainError,
     ErrorReason,
     FailedPrecondition,
+    FieldViolation,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -54,8 +55,28 @@ def _error_info(
     return error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata or {})
 
 
-def domain_error_status(error: DomainError) -> grpc.Status:
+def json_field_path(path: str) -> str:
+    """A field path as a REST caller writes it, each name in its proto3 JSON form (protoc's
+    default json_name, lowerCamelCase): `items[0].product_id` -> `items[0].productId`."""
+    named: list[str] = []
+    capitalize = False
+    for char in path:
+        if char == "_":
+            capitalize = True
+        else:
+            named.append(char.upper() if capitalize else char)
+            capitalize = False
+    return "".join(named)
+
+
+def domain_error_status(error: DomainError, *, json_names: bool = False) -> grpc.Status:
+    """`json_names` for a call Envoy transcoded from REST: field violations then name fields
+    as its caller wrote them (`requestId`), not by their proto names (`request_id`)."""
     if isinstance(error, InvalidArgument):
+        if json_names:
+            error = InvalidArgument(
+                [FieldViolation(json_field_path(v.field), v.description) for v in error.violations]
+            )
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(

@@ -117,7 +117,9 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                 request = _parse(payload, deserialize)
                 response = await inner(request, context)
             except DomainError as error:
-                failure = domain_error_status(error)
+                # Envoy's transcoder marks the calls it makes from REST requests.
+                transcoded = "x-envoy-original-path" in metadata
+                failure = domain_error_status(error, json_names=transcoded)
             except Exception as error:  # the one outer boundary: everything else ends here
                 failure = infrastructure_error_status(error)
                 if failure is None:

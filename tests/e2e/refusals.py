@@ -13,9 +13,10 @@ The tables, one per service, are the test_bad_input_*.py files.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote
 
@@ -255,10 +256,13 @@ class Expect:
     metadata: Mapping[str, str] = field(default_factory=dict)
     # ResourceInfo of a NOT_FOUND / ALREADY_EXISTS
     resource: tuple[str, str] | None = None
-    # When Envoy itself refuses the REST request (transcoding failed, so no google.rpc.Status
-    # body): the HTTP status and a text its plain-text answer must contain.
+    # When Envoy itself refuses the REST request (transcoding failed, so the server never
+    # saw it): the HTTP status and a text its JSON google.rpc.Status's message must contain,
+    # and that Status's code where it differs from the gRPC twin's (an unknown route is
+    # NOT_FOUND over REST, UNIMPLEMENTED over gRPC).
     envoy_status: int | None = None
     envoy_text: str | None = None
+    rest_code: int | None = None
 
     @property
     def http_status(self) -> int:
@@ -349,13 +353,23 @@ async def check_rest(rest: httpx.AsyncClient, call: Call, expect: Expect) -> Non
     assert response.status_code < 500, answer
     assert response.status_code == expect.http_status, answer
     content_type = response.headers.get("content-type", "")
-    if expect.envoy_text is not None and not content_type.startswith("application/json"):
-        # Envoy refused before any gRPC call: its own plain-text explanation.
-        assert expect.envoy_text in response.text, answer
-        return
     assert content_type.startswith("application/json"), answer
     status = status_of_json(json.loads(response.text))
-    check_status(status, expect)
+    if expect.envoy_text is not None:
+        # Envoy refused before any gRPC call: its own Status, which names no field (its
+        # message does).
+        assert code_name(status.code) == code_name(expect.rest_code or expect.code), answer
+        assert expect.envoy_text in status.message, answer
+        return
+    check_status(status, _as_rest_caller_names_them(expect))
+
+
+def _as_rest_caller_names_them(expect: Expect) -> Expect:
+    """REST field violations name fields by their JSON (lowerCamelCase) names."""
+    if expect.fields is None:
+        return expect
+    camel = {re.sub(r"_([a-z0-9])", lambda m: m[1].upper(), name) for name in expect.fields}
+    return replace(expect, fields=frozenset(camel))
 
 
 # --- the table ------------------------------------------------------------------------------

@@ -110,7 +110,12 @@ async def unknown_route(env: Env) -> tuple[Call, Expect]:
     order_id = str(uuid.uuid4())
     http = Http("POST", f"/v1/orders/{order_id}:refund", json={})
     call = Call(f"{ORDERS}/RefundOrder", b"", http, auth_header(env.customer()))
-    return call, Expect(code_pb2.UNIMPLEMENTED, envoy_status=404, envoy_text="Could not resolve")
+    return call, Expect(
+        code_pb2.UNIMPLEMENTED,
+        envoy_status=404,
+        envoy_text="Could not resolve",
+        rest_code=code_pb2.NOT_FOUND,
+    )
 
 
 test_bad_input_is_refused_precisely_and_changes_nothing = CASES.test()
