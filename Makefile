@@ -11,6 +11,7 @@ PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
 help:
 	@echo "make run    - start PostgreSQL, localstripe, the gRPC server and Envoy (Ctrl-C stops all)"
+	@echo "make run TLS=1 - the same over TLS (mutual on the gRPC port), certificates in .data/tls/"
 	@echo "make test   - lint, type-check, stale-generated and breaking-change checks, whole test suite"
 	@echo "make proto  - regenerate generated/ from protos/"
 	@echo "make token ROLE=admin SUB=alice - print a development JWT"
@@ -77,8 +78,10 @@ test-integration: $(STAMP)
 test-e2e: $(STAMP)
 	$(BIN)/pytest -q tests/e2e
 
+# TLS=1: a development CA and certificates under .data/tls/; plaintext on loopback otherwise.
+TLS ?= 0
 run: $(STAMP)
-	$(PY) -m devstack
+	$(PY) -m devstack $(if $(filter-out 0,$(TLS)),--tls)
 
 ROLE ?= customer
 SUB ?= demo-customer

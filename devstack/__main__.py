@@ -28,6 +28,7 @@ from devstack.localstripe import (
 from devstack.postgres import database, seed_demo_catalog
 from devstack.processes import port_holder, port_is_taken, stop_process
 from devstack.server import ensure_jwt_secret, start_server, wait_for_grpc
+from devstack.tls import SERVER_TLS_SETTINGS, TlsFiles, ensure_development_tls
 from server.api.auth import issue_development_token
 from server.db.engine import upgrade_schema
 from server.domain.identity import Role
@@ -77,7 +78,25 @@ def _port_problems(ports: dict[str, int]) -> list[str]:
     return problems
 
 
-def run() -> int:
+def _how_to_call(tls: TlsFiles | None, grpc_port: int, http_port: int) -> str:
+    """The banner's gRPC and REST lines; with TLS, the files each kind of caller needs."""
+    if tls is None:
+        return (
+            f"  gRPC   127.0.0.1:{grpc_port}"
+            f"   (.venv/bin/grpcurl -plaintext 127.0.0.1:{grpc_port} list)\n"
+            f"  REST   http://127.0.0.1:{http_port}/v1/products\n"
+        )
+    ca = _shown(tls.ca_cert)
+    return (
+        f"  gRPC   127.0.0.1:{grpc_port}, TLS with a client certificate:\n"
+        f"         .venv/bin/grpcurl -cacert {ca} -cert {_shown(tls.client_cert)}"
+        f" -key {_shown(tls.client_key)} 127.0.0.1:{grpc_port} list\n"
+        f"  REST   https://127.0.0.1:{http_port}/v1/products, TLS:\n"
+        f"         curl --cacert {ca} https://127.0.0.1:{http_port}/v1/products\n"
+    )
+
+
+def run(*, tls: bool = False) -> int:
     # Ctrl-C and `kill` both stop the whole stack, even where SIGINT was inherited ignored.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
@@ -93,12 +112,21 @@ def run() -> int:
             file=sys.stderr,
         )
         return 1
+    if not tls and (inherited := [name for name in SERVER_TLS_SETTINGS if name in os.environ]):
+        print(
+            f"make run serves plaintext unless TLS=1, which makes its own certificates;"
+            f" unset {', '.join(inherited)}",
+            file=sys.stderr,
+        )
+        return 1
     grpc_port, http_port = ports["GRPC_PORT"], ports["HTTP_PORT"]
     admin_port, metrics_port = ports["ENVOY_ADMIN_PORT"], ports["METRICS_PORT"]
     localstripe_port, provider_proxy_port = ports["LOCALSTRIPE_PORT"], ports["PROVIDER_PROXY_PORT"]
     webhook_secret = os.environ.get("STRIPE_WEBHOOK_SECRET", DEV_WEBHOOK_SECRET)
     secret = ensure_jwt_secret()
     DATA_DIR.mkdir(exist_ok=True)
+    tls_files = ensure_development_tls(DATA_DIR / "tls") if tls else None
+    scheme = "https" if tls_files is not None else "http"
     with database() as database_url:
         print(f"PostgreSQL: {database_url}", flush=True)
         upgrade_schema(database_url)
@@ -111,8 +139,14 @@ def run() -> int:
                 admin_port=admin_port,
                 provider_proxy_port=provider_proxy_port,
                 localstripe_port=localstripe_port,
+                tls=tls_files,
             )
         )
+        if tls_files is not None:
+            # localstripe posts its webhooks to the https listener; it (aiohttp, on OpenSSL's
+            # default paths) trusts the development CA. The server inherits it: in make run it
+            # calls only localstripe, over plain HTTP.
+            os.environ["SSL_CERT_FILE"] = str(tls_files.ca_cert)
         with (DATA_DIR / "localstripe.log").open("ab") as localstripe_log:
             localstripe = start_localstripe(
                 localstripe_port, log=localstripe_log, store_path=DATA_DIR / "localstripe.pickle"
@@ -120,7 +154,7 @@ def run() -> int:
         try:
             wait_for_localstripe(localstripe_port, localstripe)
             register_localstripe_webhook(
-                localstripe_port, f"http://127.0.0.1:{http_port}{WEBHOOK_PATH}", webhook_secret
+                localstripe_port, f"{scheme}://127.0.0.1:{http_port}{WEBHOOK_PATH}", webhook_secret
             )
         except BaseException:
             stop_process(localstripe)
@@ -139,12 +173,14 @@ def run() -> int:
                 "STRIPE_API_BASE": f"http://127.0.0.1:{provider_proxy_port}",
                 "STRIPE_API_KEY": LOCALSTRIPE_API_KEY,
                 "STRIPE_WEBHOOK_SECRET": webhook_secret,
+                **(tls_files.server_env() if tls_files is not None else {}),
             }
         )
         with (DATA_DIR / "envoy.log").open("ab") as envoy_log:
             envoy = start_envoy(config_path, log=envoy_log)
         try:
-            wait_for_grpc(grpc_port, server)
+            credentials = tls_files.channel_credentials() if tls_files is not None else None
+            wait_for_grpc(grpc_port, server, credentials=credentials)
             wait_for_envoy(admin_port, envoy)
             customer = issue_development_token(
                 secret, "demo-customer", ["customer"], lifetime_seconds=TOKEN_LIFETIME_SECONDS
@@ -159,9 +195,7 @@ def run() -> int:
             )
             print(
                 f"\nMarketplace is up.\n"
-                f"  gRPC   127.0.0.1:{grpc_port}"
-                f"   (.venv/bin/grpcurl -plaintext 127.0.0.1:{grpc_port} list)\n"
-                f"  REST   http://127.0.0.1:{http_port}/v1/products\n"
+                f"{_how_to_call(tls_files, grpc_port, http_port)}"
                 f"  metrics {metrics}\n"
                 f"  Envoy admin http://127.0.0.1:{admin_port}"
                 f"   envoy log: {_shown(DATA_DIR / 'envoy.log')}\n"
@@ -229,6 +263,11 @@ def print_card(number: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m devstack", description=devstack.__doc__)
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve TLS, mutual on the gRPC port, with a development CA kept in .data/tls/",
+    )
     commands = parser.add_subparsers(dest="command")
     token = commands.add_parser("token", help="print a development JWT")
     token.add_argument(
@@ -254,7 +293,7 @@ def main() -> int:
     if options.command == "localstripe":
         serve_localstripe(options.port, options.store)
         return 0
-    return run()
+    return run(tls=options.tls)
 
 
 if __name__ == "__main__":

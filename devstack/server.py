@@ -43,9 +43,22 @@ def start_server(
     )
 
 
-def wait_for_grpc(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    """Until the server on `port` reports SERVING through the standard health service."""
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+def wait_for_grpc(
+    port: int,
+    process: subprocess.Popen[bytes],
+    timeout: float = 30,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
+    """Until the server on `port` reports SERVING through the standard health service;
+    `credentials` for a server that serves TLS."""
+    target = f"127.0.0.1:{port}"
+    channel = (
+        grpc.secure_channel(target, credentials)
+        if credentials is not None
+        else grpc.insecure_channel(target)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
 
         def is_serving() -> bool:

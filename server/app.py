@@ -68,7 +68,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         async with contextlib.AsyncExitStack() as running:
             port = await _start(running, settings, metrics, reuse_port=reuse_port)
             _freeze_long_lived_objects()
-            _log.info("listening", address=f"{settings.grpc_host}:{port}")
+            _log.info("listening", address=f"{settings.grpc_host}:{port}", tls=_tls_mode(settings))
             for sig in _STOP_SIGNALS:
                 loop.add_signal_handler(sig, stopping.set)
             await stopping.wait()
@@ -123,7 +123,7 @@ async def _start(
     )
     order_committer = _add_order_and_payment_services(server, use_cases, settings, metrics)
     database_health = _add_health_service(server, engine, settings)
-    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    port = _listen(server, settings)
 
     await hot_path.open()
     product_lookup.start()
@@ -243,6 +243,26 @@ def _grpc_server(settings: Settings, metrics: Metrics, *, reuse_port: bool) -> g
         # worker, sharing the port with its siblings is the point.
         options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
     )
+
+
+def _listen(server: grpc.aio.Server, settings: Settings) -> int:
+    """Adds the gRPC port, with TLS when a certificate is configured; returns the port."""
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return server.add_insecure_port(address)
+    client_ca = settings.tls_client_ca_file
+    credentials = grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=client_ca.read_bytes() if client_ca is not None else None,
+        require_client_auth=client_ca is not None,
+    )
+    return server.add_secure_port(address, credentials)
+
+
+def _tls_mode(settings: Settings) -> str:
+    if settings.tls_cert_file is None:
+        return "off"
+    return "on" if settings.tls_client_ca_file is None else "mutual"
 
 
 def _add_catalog_service(

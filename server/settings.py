@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, FilePath, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,6 +24,11 @@ class Settings(BaseSettings):
     server_workers: int = Field(0, ge=0, validation_alias=_env("SERVER_WORKERS"))
     # 0 turns the Prometheus endpoint off.
     metrics_port: int = Field(9464, validation_alias=_env("METRICS_PORT"))
+    # TLS on the gRPC port: a PEM certificate chain and its key; with a client CA as well,
+    # callers must present a certificate it signed (mutual TLS). Without them, plaintext.
+    tls_cert_file: FilePath | None = Field(None, validation_alias=_env("TLS_CERT_FILE"))
+    tls_key_file: FilePath | None = Field(None, validation_alias=_env("TLS_KEY_FILE"))
+    tls_client_ca_file: FilePath | None = Field(None, validation_alias=_env("TLS_CLIENT_CA_FILE"))
 
     db_pool_size: int = Field(10, ge=1, validation_alias=_env("DB_POOL_SIZE"))
     db_max_overflow: int = Field(10, ge=0, validation_alias=_env("DB_MAX_OVERFLOW"))
@@ -102,4 +108,32 @@ class Settings(BaseSettings):
                 "set exactly one of MARKETPLACE_JWT_SECRET, MARKETPLACE_JWT_PUBLIC_KEY_FILE,"
                 " MARKETPLACE_JWT_JWKS_FILE"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_files_load(self) -> Settings:
+        """Checked here, so a bad file stops the supervisor before any worker starts: grpc
+        itself only reports "Failed to bind to address"."""
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set TLS_CERT_FILE and TLS_KEY_FILE together, or neither")
+        if self.tls_cert_file is None:
+            if self.tls_client_ca_file is not None:
+                raise ValueError("TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE")
+            return self
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            # An encrypted key fails here instead of prompting: grpc takes no passphrase.
+            context.load_cert_chain(self.tls_cert_file, self.tls_key_file, password=b"")
+        except ssl.SSLError as error:
+            raise ValueError(
+                "TLS_CERT_FILE and TLS_KEY_FILE must be a PEM certificate chain and its"
+                f" unencrypted PEM key: {error}"
+            ) from error
+        if self.tls_client_ca_file is not None:
+            try:
+                context.load_verify_locations(cafile=self.tls_client_ca_file)
+            except ssl.SSLError as error:
+                raise ValueError(
+                    f"TLS_CLIENT_CA_FILE must hold PEM CA certificates: {error}"
+                ) from error
         return self

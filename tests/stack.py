@@ -24,6 +24,7 @@ from devstack.localstripe import (
 )
 from devstack.processes import free_port, stop_process
 from devstack.server import start_server, wait_for_grpc
+from devstack.tls import TlsFiles
 from tests.conftest import JWT_SECRET
 
 WEBHOOK_SECRET = "whsec_e2e_" + "x" * 24
@@ -193,6 +194,8 @@ class Stack:
     provider_proxy_port: int
     log_dir: Path
     server_database_url: str | None
+    # With TLS files, the server requires client certificates and Envoy's listener serves TLS.
+    tls: TlsFiles | None = None
 
     @property
     def database_url(self) -> str:
@@ -207,7 +210,8 @@ class Stack:
 
     @property
     def rest_base(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        scheme = "http" if self.tls is None else "https"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
 
     @property
     def api_base(self) -> str:
@@ -225,9 +229,13 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(database_url: str | None = None) -> Iterator[Stack]:
+def running_stack(
+    database_url: str | None = None, *, tls: TlsFiles | None = None
+) -> Iterator[Stack]:
     """localstripe and an Envoy in front of it on free ports and, with `database_url`, the
-    server on that database, with localstripe's webhooks going to it through Envoy.
+    server on that database, with localstripe's webhooks going to it through Envoy. With
+    `tls`, the server's port and Envoy's REST listener serve TLS, the server requires client
+    certificates, and Envoy presents `tls`'s client certificate to it.
 
     Envoy always runs the whole envoy.yaml; without a server its REST listener points at a
     gRPC port nobody listens on, which costs nothing.
@@ -244,6 +252,7 @@ def running_stack(database_url: str | None = None) -> Iterator[Stack]:
                 admin_port=admin_port,
                 provider_proxy_port=provider_proxy_port,
                 localstripe_port=localstripe_port,
+                tls=tls,
             )
         )
         with (
@@ -255,6 +264,8 @@ def running_stack(database_url: str | None = None) -> Iterator[Stack]:
             server = None
             if database_url is not None:
                 env = server_env(database_url, grpc_port, provider_proxy_port)
+                if tls is not None:
+                    env |= tls.server_env()
                 server = start_server(env, log=server_log)
             envoy = start_envoy(config, log=envoy_log)
             try:
@@ -262,7 +273,8 @@ def running_stack(database_url: str | None = None) -> Iterator[Stack]:
                 if server is not None:
                     webhook_url = f"http://127.0.0.1:{http_port}{WEBHOOK_PATH}"
                     register_localstripe_webhook(localstripe_port, webhook_url, WEBHOOK_SECRET)
-                    wait_for_grpc(grpc_port, server)
+                    credentials = tls.channel_credentials() if tls is not None else None
+                    wait_for_grpc(grpc_port, server, credentials=credentials)
                 wait_for_envoy(admin_port, envoy)
                 yield Stack(
                     grpc_port,
@@ -272,6 +284,7 @@ def running_stack(database_url: str | None = None) -> Iterator[Stack]:
                     provider_proxy_port,
                     log_dir,
                     database_url,
+                    tls,
                 )
             finally:
                 stop_process(envoy)

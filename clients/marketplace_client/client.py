@@ -40,6 +40,17 @@ class MarketplaceClient:
     Give it a target (``"host:port"``) to own a channel, or an existing
     ``grpc.aio.Channel`` it will leave open. Failed calls raise
     :class:`~marketplace_client.errors.MarketplaceError` subclasses.
+
+    With a target, ``credentials`` makes the channel TLS (without them it is plaintext).
+    For a server with ``TLS_CERT_FILE`` set, trust its CA; for one that also requires
+    client certificates (``TLS_CLIENT_CA_FILE``), present yours::
+
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path("ca.pem").read_bytes(),
+            private_key=Path("client-key.pem").read_bytes(),  # mutual TLS only
+            certificate_chain=Path("client.pem").read_bytes(),  # mutual TLS only
+        )
+        client = MarketplaceClient("api.example.com:50051", token=token, credentials=credentials)
     """
 
     def __init__(
