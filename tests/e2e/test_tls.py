@@ -28,7 +28,7 @@ from devstack.localstripe import SUCCESS_CARD, create_test_payment_method
 from devstack.postgres import DEMO_PRODUCTS, create_database, drop_database
 from devstack.processes import free_port, stop_process
 from devstack.server import start_server, wait_for_grpc
-from devstack.tls import TlsFiles, make_development_tls
+from devstack.tls import TlsFiles, ensure_development_tls, make_development_tls
 from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from marketplace_client import MarketplaceClient
 from server.settings import Settings
@@ -385,3 +385,34 @@ def test_make_run_tls_makes_a_ca_and_prints_calls_that_work(tmp_path: Path) -> N
             time.sleep(0.2)
     finally:
         assert run.interrupt() == 0, run.printed
+
+
+def test_make_run_without_tls_refuses_tls_settings_from_the_shell(
+    tmp_path: Path, tls: TlsFiles
+) -> None:
+    """Otherwise the server would serve TLS to a stack that waits for it in plaintext."""
+    ports = {name: str(free_port()) for name in STACK_PORTS}
+    env = _environment(tmp_path / "data", TLS_CERT_FILE=str(tls.server_cert), **ports)
+    run = subprocess.run(
+        [sys.executable, "-m", "devstack"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "serves plaintext unless TLS=1" in run.stderr
+    assert "unset TLS_CERT_FILE" in run.stderr
+    assert not (tmp_path / "data").exists(), "something was started"
+
+
+def test_make_run_keeps_its_certificates_until_one_is_missing(tmp_path: Path) -> None:
+    first = ensure_development_tls(tmp_path)
+    ca = first.ca_cert.read_bytes()
+    assert ensure_development_tls(tmp_path).ca_cert.read_bytes() == ca
+    assert first.server_key.stat().st_mode & 0o777 == 0o600
+    first.client_key.unlink()
+    # The CA's key is not kept, so a missing file means a new CA and certificates.
+    assert ensure_development_tls(tmp_path).ca_cert.read_bytes() != ca
