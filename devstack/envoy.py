@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import os
+import re
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 from devstack import REPO_ROOT
 from devstack.processes import free_port, stop_process, wait_until_ready
 from devstack.tls import TlsFiles
+from server.settings import Settings
 
 ENVOY_TEMPLATE = REPO_ROOT / "envoy.yaml"
 DESCRIPTOR = REPO_ROOT / "generated" / "marketplace.binpb"
@@ -33,6 +37,36 @@ _TLS_TYPES = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
 _UPSTREAM_HOST = "127.0.0.1"
 
 
+@dataclasses.dataclass(frozen=True)
+class EdgeLimits:
+    """The limits of envoy.yaml's REST listener (docs/operations.md#limits-at-the-edge). Each
+    field is the environment variable of its upper-cased name, and the value on every line
+    of envoy.yaml that ends in `# <that name>`."""
+
+    rest_max_body_bytes: int = 1_048_576
+    rest_max_headers_kb: int = 16
+    # The server's own setting: Envoy must be able to transcode the largest answer it sends.
+    grpc_max_send_bytes: int = Settings.model_fields["grpc_max_send_bytes"].default
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> EdgeLimits:
+        given = {limit.name: environ.get(limit.name.upper()) for limit in dataclasses.fields(cls)}
+        return cls(**{name: int(value) for name, value in given.items() if value is not None})
+
+    def __post_init__(self) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            if value < 1:
+                raise ValueError(f"{name.upper()} must be at least 1, not {value}")
+
+    def render(self, text: str) -> str:
+        for name, value in dataclasses.asdict(self).items():
+            marker = re.escape(name.upper())
+            text, found = re.subn(rf"(?m)\d+(\D*# {marker})$", rf"{value}\g<1>", text)
+            if not found:
+                raise RuntimeError(f"envoy.yaml has no line marked # {name.upper()}")
+        return text
+
+
 def render_envoy_config(
     *,
     http_port: int,
@@ -41,11 +75,14 @@ def render_envoy_config(
     provider_proxy_port: int,
     localstripe_port: int,
     tls: TlsFiles | None = None,
+    limits: EdgeLimits | None = None,
 ) -> str:
-    """envoy.yaml with this run's ports and an absolute descriptor path; with `tls`, the
-    REST listener serves TLS and Envoy reaches the server over TLS, presenting the client
-    certificate (which a server requiring client certificates checks)."""
-    text = ENVOY_TEMPLATE.read_text()
+    """envoy.yaml with this run's ports, limits (without `limits`, the environment's, as
+    `make run` takes them) and an absolute descriptor path; with `tls`, the REST listener
+    serves TLS and Envoy reaches the server over TLS, presenting the client certificate
+    (which a server requiring client certificates checks)."""
+    limits = EdgeLimits.from_environment() if limits is None else limits
+    text = limits.render(ENVOY_TEMPLATE.read_text())
     replacements = {
         "port_value: 9901}": f"port_value: {admin_port}}}",
         "port_value: 8080}": f"port_value: {http_port}}}",
@@ -133,7 +170,11 @@ class EnvoyPorts(NamedTuple):
 
 @contextlib.contextmanager
 def envoy_in_front_of(
-    grpc_port: int, scratch: Path, *, tls: TlsFiles | None = None
+    grpc_port: int,
+    scratch: Path,
+    *,
+    tls: TlsFiles | None = None,
+    limits: EdgeLimits | None = None,
 ) -> Iterator[EnvoyPorts]:
     """An Envoy of its own on free ports, in front of the gRPC server on `grpc_port` only
     (its provider listener leads to a port nobody serves), until the block ends. Its config
@@ -148,6 +189,7 @@ def envoy_in_front_of(
             provider_proxy_port=free_port(),
             localstripe_port=free_port(),
             tls=tls,
+            limits=limits,
         )
     )
     with (scratch / "envoy.log").open("ab") as log:

@@ -241,7 +241,15 @@ def _grpc_server(settings: Settings, metrics: Metrics, *, reuse_port: bool) -> g
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         # Alone, a second server on a taken port must fail, not silently share it; as a
         # worker, sharing the port with its siblings is the point.
-        options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
+        options=[
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            ("grpc.max_receive_message_length", settings.grpc_max_receive_bytes),
+            ("grpc.max_send_message_length", settings.grpc_max_send_bytes),
+            # grpc refuses metadata over the soft limit at random and all of it over the hard
+            # one: one limit, refused always.
+            ("grpc.max_metadata_size", settings.grpc_max_metadata_bytes),
+            ("grpc.absolute_max_metadata_size", settings.grpc_max_metadata_bytes),
+        ],
     )
 
 

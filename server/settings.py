@@ -95,6 +95,19 @@ class Settings(BaseSettings):
 
     shutdown_grace_seconds: float = Field(10.0, ge=0, validation_alias=_env("SHUTDOWN_GRACE"))
     max_concurrent_rpcs: int = Field(1000, ge=1, validation_alias=_env("MAX_CONCURRENT_RPCS"))
+    # Sizes each server process accepts and sends (docs/operations.md). Requests are small (a
+    # product, an order of 100 lines, a provider webhook); a page of 1,000 products with
+    # 5,000-character descriptions comes to about 21 MiB, so answers may be larger. Envoy's
+    # header cap (REST_MAX_HEADERS_KB) stays well inside the metadata one.
+    grpc_max_receive_bytes: int = Field(
+        4 * 1024 * 1024, ge=64 * 1024, validation_alias=_env("GRPC_MAX_RECEIVE_BYTES")
+    )
+    grpc_max_send_bytes: int = Field(
+        32 * 1024 * 1024, ge=64 * 1024, validation_alias=_env("GRPC_MAX_SEND_BYTES")
+    )
+    grpc_max_metadata_bytes: int = Field(
+        64 * 1024, ge=8 * 1024, validation_alias=_env("GRPC_MAX_METADATA_BYTES")
+    )
     log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"))
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", validation_alias=_env("LOG_FORMAT")

@@ -25,6 +25,13 @@ ItemT = TypeVar("ItemT")
 TokenSource = str | Callable[[], str]
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
+# The server's default message sizes (GRPC_MAX_SEND_BYTES, GRPC_MAX_RECEIVE_BYTES): a
+# channel of the client's own accepts every answer the server sends (a page of large
+# products passes grpc's own 4 MiB default), and sends nothing the server would refuse.
+CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+    ("grpc.max_send_message_length", 4 * 1024 * 1024),
+)
 
 
 class Page(NamedTuple, Generic[ItemT]):
@@ -64,9 +71,9 @@ class MarketplaceClient:
     ) -> None:
         if isinstance(target, str):
             self._channel = (
-                grpc.aio.secure_channel(target, credentials)
+                grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
                 if credentials is not None
-                else grpc.aio.insecure_channel(target)
+                else grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
             )
             self._owns_channel = True
         else:

@@ -1,35 +1,18 @@
-"""An Envoy of a test's own, rendered from envoy.yaml as the stack's is, in front of the
-stack's server (or of a port nobody serves): for the edge's answers a test must provoke
-without disturbing the shared Envoy."""
+"""Reading what a REST caller gets: a JSON google.rpc.Status, whoever made it."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from pathlib import Path
-
-from devstack.envoy import render_envoy_config, start_envoy, wait_for_envoy
-from devstack.processes import free_port, stop_process
+import httpx
+from google.protobuf import json_format
+from google.rpc import code_pb2, status_pb2
 
 
-@contextlib.contextmanager
-def own_envoy(grpc_port: int, scratch: Path) -> Iterator[str]:
-    """Envoy's REST listener in front of `grpc_port`; yields its base URL."""
-    http_port, admin_port = free_port(), free_port()
-    config = scratch / "envoy.yaml"
-    config.write_text(
-        render_envoy_config(
-            http_port=http_port,
-            grpc_port=grpc_port,
-            admin_port=admin_port,
-            provider_proxy_port=free_port(),
-            localstripe_port=free_port(),
-        )
-    )
-    with (scratch / "envoy.log").open("wb") as log:
-        envoy = start_envoy(config, log=log)
-    try:
-        wait_for_envoy(admin_port, envoy)
-        yield f"http://127.0.0.1:{http_port}"
-    finally:
-        stop_process(envoy)
+def parse_status(response: httpx.Response) -> status_pb2.Status:
+    """The body as a google.rpc.Status: JSON of that message and nothing else."""
+    answer = f"{response.status_code} {response.headers} {response.text[:600]}"
+    assert response.headers.get("content-type", "").startswith("application/json"), answer
+    status = status_pb2.Status()
+    json_format.Parse(response.text, status)  # unknown fields or detail types fail here
+    assert status.code != code_pb2.OK, answer
+    assert status.message, answer
+    return status

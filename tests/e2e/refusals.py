@@ -59,7 +59,7 @@ class Http:
     method: str
     path: str
     json: Any = None
-    content: str | None = None
+    content: str | bytes | None = None
     params: Mapping[str, str] = field(default_factory=dict)
 
 

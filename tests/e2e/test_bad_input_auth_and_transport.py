@@ -13,6 +13,7 @@ from google.rpc import code_pb2
 from server.api.auth import issue_development_token
 from tests.conftest import Tokens, insert_product, stock_of
 from tests.e2e.refusals import (
+    CATALOG,
     ORDERS,
     REST,
     Call,
@@ -23,6 +24,7 @@ from tests.e2e.refusals import (
     auth_header,
     create_order,
     denied,
+    length_delimited,
     list_orders,
     list_products,
     unauthenticated,
@@ -116,6 +118,75 @@ async def unknown_route(env: Env) -> tuple[Call, Expect]:
         envoy_text="Could not resolve",
         rest_code=code_pb2.NOT_FOUND,
     )
+
+
+# Sizes and shapes the edge refuses (docs/operations.md, "Limits at the edge")
+
+
+def too_large(http_status: int) -> Expect:
+    """Envoy's 413/431 (INVALID_ARGUMENT over REST); gRPC's own RESOURCE_EXHAUSTED."""
+    return Expect(
+        code_pb2.RESOURCE_EXHAUSTED,
+        envoy_status=http_status,
+        envoy_text="larger than this API accepts",
+        rest_code=code_pb2.INVALID_ARGUMENT,
+    )
+
+
+@CASES.case("body-too-large")
+async def body_too_large(env: Env) -> tuple[Call, Expect]:
+    """REST: a body over Envoy's 1 MiB cap (413). gRPC: a message over the server's 4 MiB
+    (gRPC's own RESOURCE_EXHAUSTED, before any of our code runs)."""
+    call = create_order(env.customer(), [(env.product(), 1)], request_id="r" * (5 * 1024 * 1024))
+    return call, too_large(413)
+
+
+@CASES.case("headers-too-large")
+async def headers_too_large(env: Env) -> tuple[Call, Expect]:
+    """REST: headers over Envoy's 16 KiB (431). gRPC: metadata over the server's 64 KiB."""
+    call = create_order(None, [(env.product(), 1)], authorization="Bearer " + "a" * 70_000)
+    return call, too_large(431)
+
+
+@CASES.case("invalid-utf8")
+async def invalid_utf8(env: Env) -> tuple[Call, Expect]:
+    """A string that is not UTF-8: in the JSON body, or in the protobuf message."""
+    wire = length_delimited(1, b"\xff\xfe")
+    http = Http("POST", "/v1/orders", content=b'{"requestId": "\xff\xfe", "items": []}')
+    call = Call(f"{ORDERS}/CreateOrder", wire, http, auth_header(env.customer()))
+    return call, Expect(code_pb2.INVALID_ARGUMENT, envoy_status=400, envoy_text="UTF-8")
+
+
+@CASES.case("lone-surrogate", transports=(REST,))
+async def lone_surrogate(env: Env) -> tuple[Call, Expect]:
+    http = Http("POST", "/v1/orders", content='{"requestId": "\\ud800", "items": []}')
+    call = Call(f"{ORDERS}/CreateOrder", b"", http, auth_header(env.customer()))
+    return call, Expect(code_pb2.INVALID_ARGUMENT, envoy_status=400, envoy_text="surrogate")
+
+
+@CASES.case("nesting-too-deep", transports=(REST,))
+async def nesting_too_deep(env: Env) -> tuple[Call, Expect]:
+    deep = '{"requestId": "x", "items": [], "deep": ' + "[" * 200 + "]" * 200 + "}"
+    call = Call(f"{ORDERS}/CreateOrder", b"", Http("POST", "/v1/orders", content=deep))
+    return call, Expect(code_pb2.INVALID_ARGUMENT, envoy_status=400, envoy_text="too deep")
+
+
+@CASES.case("int64-overflow", transports=(REST,))
+async def int64_overflow(env: Env) -> tuple[Call, Expect]:
+    """gRPC cannot carry it: a varint holds 64 bits."""
+    http = Http(
+        "POST",
+        f"/v1/products/{env.product()}:adjustStock",
+        content='{"delta": "99999999999999999999", "reason": "x", "requestId": "x"}',
+    )
+    call = Call(f"{CATALOG}/AdjustStock", b"", http, auth_header(env.tokens.admin()))
+    return call, Expect(code_pb2.INVALID_ARGUMENT, envoy_status=400, envoy_text="TYPE_INT64")
+
+
+@CASES.case("method-not-allowed", transports=(REST,))
+async def method_not_allowed(env: Env) -> tuple[Call, Expect]:
+    call = Call(f"{CATALOG}/DeleteProduct", b"", Http("DELETE", f"/v1/products/{env.product()}"))
+    return call, Expect(code_pb2.UNIMPLEMENTED, envoy_status=405, envoy_text="not allowed")
 
 
 test_bad_input_is_refused_precisely_and_changes_nothing = CASES.test()

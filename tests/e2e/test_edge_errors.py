@@ -15,14 +15,15 @@ import grpc
 import httpx
 import pytest
 from google.api import annotations_pb2
-from google.protobuf import descriptor_pb2, json_format
+from google.protobuf import descriptor_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from devstack.envoy import envoy_in_front_of
 from devstack.processes import free_port
 from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from server.api.errors import ERROR_DOMAIN
 from tests.conftest import Tokens, insert_product
-from tests.e2e.edge import own_envoy
+from tests.e2e.edge import parse_status
 from tests.e2e.statuses import details_of, status_of_rpc_error
 from tests.stack import Stack
 
@@ -137,17 +138,6 @@ CASES = [
 ]  # fmt: skip
 
 
-def parse_status(response: httpx.Response) -> status_pb2.Status:
-    """The body as a google.rpc.Status: JSON of that message and nothing else."""
-    answer = f"{response.status_code} {response.headers} {response.text[:600]}"
-    assert response.headers.get("content-type", "").startswith("application/json"), answer
-    status = status_pb2.Status()
-    json_format.Parse(response.text, status)  # unknown fields or detail types fail here
-    assert status.code != code_pb2.OK, answer
-    assert status.message, answer
-    return status
-
-
 def check_edge_error(response: httpx.Response, bad: Bad) -> status_pb2.Status:
     answer = f"{response.status_code} {response.text[:600]}"
     assert response.status_code == bad.status, answer
@@ -252,7 +242,8 @@ async def test_an_unreachable_server_is_a_json_503_with_retry_after(
     tmp_path: Path, tokens: Tokens
 ) -> None:
     nobody = free_port()
-    with own_envoy(nobody, tmp_path) as base:
+    with envoy_in_front_of(nobody, tmp_path) as envoy:
+        base = f"http://127.0.0.1:{envoy.http_port}"
         async with httpx.AsyncClient(base_url=base, timeout=10) as rest:
             for method, path in (("GET", "/v1/products"), ("POST", "/v1/orders")):
                 response = await rest.request(method, path, content=b"{}")
