@@ -47,6 +47,33 @@ class EdgeLimits:
     rest_max_headers_kb: int = 16
     # The server's own setting: Envoy must be able to transcode the largest answer it sends.
     grpc_max_send_bytes: int = Settings.model_fields["grpc_max_send_bytes"].default
+    # Calls per second and bursts per client address: CreateOrder and CreatePayment (writes),
+    # GetProduct and ListProducts (reads), every other method (others).
+    rate_limit_writes: int = 5
+    rate_limit_writes_burst: int = 10
+    rate_limit_reads: int = 50
+    rate_limit_reads_burst: int = 100
+    rate_limit_others: int = 20
+    rate_limit_others_burst: int = 40
+    rate_limit_clients: int = 10_000
+    # Towards the server: connections, calls in flight (one process's MAX_CONCURRENT_RPCS),
+    # calls waiting for a stream; past the last two Envoy answers 503 at once.
+    upstream_max_connections: int = 128
+    upstream_max_requests: int = Settings.model_fields["max_concurrent_rpcs"].default
+    upstream_max_pending_requests: int = 1000
+
+    @classmethod
+    def without_rate_limits(cls) -> EdgeLimits:
+        """The defaults with rates no test or benchmark on one address reaches."""
+        unlimited = 1_000_000
+        return dataclasses.replace(
+            cls(),
+            **{
+                limit.name: unlimited
+                for limit in dataclasses.fields(cls)
+                if limit.name.startswith("rate_limit_") and limit.name != "rate_limit_clients"
+            },
+        )
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> EdgeLimits:

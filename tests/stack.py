@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from devstack.envoy import render_envoy_config, start_envoy, wait_for_envoy
+from devstack.envoy import EdgeLimits, render_envoy_config, start_envoy, wait_for_envoy
 from devstack.localstripe import (
     LOCALSTRIPE_API_KEY,
     WEBHOOK_PATH,
@@ -253,6 +253,8 @@ def running_stack(
                 provider_proxy_port=provider_proxy_port,
                 localstripe_port=localstripe_port,
                 tls=tls,
+                # Every test calls from 127.0.0.1; tests/e2e/test_limits.py runs its own Envoy.
+                limits=EdgeLimits.without_rate_limits(),
             )
         )
         with (

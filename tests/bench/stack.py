@@ -20,7 +20,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import make_url
 
-from devstack.envoy import render_envoy_config, start_envoy, wait_for_envoy
+from devstack.envoy import EdgeLimits, render_envoy_config, start_envoy, wait_for_envoy
 from devstack.postgres import EmbeddedPostgres, create_database, drop_database
 from devstack.processes import free_port, stop_process
 from devstack.server import start_server, wait_for_grpc
@@ -328,6 +328,8 @@ def start_bench_envoy(grpc_port: int, scratch: Path) -> EnvoyProcess:
             admin_port=admin_port,
             provider_proxy_port=free_port(),
             localstripe_port=free_port(),
+            # The load comes from one address: per-client rates would measure the limiter.
+            limits=EdgeLimits.without_rate_limits(),
         )
     )
     log = (scratch / "envoy.log").open("ab")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -19,8 +21,8 @@ from devstack.envoy import EdgeLimits, envoy_in_front_of
 from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from marketplace_client import MarketplaceClient
 from tests.conftest import Tokens, insert_product, table_snapshot
-from tests.e2e.edge import parse_status
-from tests.e2e.statuses import details_of
+from tests.e2e.edge import check_retry_later, parse_status
+from tests.e2e.statuses import details_of, status_of_rpc_error
 from tests.stack import Stack, bearer
 
 pytestmark = pytest.mark.e2e
@@ -166,3 +168,107 @@ async def test_the_body_cap_is_settable(stack: Stack, tmp_path: Path, tokens: To
             )
     _check_too_large(over, 4096)
     assert within.status_code == 200, within.text[:300]
+
+
+# Rate limits per client and route class, and overload
+
+
+def _client(base: str, address: str) -> httpx.AsyncClient:
+    """REST from a loopback address of its own: Envoy sees each as another client."""
+    transport = httpx.AsyncHTTPTransport(local_address=address)
+    return httpx.AsyncClient(base_url=base, transport=transport, timeout=30)
+
+
+def _orders_of(database_url: str, customer: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM orders WHERE customer_id = %s", (customer,)
+        ).fetchone()
+    assert row is not None
+    count: int = row[0]
+    return count
+
+
+async def test_each_client_has_its_own_rate_and_writes_are_tighter_than_reads(
+    stack: Stack, tmp_path: Path, tokens: Tokens
+) -> None:
+    """Writes at 1 a second with a burst of 3: 20 orders at once from one address get at
+    most a few through (one more per second that passes) and the rest 429, written nowhere;
+    the same address still reads, and another address still orders."""
+    limits = EdgeLimits(rate_limit_writes=1, rate_limit_writes_burst=3)
+    product_id = insert_product(stack.database_url, stock=1_000)
+    customer = f"flash-{uuid.uuid4().hex[:8]}"
+    headers = {"authorization": f"Bearer {tokens.customer(customer)}"}
+
+    def order() -> dict[str, object]:
+        line = {"productId": product_id, "quantity": 1}
+        return {"requestId": str(uuid.uuid4()), "items": [line]}
+
+    with envoy_in_front_of(stack.grpc_port, tmp_path, limits=limits) as envoy:
+        base = f"http://127.0.0.1:{envoy.http_port}"
+        async with _client(base, "127.0.0.2") as first, _client(base, "127.0.0.3") as second:
+            answers = await asyncio.gather(
+                *(first.post("/v1/orders", json=order(), headers=headers) for _ in range(20))
+            )
+            placed = [a for a in answers if a.status_code == 200]
+            for refused in (a for a in answers if a.status_code != 200):
+                check_retry_later(refused, 429, code_pb2.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+            assert 3 <= len(placed) < 20
+            assert _orders_of(stack.database_url, customer) == len(placed)
+
+            read = await first.get(f"/v1/products/{product_id}")
+            assert read.status_code == 200, read.text[:300]
+            elsewhere = await second.post("/v1/orders", json=order(), headers=headers)
+            assert elsewhere.status_code == 200, elsewhere.text[:300]
+
+        # gRPC through Envoy, from a third address: AdjustStock is in the others class.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{envoy.http_port}") as channel:
+            catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
+            request = catalog_pb2.AdjustStockRequest(id=product_id, delta=1, reason="t")
+            outcomes = await asyncio.gather(
+                *(
+                    catalog.AdjustStock(request, metadata=bearer(tokens.customer()))
+                    for _ in range(60)
+                ),
+                return_exceptions=True,
+            )
+    codes = {o.code() for o in outcomes if isinstance(o, grpc.aio.AioRpcError)}
+    # The others class (40 at once): customers may not adjust stock, so every call that
+    # passes is PERMISSION_DENIED, and the rest were refused before the server.
+    assert codes == {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    limited = next(
+        o
+        for o in outcomes
+        if isinstance(o, grpc.aio.AioRpcError) and o.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    status = status_of_rpc_error(limited)
+    [info] = details_of(status, error_details_pb2.ErrorInfo)
+    assert info.reason == "RATE_LIMITED"
+    assert details_of(status, error_details_pb2.RetryInfo)
+
+
+async def test_overload_is_a_json_503_with_retry_after(stack: Stack, tmp_path: Path) -> None:
+    """Past the calls in flight and waiting that Envoy allows towards the server, callers
+    are answered at once: JSON 503 UNAVAILABLE with retry-after, never plain text."""
+    limits = dataclasses.replace(
+        EdgeLimits.without_rate_limits(),
+        upstream_max_connections=1,
+        upstream_max_requests=1,
+        upstream_max_pending_requests=1,
+    )
+    with envoy_in_front_of(stack.grpc_port, tmp_path, limits=limits) as envoy:
+        base = f"http://127.0.0.1:{envoy.http_port}"
+        async with httpx.AsyncClient(base_url=base, timeout=30) as rest:
+            answers = await asyncio.gather(
+                *(rest.get("/v1/products", params={"pageSize": "200"}) for _ in range(100))
+            )
+            overflows = await rest.get(
+                f"http://127.0.0.1:{envoy.admin_port}/stats",
+                params={"filter": "^cluster.marketplace_grpc.upstream_rq_pending_overflow$"},
+            )
+    shed = [a for a in answers if a.status_code != 200]
+    assert shed, "100 calls at once never passed 1 in flight and 1 waiting"
+    assert len(shed) < len(answers)
+    for answer in shed:
+        check_retry_later(answer, 503, code_pb2.UNAVAILABLE, "SERVICE_UNAVAILABLE")
+    assert int(overflows.text.partition(": ")[2]) >= 1, overflows.text
