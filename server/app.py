@@ -95,7 +95,16 @@ async def _start(
     stripe_provider = _stripe_provider(settings)
     running.push_async_callback(stripe_provider.aclose)
 
-    server = _grpc_server(settings, metrics, reuse_port=reuse_port)
+    health_servicer = health.aio.HealthServicer()
+    database_health = DatabaseHealth(
+        health_servicer,
+        engine,
+        (CATALOG_SERVICE, ORDER_SERVICE, PAYMENT_SERVICE),
+        settings.health_check_interval_seconds,
+        # The hot path's connections died with the database; no call found them lost.
+        before_serving_again=hot_path.check_connections,
+    )
+    server = _grpc_server(settings, metrics, database_health, reuse_port=reuse_port)
     # GetProduct is served from memory, kept current by PostgreSQL's NOTIFY (see
     # server/services/product_cache.py); use cases drop what they change before answering.
     product_cache = ProductCache(
@@ -122,7 +131,7 @@ async def _start(
         server, use_cases.catalog, product_cache, settings, metrics
     )
     order_committer = _add_order_and_payment_services(server, use_cases, settings, metrics)
-    database_health = _add_health_service(server, engine, settings)
+    _add_health_service(server, health_servicer)
     port = _listen(server, settings)
 
     await hot_path.open()
@@ -225,7 +234,9 @@ def _circuit_breaker(
     )
 
 
-def _grpc_server(settings: Settings, metrics: Metrics, *, reuse_port: bool) -> grpc.aio.Server:
+def _grpc_server(
+    settings: Settings, metrics: Metrics, database_health: DatabaseHealth, *, reuse_port: bool
+) -> grpc.aio.Server:
     verifier = TokenVerifier(
         secret=settings.jwt_secret,
         public_key_file=settings.jwt_public_key_file,
@@ -236,7 +247,13 @@ def _grpc_server(settings: Settings, metrics: Metrics, *, reuse_port: bool) -> g
     )
     return grpc.aio.server(
         interceptors=[
-            RequestContextInterceptor(verifier=verifier, policies=ACCESS_POLICIES, metrics=metrics)
+            RequestContextInterceptor(
+                verifier=verifier,
+                policies=ACCESS_POLICIES,
+                metrics=metrics,
+                # While the database is known down, calls that need it fail at once.
+                admit=database_health.admit,
+            )
         ],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         # Alone, a second server on a taken port must fail, not silently share it; as a
@@ -331,19 +348,12 @@ def _add_order_and_payment_services(
 
 
 def _add_health_service(
-    server: grpc.aio.Server, engine: AsyncEngine, settings: Settings
-) -> DatabaseHealth:
-    health_servicer = health.aio.HealthServicer()
+    server: grpc.aio.Server, health_servicer: health.aio.HealthServicer
+) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (CATALOG_SERVICE, ORDER_SERVICE, PAYMENT_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME),
         server,
-    )
-    return DatabaseHealth(
-        health_servicer,
-        engine,
-        (CATALOG_SERVICE, ORDER_SERVICE, PAYMENT_SERVICE),
-        settings.health_check_interval_seconds,
     )
 
 

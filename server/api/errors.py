@@ -9,6 +9,7 @@ from grpc_status import rpc_status
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from server.api.health import DatabaseDown
 from server.db.transactions import is_retryable_conflict
 from server.domain.errors import (
     AlreadyExists,
@@ -150,6 +151,13 @@ def infrastructure_error_status(error: BaseException) -> grpc.Status | None:
                 {"circuit": "open" if isinstance(error, CircuitOpen) else "closed"},
             ),
             _retry_after(max(seconds, 0.1)),
+        )
+    if isinstance(error, DatabaseDown):
+        return _status(
+            code_pb2.UNAVAILABLE,
+            "the database is unavailable; retry shortly",
+            _error_info(ErrorReason.DATABASE_UNAVAILABLE),
+            _retry_after(error.retry_after_seconds),
         )
     if is_retryable_conflict(error):
         return _status(

@@ -1,10 +1,13 @@
-"""grpc.health.v1 status that follows the database: SERVING only while PostgreSQL answers."""
+"""grpc.health.v1 status that follows the database: SERVING only while PostgreSQL answers;
+and while it does not, calls that need it are refused at once instead of each waiting out
+the pools' timeouts."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
+import psycopg
 import structlog
 from grpc_health.v1 import health, health_pb2
 from sqlalchemy import text
@@ -12,6 +15,18 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 _log = structlog.get_logger("marketplace.health")
+# While the database is down it is probed this often at most, so that calls are admitted
+# again soon after it is back.
+_RECOVERY_PROBE_SECONDS = 0.1
+
+
+class DatabaseDown(Exception):
+    """The last probe found the database down: a call that needs it is refused before it
+    waits for a connection (DB_POOL_TIMEOUT) that cannot come."""
+
+    def __init__(self, retry_after_seconds: float) -> None:
+        super().__init__("the last probe found the database down")
+        self.retry_after_seconds = retry_after_seconds
 
 
 class DatabaseHealth:
@@ -21,21 +36,35 @@ class DatabaseHealth:
         engine: AsyncEngine,
         service_names: Iterable[str],
         interval_seconds: float,
+        *,
+        before_serving_again: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._servicer = servicer
         self._engine = engine
         # "" is the whole server, as grpc_health_probe and Envoy ask by default.
         self._names = ["", *service_names]
+        self._services = frozenset(service_names)
         self._interval = interval_seconds
+        self._recovery_interval = min(interval_seconds, _RECOVERY_PROBE_SECONDS)
         self._serving: bool | None = None
+        # Run when the database answers again after an outage, before calls are admitted.
+        self._before_serving_again = before_serving_again
+
+    def admit(self, method: str) -> None:
+        """Raises DatabaseDown for a call of one of the database's services (`method` is
+        grpc's "/package.Service/Method") while the last probe failed."""
+        if self._serving is False and method.split("/")[1] in self._services:
+            raise DatabaseDown(self._recovery_interval)
 
     async def check_once(self) -> bool:
         try:
             async with asyncio.timeout(max(self._interval * 2, 2.0)):
                 async with self._engine.connect() as conn:
                     await conn.execute(text("SELECT 1"))
+                if self._serving is False and self._before_serving_again is not None:
+                    await self._before_serving_again()
             healthy = True
-        except (SQLAlchemyError, OSError, TimeoutError) as error:
+        except (SQLAlchemyError, psycopg.Error, OSError, TimeoutError) as error:
             if self._serving is not False:
                 _log.warning("database unreachable", error=repr(error))
             healthy = False
@@ -58,8 +87,8 @@ class DatabaseHealth:
 
     async def run(self) -> None:
         while True:
-            await self.check_once()
-            await asyncio.sleep(self._interval)
+            healthy = await self.check_once()
+            await asyncio.sleep(self._interval if healthy else self._recovery_interval)
 
     async def shut_down(self) -> None:
         """Tells load balancers to stop sending new calls while in-flight ones drain."""

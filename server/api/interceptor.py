@@ -45,10 +45,13 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         verifier: TokenVerifier,
         policies: Mapping[str, Access],
         metrics: Metrics,
+        admit: Callable[[str], None] = lambda method: None,
     ) -> None:
         self._verifier = verifier
         self._policies = policies
         self._metrics = metrics
+        # Raises, before the call runs, when something the method needs is known to be down.
+        self._admit = admit
         # Wrapping is per method, not per call: grpc hands us the same handler each time.
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         # Labelled metric children, looked up once per method and code rather than per call
@@ -115,6 +118,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                 if principal is not None:
                     structlog.contextvars.bind_contextvars(caller=principal.subject)
                 request = _parse(payload, deserialize)
+                self._admit(method)
                 response = await inner(request, context)
             except DomainError as error:
                 # Envoy's transcoder marks the calls it makes from REST requests.

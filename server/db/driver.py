@@ -170,6 +170,12 @@ class DriverPool:
                 self._check_idle_connections()
             raise
 
+    async def check_connections(self) -> None:
+        """Tests every idle connection now, discarding the lost ones: after an outage, before
+        calls are let in again (nothing used the pool meanwhile to find them lost)."""
+        if not self._closed and not self._pool.closed:
+            await self._pool.check()
+
     def _check_idle_connections(self) -> None:
         """One lost connection means the others idle in the pool are probably lost too (the
         database restarted): test them all now, in the background, so no later caller is
