@@ -26,7 +26,7 @@ from server.adapters.stripe_webhooks import StripeWebhooks
 from server.api.auth import TokenVerifier
 from server.api.catalog import CatalogServicer
 from server.api.health import DatabaseHealth
-from server.api.interceptor import RequestContextInterceptor
+from server.api.interceptor import InFlightBudget, RequestContextInterceptor
 from server.api.orders import OrderServicer
 from server.api.payments import PaymentServicer
 from server.api.policy import (
@@ -39,6 +39,7 @@ from server.api.policy import (
 from server.db.driver import DriverPool
 from server.db.engine import connect_options, create_engine, libpq_url
 from server.domain.catalog import Product
+from server.domain.errors import ErrorReason
 from server.domain.orders import Order, OrderRequest
 from server.observability import Metrics, configure_logging
 from server.services.batching import GroupCommitter
@@ -251,11 +252,20 @@ def _grpc_server(
                 verifier=verifier,
                 policies=ACCESS_POLICIES,
                 metrics=metrics,
+                calls=InFlightBudget(
+                    ErrorReason.TOO_MANY_CALLS, total=settings.max_concurrent_rpcs
+                ),
+                streams=InFlightBudget(
+                    ErrorReason.TOO_MANY_STREAMS,
+                    total=settings.max_concurrent_streams,
+                    per_peer=settings.max_streams_per_peer,
+                ),
                 # While the database is known down, calls that need it fail at once.
                 admit=database_health.admit,
             )
         ],
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        # Not grpc's maximum_concurrent_rpcs: it counts calls and streams together, so
+        # streams nobody closes took every place; the interceptor keeps a budget for each.
         # Alone, a second server on a taken port must fail, not silently share it; as a
         # worker, sharing the port with its siblings is the point.
         options=[

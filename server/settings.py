@@ -95,6 +95,11 @@ class Settings(BaseSettings):
 
     shutdown_grace_seconds: float = Field(10.0, ge=0, validation_alias=_env("SHUTDOWN_GRACE"))
     max_concurrent_rpcs: int = Field(1000, ge=1, validation_alias=_env("MAX_CONCURRENT_RPCS"))
+    # Long-lived streams (health Watch, reflection) each process serves at once, in all and
+    # per peer address, apart from the calls above: streams nobody closes must not take
+    # their places (docs/operations.md).
+    max_concurrent_streams: int = Field(100, ge=0, validation_alias=_env("MAX_CONCURRENT_STREAMS"))
+    max_streams_per_peer: int = Field(10, ge=0, validation_alias=_env("MAX_STREAMS_PER_PEER"))
     # Sizes each server process accepts and sends (docs/operations.md). Requests are small (a
     # product, an order of 100 lines, a provider webhook); a page of 1,000 products with
     # 5,000-character descriptions comes to about 21 MiB, so answers may be larger. Envoy's

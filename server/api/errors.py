@@ -178,6 +178,26 @@ def infrastructure_error_status(error: BaseException) -> grpc.Status | None:
     return None
 
 
+class InFlightLimit(Exception):
+    """A call or stream refused: `scope` (a peer, or the process) already has `limit` open."""
+
+    def __init__(self, reason: ErrorReason, scope: str, limit: int) -> None:
+        super().__init__(f"{scope} already has {limit} open")
+        self.reason = reason
+        self.scope = scope
+        self.limit = limit
+
+
+def in_flight_limit_status(error: InFlightLimit) -> grpc.Status:
+    what = "streams" if error.reason == ErrorReason.TOO_MANY_STREAMS else "calls"
+    return _status(
+        code_pb2.RESOURCE_EXHAUSTED,
+        f"too many {what} in flight: {error.scope} already has {error.limit}; retry later",
+        _error_info(error.reason, {"limit": str(error.limit)}),
+        _retry_after(1.0),
+    )
+
+
 def internal_status(request_id: str) -> grpc.Status:
     info = _error_info(ErrorReason.INTERNAL, {"requestId": request_id})
     return _status(code_pb2.INTERNAL, f"internal error (request id {request_id})", info)

@@ -3,10 +3,12 @@ metrics and the canonical log line, so servicers contain none of it."""
 
 from __future__ import annotations
 
+import collections
+import inspect
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 import grpc
@@ -16,8 +18,14 @@ from prometheus_client import Counter, Histogram
 
 from server.api.auth import TokenVerifier, single_authorization
 from server.api.context import bind_principal
-from server.api.errors import domain_error_status, infrastructure_error_status, internal_status
-from server.domain.errors import DomainError, FieldViolation, InvalidArgument
+from server.api.errors import (
+    InFlightLimit,
+    domain_error_status,
+    in_flight_limit_status,
+    infrastructure_error_status,
+    internal_status,
+)
+from server.domain.errors import DomainError, ErrorReason, FieldViolation, InvalidArgument
 from server.domain.identity import Access, Principal, authorize
 from server.observability import Metrics
 
@@ -38,6 +46,44 @@ def _parse(payload: Any, deserialize: Callable[[bytes], Any] | None) -> Any:
         ) from None
 
 
+def peer_address(peer: str) -> str:
+    """grpc's peer ("ipv4:10.0.0.1:5000", "ipv6:[::1]:5000", "unix:/path") without its port:
+    one client, however many connections it opens."""
+    kind, _, rest = peer.partition(":")
+    return rest.rpartition(":")[0] if kind in ("ipv4", "ipv6") else peer
+
+
+class InFlightBudget:
+    """How many calls, or long-lived streams (health Watch, reflection), one process serves
+    at once: in all, and per peer address. Two budgets, so that streams nobody closes never
+    take the places of unary calls (grpc's own maximum_concurrent_rpcs counts both)."""
+
+    def __init__(self, reason: ErrorReason, *, total: int, per_peer: int | None = None) -> None:
+        self._reason = reason
+        self._total = total
+        self._per_peer = per_peer
+        self._open = 0
+        self._by_peer: collections.Counter[str] = collections.Counter()
+
+    def take(self, peer: str) -> Callable[[], None]:
+        """A place for `peer`, or InFlightLimit; returns its release."""
+        address = peer_address(peer)
+        if self._open >= self._total:
+            raise InFlightLimit(self._reason, "this server process", self._total)
+        if self._per_peer is not None and self._by_peer[address] >= self._per_peer:
+            raise InFlightLimit(self._reason, f"the peer {address}", self._per_peer)
+        self._open += 1
+        self._by_peer[address] += 1
+
+        def release() -> None:
+            self._open -= 1
+            self._by_peer[address] -= 1
+            if not self._by_peer[address]:
+                del self._by_peer[address]
+
+        return release
+
+
 class RequestContextInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
         self,
@@ -45,6 +91,8 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         verifier: TokenVerifier,
         policies: Mapping[str, Access],
         metrics: Metrics,
+        calls: InFlightBudget,
+        streams: InFlightBudget,
         admit: Callable[[str], None] = lambda method: None,
     ) -> None:
         self._verifier = verifier
@@ -52,6 +100,8 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         self._metrics = metrics
         # Raises, before the call runs, when something the method needs is known to be down.
         self._admit = admit
+        self._calls = calls
+        self._streams = streams
         # Wrapping is per method, not per call: grpc hands us the same handler each time.
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         # Labelled metric children, looked up once per method and code rather than per call
@@ -70,8 +120,24 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         if (wrapped := self._wrapped.get(method)) is not None:
             return wrapped
         handler = await continuation(handler_call_details)
-        # Streaming RPCs are only health Watch and reflection, both public by design.
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
+            return None
+        # Streaming RPCs are only health Watch and reflection, both public by design; what
+        # they need is a place in the stream budget.
+        if handler.unary_stream is not None or handler.stream_stream is not None:
+            make_handler = (
+                grpc.unary_stream_rpc_method_handler
+                if handler.unary_stream is not None
+                else grpc.stream_stream_rpc_method_handler
+            )
+            wrapped = make_handler(
+                self._bounded(handler.unary_stream or handler.stream_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+            self._wrapped[method] = wrapped
+            return wrapped
+        if handler.unary_unary is None:
             return handler
         behavior = self._wrap(
             cast(UnaryBehavior, handler.unary_unary),
@@ -109,7 +175,9 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             failure: grpc.Status | None = None
             response: Any = None
+            release: Callable[[], None] | None = None
             try:
+                release = self._calls.take(context.peer())
                 principal = self._authenticate(
                     [value for key, value in invocation if key == "authorization"]
                 )
@@ -120,6 +188,8 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                 request = _parse(payload, deserialize)
                 self._admit(method)
                 response = await inner(request, context)
+            except InFlightLimit as refused:
+                failure = in_flight_limit_status(refused)
             except DomainError as error:
                 # Envoy's transcoder marks the calls it makes from REST requests.
                 transcoded = "x-envoy-original-path" in metadata
@@ -131,6 +201,9 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                     failure = internal_status(request_id)
                 else:
                     _log.warning("dependency failure", error=repr(error))
+            finally:
+                if release is not None:
+                    release()
             code = failure.code if failure is not None else grpc.StatusCode.OK
             self._record(method, code, started, failure)
             trailer = (("x-request-id", request_id),)
@@ -142,6 +215,41 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             return response
 
         return behavior
+
+    def _bounded(self, inner: Any, method: str) -> Any:
+        """`inner` (a coroutine writing to its context, or an async generator) run only with
+        a place in the stream budget, released when the stream ends however it ends."""
+
+        async def take_place(context: grpc.aio.ServicerContext[Any, Any]) -> Callable[[], None]:
+            try:
+                return self._streams.take(context.peer())
+            except InFlightLimit as refused:
+                failure = in_flight_limit_status(refused)
+                self._record(method, failure.code, time.perf_counter(), failure)
+                await context.abort(failure.code, failure.details, failure.trailing_metadata)
+
+        if inspect.isasyncgenfunction(inner):
+
+            async def generator(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                release = await take_place(context)
+                try:
+                    async for response in inner(request, context):
+                        yield response
+                finally:
+                    release()
+
+            return generator
+
+        async def coroutine(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            release = await take_place(context)
+            try:
+                return await inner(request, context)
+            finally:
+                release()
+
+        return coroutine
 
     def _authenticate(self, entries: Sequence[str | bytes]) -> Principal | None:
         header = single_authorization(entries)

@@ -41,6 +41,21 @@ class ErrorReason(enum.StrEnum):
     DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
     TRANSACTION_CONFLICT = "TRANSACTION_CONFLICT"
     INTERNAL = "INTERNAL"
+    # RESOURCE_EXHAUSTED: the process serves as many calls as it may (MAX_CONCURRENT_RPCS),
+    # or a peer or the process has as many streams open as it may.
+    TOO_MANY_CALLS = "TOO_MANY_CALLS"
+    TOO_MANY_STREAMS = "TOO_MANY_STREAMS"
+    # Sent by Envoy, not the server, to REST callers (envoy.yaml's local replies; gRPC
+    # callers get the last two): the request never reached the server.
+    MALFORMED_REQUEST = "MALFORMED_REQUEST"
+    ROUTE_NOT_FOUND = "ROUTE_NOT_FOUND"
+    METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
+    REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
+    HEADERS_TOO_LARGE = "HEADERS_TOO_LARGE"
+    UPSTREAM_TIMEOUT = "UPSTREAM_TIMEOUT"
+    EDGE_ERROR = "EDGE_ERROR"
+    RATE_LIMITED = "RATE_LIMITED"
+    SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from devstack.envoy import ENVOY_TEMPLATE, EdgeLimits
 from server.api.errors import ERROR_DOMAIN
+from server.domain.errors import ErrorReason
 
 pytestmark = pytest.mark.unit
 
@@ -62,3 +63,9 @@ def test_the_details_envoy_gives_grpc_callers_match_their_message() -> None:
         "RATE_LIMITED": code_pb2.RESOURCE_EXHAUSTED,
         "SERVICE_UNAVAILABLE": code_pb2.UNAVAILABLE,
     }
+
+
+def test_every_reason_envoy_sends_is_catalogued() -> None:
+    reasons = set(re.findall(r"reason: ([A-Z_]+)$", ENVOY_TEMPLATE.read_text(), re.MULTILINE))
+    assert len(reasons) >= 9
+    assert reasons <= {reason.value for reason in ErrorReason}
