@@ -173,6 +173,8 @@ def run(*, tls: bool = False) -> int:
                 "STRIPE_API_BASE": f"http://127.0.0.1:{provider_proxy_port}",
                 "STRIPE_API_KEY": LOCALSTRIPE_API_KEY,
                 "STRIPE_WEBHOOK_SECRET": webhook_secret,
+                # The development stack: the server then accepts the published webhook secret.
+                "MARKETPLACE_DEVSTACK": "1",
                 **(tls_files.server_env() if tls_files is not None else {}),
             }
         )

@@ -9,6 +9,9 @@ from typing import Literal
 from pydantic import AliasChoices, Field, FilePath, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# make run's webhook secret (devstack/localstripe.py), in the repository for anyone to read.
+DEVELOPMENT_WEBHOOK_SECRET = "whsec_marketplace_development"  # noqa: S105
+
 
 def _env(*names: str) -> AliasChoices:
     return AliasChoices(*names)
@@ -65,9 +68,13 @@ class Settings(BaseSettings):
     # listener in front of localstripe.
     stripe_api_key: str = Field("sk_test_marketplace", validation_alias=_env("STRIPE_API_KEY"))
     stripe_api_base: str = Field("https://api.stripe.com", validation_alias=_env("STRIPE_API_BASE"))
+    # The webhook endpoint's signing secret: required, and never the development stack's
+    # published one outside it (anyone could sign webhooks with that).
     stripe_webhook_secret: str = Field(
-        "whsec_marketplace_development", validation_alias=_env("STRIPE_WEBHOOK_SECRET")
+        min_length=16, validation_alias=_env("STRIPE_WEBHOOK_SECRET")
     )
+    # Set by `make run` only (devstack/), never a default: marks the development stack.
+    development_stack: bool = Field(False, validation_alias=_env("MARKETPLACE_DEVSTACK"))
     # Each provider call: this timeout per attempt, at most this many attempts.
     provider_timeout_seconds: float = Field(5.0, gt=0, validation_alias=_env("PROVIDER_TIMEOUT"))
     provider_max_attempts: int = Field(3, ge=1, validation_alias=_env("PROVIDER_MAX_ATTEMPTS"))
@@ -125,6 +132,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 "set exactly one of MARKETPLACE_JWT_SECRET, MARKETPLACE_JWT_PUBLIC_KEY_FILE,"
                 " MARKETPLACE_JWT_JWKS_FILE"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _no_development_webhook_secret(self) -> Settings:
+        if self.stripe_webhook_secret == DEVELOPMENT_WEBHOOK_SECRET and not self.development_stack:
+            raise ValueError(
+                "STRIPE_WEBHOOK_SECRET is the development stack's published secret, with which"
+                " anyone can sign webhooks: set the signing secret of your webhook endpoint"
+                " (MARKETPLACE_DEVSTACK=1 is for make run only)"
             )
         return self
 

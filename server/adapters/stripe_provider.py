@@ -45,6 +45,7 @@ from server.adapters.stripe_answers import (
 from server.services.providers import (
     CardDeclined,
     IntentStatus,
+    PaymentUnknownToProvider,
     ProviderIntent,
     ProviderOutcomeUnknown,
     ProviderRefund,
@@ -165,11 +166,17 @@ class StripeProvider:
         return charged(await self._mutate("confirm_intent", send, settle=settle))
 
     async def retrieve_intent(self, reference: str) -> ProviderIntent:
-        return intent_from_stripe(
-            await self._read(
+        try:
+            found = await self._read(
                 "retrieve_intent", lambda: self._fetch_intent("retrieve_intent", reference)
             )
-        )
+        except ProviderRejected as rejection:
+            if _says_missing(rejection):
+                raise PaymentUnknownToProvider(
+                    reference, rejection.message, rejection.status
+                ) from rejection
+            raise
+        return intent_from_stripe(found)
 
     async def cancel_intent(self, reference: str, *, idempotency_key: str) -> ProviderIntent:
         async def send() -> ProviderIntent:
@@ -218,12 +225,30 @@ class StripeProvider:
                     return existing
             return None
 
-        return await self._mutate("refund", send, settle=settle)
+        try:
+            return await self._mutate("refund", send, settle=settle)
+        except ProviderRejected as rejection:
+            raise await self._unknown_intent(intent_reference, rejection) from rejection
 
     async def list_refunds(self, intent_reference: str) -> list[ProviderRefund]:
-        return await self._read(
-            "list_refunds", lambda: self._fetch_refunds("list_refunds", intent_reference)
-        )
+        try:
+            return await self._read(
+                "list_refunds", lambda: self._fetch_refunds("list_refunds", intent_reference)
+            )
+        except ProviderRejected as rejection:
+            raise await self._unknown_intent(intent_reference, rejection) from rejection
+
+    async def _unknown_intent(self, reference: str, rejection: ProviderRejected) -> Exception:
+        """A "not found" about a request naming an intent is PaymentUnknownToProvider once a
+        look at the intent itself says it is missing (Stripe answers 400 resource_missing
+        for a refund of it, localstripe 404); any other rejection stays as it is."""
+        if isinstance(rejection, PaymentUnknownToProvider) or not _says_missing(rejection):
+            return rejection
+        try:
+            await self.retrieve_intent(reference)
+        except PaymentUnknownToProvider as unknown:
+            return unknown
+        return rejection
 
     # --- one attempt -----------------------------------------------------------------------
 
@@ -331,3 +356,7 @@ class StripeProvider:
                 raise ProviderOutcomeUnknown(str(failure)) from failure
             raise ProviderUnavailable(str(failure)) from failure
         return result
+
+
+def _says_missing(rejection: ProviderRejected) -> bool:
+    return rejection.status == 404 or rejection.code == "resource_missing"

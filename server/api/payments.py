@@ -73,7 +73,12 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
             request.amount if request.HasField("amount") else None
         )
         refund = refund_request(
-            request.id, request.request_id, amount, amount_problems, request.reason
+            request.id,
+            request.request_id,
+            amount,
+            amount_problems,
+            request.reason,
+            outside_provider=request.outside_provider,
         )
         payment = await self._refunds.refund_payment(current_principal(), refund)
         return payment_pb2.RefundPaymentResponse(payment=convert.payment(payment))

@@ -29,6 +29,11 @@ class ErrorReason(enum.StrEnum):
     REFUND_EXCEEDS_PAYMENT = "REFUND_EXCEEDS_PAYMENT"
     REFUND_IN_PROGRESS = "REFUND_IN_PROGRESS"
     REFUND_REJECTED = "REFUND_REJECTED"  # the payment provider refused the refund
+    # The provider has no record of a payment we hold (metadata: paymentId, providerReference);
+    # an admin's way out is RefundPayment with outside_provider (docs/operations.md).
+    PAYMENT_UNKNOWN_TO_PROVIDER = "PAYMENT_UNKNOWN_TO_PROVIDER"
+    # RefundPayment with outside_provider for a payment the provider does know: refund there.
+    PAYMENT_KNOWN_TO_PROVIDER = "PAYMENT_KNOWN_TO_PROVIDER"
     # UNAUTHENTICATED and PERMISSION_DENIED (names of token problems, not secrets: S105)
     MISSING_TOKEN = "MISSING_TOKEN"  # noqa: S105
     INVALID_TOKEN = "INVALID_TOKEN"  # noqa: S105

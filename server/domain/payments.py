@@ -92,10 +92,14 @@ class RefundRequest:
     request_id: str
     amount: Money | None  # None: everything not yet refunded
     reason: str
+    # Record the refund without the provider, which has no record of the payment: the
+    # money went back by other means, or none was ever held (an admin's way out).
+    outside_provider: bool = False
 
     def fingerprint(self) -> str:
         amount = "rest" if self.amount is None else f"{self.amount.currency}{self.amount.amount}"
-        return fingerprint_of(f"refund;{self.payment_id};{amount};{self.reason}")
+        outside = ";outside-provider" if self.outside_provider else ""
+        return fingerprint_of(f"refund;{self.payment_id};{amount};{self.reason}{outside}")
 
 
 def fingerprint_of(canonical: str) -> str:
@@ -121,7 +125,13 @@ def payment_request(order_id: str, request_id: str, payment_method: str) -> Paym
 
 
 def refund_request(
-    payment_id: str, request_id: str, amount: Money | None, amount_problems: list[str], reason: str
+    payment_id: str,
+    request_id: str,
+    amount: Money | None,
+    amount_problems: list[str],
+    reason: str,
+    *,
+    outside_provider: bool = False,
 ) -> RefundRequest:
     """Validates a RefundPayment request; `amount_problems` are the Money field's own."""
     violations = Violations()
@@ -138,7 +148,7 @@ def refund_request(
         check_text(violations, "reason", reason, min_len=0, max_len=MAX_REASON_LENGTH)
     violations.raise_if_any()
     assert canonical_id is not None
-    return RefundRequest(canonical_id, request_id, amount, reason)
+    return RefundRequest(canonical_id, request_id, amount, reason, outside_provider)
 
 
 def provider_exponent(currency: str) -> int:
@@ -221,6 +231,47 @@ def payment_in_progress(order_id: str, payment_id: str) -> FailedPrecondition:
         f"a payment of order {order_id} is in progress; wait for its outcome",
         reason=ErrorReason.PAYMENT_IN_PROGRESS,
         metadata={"orderId": order_id, "paymentId": payment_id},
+    )
+
+
+# A refund's failure_code when the provider had no record of the payment it refunds.
+PAYMENT_UNKNOWN_FAILURE = "payment_unknown_to_provider"
+
+
+def refund_refused(
+    *,
+    payment_id: str,
+    refund_id: str,
+    provider_reference: str,
+    failure_code: str,
+    failure_message: str,
+) -> FailedPrecondition:
+    """What a refund the provider refused answers, to its call and to every retry of it."""
+    if failure_code == PAYMENT_UNKNOWN_FAILURE:
+        return FailedPrecondition(
+            f"the payment provider has no record of payment {payment_id} ({provider_reference});"
+            " nothing was refunded. Once the money went back by other means, or none is held,"
+            " an admin records the refund with RefundPayment and outside_provider set",
+            reason=ErrorReason.PAYMENT_UNKNOWN_TO_PROVIDER,
+            metadata={
+                "paymentId": payment_id,
+                "providerReference": provider_reference,
+                "refundId": refund_id,
+            },
+        )
+    return FailedPrecondition(
+        f"the payment provider refused the refund: {failure_message}",
+        reason=ErrorReason.REFUND_REJECTED,
+        metadata={"paymentId": payment_id, "refundId": refund_id, "providerCode": failure_code},
+    )
+
+
+def payment_known_to_provider(payment_id: str, provider_reference: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"the payment provider holds payment {payment_id} ({provider_reference}): refund it"
+        " there, without outside_provider",
+        reason=ErrorReason.PAYMENT_KNOWN_TO_PROVIDER,
+        metadata={"paymentId": payment_id, "providerReference": provider_reference},
     )
 
 

@@ -78,6 +78,15 @@ class ProviderRejected(ProviderError):
         self.status = status
 
 
+class PaymentUnknownToProvider(ProviderRejected):
+    """The provider has no record of the charge (intent) a request names: its store lost
+    it, or we are talking to another account than the one that charged."""
+
+    def __init__(self, reference: str, message: str, status: int) -> None:
+        super().__init__("resource_missing", message, status)
+        self.reference = reference
+
+
 class PaymentProvider(Protocol):
     """A card payment provider. Every mutating call carries an idempotency key; the use
     cases still never rely on the provider honouring it (they record intent ids first)."""
@@ -101,7 +110,10 @@ class PaymentProvider(Protocol):
         """Charges. Raises CardDeclined when the card is refused."""
         ...
 
-    async def retrieve_intent(self, reference: str) -> ProviderIntent: ...
+    async def retrieve_intent(self, reference: str) -> ProviderIntent:
+        """Raises PaymentUnknownToProvider for an intent the provider has no record of,
+        as refund and list_refunds do."""
+        ...
 
     async def cancel_intent(self, reference: str, *, idempotency_key: str) -> ProviderIntent:
         """Cancels an unconfirmed intent so it can never be charged."""
@@ -121,11 +133,13 @@ class PaymentProvider(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ProviderEvent:
-    """A verified webhook event. `intent` is set for events about a charge's outcome."""
+    """A verified webhook event. It says which object to look at, never what became of it:
+    that is read back from the provider (a signature proves only who holds the secret)."""
 
     id: str
     type: str
-    intent: ProviderIntent | None
+    # The charge an event about a charge's outcome names (a Stripe PaymentIntent id).
+    intent_reference: str | None
 
 
 class InvalidSignature(ProviderError):

@@ -83,8 +83,7 @@ _CLAIM_REFUNDS = text(
                    WHERE status = 'PENDING' AND next_check_time <= now()
                    ORDER BY next_check_time LIMIT :limit
                      FOR UPDATE SKIP LOCKED)
-    RETURNING id, (SELECT provider_reference FROM payments WHERE id = payment_id)
-              AS intent_reference
+    RETURNING id
     """
 )
 
@@ -185,8 +184,8 @@ class Upkeep:
 
     async def reconcile_refunds(self) -> int:
         """Finishes refunds left PENDING past their lease (including the refund step of a
-        paid order's cancellation): applies the provider's refund if it exists, else sends
-        it now."""
+        paid order's cancellation): applies the provider's refund if an earlier sender made
+        it, else sends it now (the claim holds the lease, so nobody else sends it)."""
         async with self._engine.begin() as conn:
             claimed = (
                 await conn.execute(
@@ -195,15 +194,7 @@ class Upkeep:
             ).all()
         for row in claimed:
             try:
-                made = [
-                    refund
-                    for refund in await self._provider.list_refunds(row.intent_reference)
-                    if refund.metadata.get("refund_id") == str(row.id)
-                ]
-                if made:
-                    await self._refunds.complete_refund(row.id, made[0])
-                else:
-                    await self._refunds.run_refund(row.id)
+                await self._refunds.finish_refund(row.id, sent_before=True)
             except (ProviderError, FailedPrecondition) as error:
                 # Left PENDING (or failed, if refused); a later pass looks again.
                 _log.warning(

@@ -89,7 +89,7 @@ def wire_use_cases(
         settlement=settlement,
         refunds=refunds,
         payment_reads=PaymentReads(engine),
-        provider_events=ProviderEvents(engine, settlement),
+        provider_events=ProviderEvents(engine, settlement, provider),
         upkeep=Upkeep(
             engine,
             settlement,

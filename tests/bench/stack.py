@@ -34,6 +34,7 @@ from tests.bench.config import (
     product_price,
     product_sku,
 )
+from tests.stack import WEBHOOK_SECRET
 
 # pgbench opens up to 256 connections while each server process keeps its pool open.
 EMBEDDED_MAX_CONNECTIONS = 500
@@ -272,6 +273,7 @@ def start_bench_server(
         **(settings or {}),
         "DATABASE_URL": database.url,
         "MARKETPLACE_JWT_SECRET": secret,
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,  # required; the bench sends no webhooks
         "GRPC_PORT": str(port := free_port()),
         "METRICS_PORT": "0",
         "LOG_LEVEL": "WARNING",

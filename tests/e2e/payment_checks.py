@@ -127,10 +127,18 @@ class Shopper:
         return list(reply.payments)
 
     async def refund(
-        self, payment_id: str, amount: str | None = None, request_id: str | None = None
+        self,
+        payment_id: str,
+        amount: str | None = None,
+        request_id: str | None = None,
+        *,
+        outside_provider: bool = False,
     ) -> payment_pb2.Payment:
         request = payment_pb2.RefundPaymentRequest(
-            id=payment_id, request_id=request_id or str(uuid.uuid4()), reason="e2e"
+            id=payment_id,
+            request_id=request_id or str(uuid.uuid4()),
+            reason="e2e",
+            outside_provider=outside_provider,
         )
         if amount is not None:
             units, _, cents = amount.partition(".")

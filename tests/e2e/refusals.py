@@ -72,6 +72,8 @@ class Call:
     http: Http
     # A tuple sends one `authorization` entry (gRPC metadata, REST header) per value.
     authorization: str | tuple[str, ...] | None = None
+    # Other headers, sent as gRPC metadata too (a webhook's `stripe-signature`).
+    headers: tuple[tuple[str, str], ...] = ()
 
     def authorizations(self) -> tuple[str, ...]:
         if self.authorization is None:
@@ -325,7 +327,7 @@ def check_status(status: status_pb2.Status, expect: Expect) -> None:
 async def refusal_over_grpc(channel: grpc.aio.Channel, call: Call) -> status_pb2.Status:
     serialize = None if isinstance(call.request, bytes) else type(call.request).SerializeToString
     method = channel.unary_unary(call.rpc, request_serializer=serialize)
-    metadata = tuple(("authorization", value) for value in call.authorizations())
+    metadata = tuple(("authorization", value) for value in call.authorizations()) + call.headers
     try:
         await method(call.request, metadata=metadata, timeout=30)
     except grpc.aio.AioRpcError as error:
@@ -334,7 +336,7 @@ async def refusal_over_grpc(channel: grpc.aio.Channel, call: Call) -> status_pb2
 
 
 async def over_rest(rest: httpx.AsyncClient, call: Call) -> httpx.Response:
-    headers = [("authorization", value) for value in call.authorizations()]
+    headers = [("authorization", value) for value in call.authorizations()] + list(call.headers)
     if call.http.content is not None:
         headers.append(("content-type", "application/json"))
     return await rest.request(

@@ -4,6 +4,7 @@ runs is tests/e2e/refusals.py."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Any
 
@@ -15,6 +16,7 @@ from google.type import money_pb2
 from marketplace.order.v1 import order_pb2
 from marketplace.payment.v1 import payment_pb2
 from server.domain.pagination import encode_page_token
+from tests.e2e.payment_checks import stripe_signature
 from tests.e2e.refusals import (
     PAYMENTS,
     SQL_INJECTION,
@@ -33,7 +35,7 @@ from tests.e2e.refusals import (
     refund_payment,
     unauthenticated,
 )
-from tests.stack import bearer
+from tests.stack import WEBHOOK_SECRET, bearer
 
 pytestmark = pytest.mark.e2e
 
@@ -200,6 +202,105 @@ async def webhook_without_signature(env: Env) -> tuple[Call, Expect]:
         Http("POST", "/v1/payments:webhook", content=body),
     )
     return call, unauthenticated("INVALID_SIGNATURE")
+
+
+def signed_webhook(body: str, *, at: int | None = None, secret: str = WEBHOOK_SECRET) -> Call:
+    """A webhook delivery of `body` with a `Stripe-Signature` (the stack's secret unless
+    told), as Stripe signs it: the signature is right, whatever the body says."""
+    request = payment_pb2.HandleProviderWebhookRequest()
+    request.http_body.content_type = "application/json"
+    request.http_body.data = body.encode()
+    signature = stripe_signature(body.encode(), secret=secret, at=at)
+    return Call(
+        f"{PAYMENTS}/HandleProviderWebhook",
+        request,
+        Http("POST", "/v1/payments:webhook", content=body),
+        headers=(("stripe-signature", signature),),
+    )
+
+
+def _event(**fields: Any) -> str:
+    event: dict[str, Any] = {
+        "id": f"evt_{uuid.uuid4().hex}",
+        "object": "event",
+        "type": "payment_intent.succeeded",
+        "data": {"object": {"id": f"pi_{uuid.uuid4().hex[:24]}", "object": "payment_intent"}},
+    }
+    event.update(fields)
+    return json.dumps({name: value for name, value in event.items() if value is not None})
+
+
+@CASES.case("webhook-signed-with-another-secret")
+async def webhook_other_secret(env: Env) -> tuple[Call, Expect]:
+    call = signed_webhook(_event(), secret="whsec_" + "not-the-secret" * 3)
+    return call, unauthenticated("INVALID_SIGNATURE")
+
+
+@CASES.case("webhook-signed-an-hour-ago")
+async def webhook_signed_long_ago(env: Env) -> tuple[Call, Expect]:
+    return signed_webhook(_event(), at=int(time.time()) - 3600), unauthenticated(
+        "INVALID_SIGNATURE"
+    )
+
+
+@CASES.case("webhook-signed-an-hour-ahead")
+async def webhook_signed_ahead(env: Env) -> tuple[Call, Expect]:
+    return signed_webhook(_event(), at=int(time.time()) + 3600), unauthenticated(
+        "INVALID_SIGNATURE"
+    )
+
+
+@CASES.case("webhook-signed-not-json")
+async def webhook_signed_not_json(env: Env) -> tuple[Call, Expect]:
+    return signed_webhook("payment_intent.succeeded pi_123"), invalid("http_body")
+
+
+@CASES.case("webhook-signed-json-array")
+async def webhook_signed_array(env: Env) -> tuple[Call, Expect]:
+    return signed_webhook(json.dumps([json.loads(_event())])), invalid("http_body")
+
+
+@CASES.case("webhook-signed-without-type")
+async def webhook_signed_without_type(env: Env) -> tuple[Call, Expect]:
+    return signed_webhook(_event(type=None)), invalid("type")
+
+
+@CASES.case("webhook-signed-without-id")
+async def webhook_signed_without_id(env: Env) -> tuple[Call, Expect]:
+    return signed_webhook(_event(id=None)), invalid("id")
+
+
+@CASES.case("webhook-signed-type-not-a-string")
+async def webhook_signed_type_mistyped(env: Env) -> tuple[Call, Expect]:
+    return signed_webhook(_event(type=["payment_intent.succeeded"])), invalid("type")
+
+
+@CASES.case("webhook-signed-data-not-an-object")
+async def webhook_signed_data_mistyped(env: Env) -> tuple[Call, Expect]:
+    return signed_webhook(_event(data="pi_123")), invalid("data")
+
+
+@CASES.case("webhook-signed-intent-without-id")
+async def webhook_signed_intent_without_id(env: Env) -> tuple[Call, Expect]:
+    body = _event(data={"object": {"object": "payment_intent", "status": "succeeded"}})
+    return signed_webhook(body), invalid("data.object.id")
+
+
+@CASES.case("webhook-signed-intent-id-a-number")
+async def webhook_signed_intent_id_mistyped(env: Env) -> tuple[Call, Expect]:
+    body = _event(data={"object": {"id": 12345, "object": "payment_intent"}})
+    return signed_webhook(body), invalid("data.object.id")
+
+
+@CASES.case("webhook-signed-5000-character-id")
+async def webhook_signed_long_id(env: Env) -> tuple[Call, Expect]:
+    return signed_webhook(_event(id="evt_" + "a" * 5000)), invalid("id")
+
+
+@CASES.case("webhook-signed-5000-character-intent-id")
+async def webhook_signed_long_intent_id(env: Env) -> tuple[Call, Expect]:
+    body = _event(data={"object": {"id": "pi_" + "a" * 5000, "object": "payment_intent"}})
+    return signed_webhook(body), invalid("data.object.id")
 
 
 test_bad_input_is_refused_precisely_and_changes_nothing = CASES.test()

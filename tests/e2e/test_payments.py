@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import httpx
@@ -29,7 +29,7 @@ from devstack.processes import free_port, stop_process
 from devstack.server import start_server, wait_for_grpc
 from marketplace.order.v1 import order_pb2
 from marketplace.payment.v1 import payment_pb2
-from tests.conftest import Tokens, stock_of
+from tests.conftest import Tokens, insert_product, stock_of
 from tests.e2e.payment_checks import (
     Ledger,
     Shopper,
@@ -680,4 +680,220 @@ async def test_refunds_are_for_admins_and_payments_for_their_owner(
 
     assert order_snapshot(stack.database_url, order.id) == rows_before
     assert await stack.localstripe.refunds_for(paid.provider_reference) == []
+    await ledger.assert_balanced()
+
+
+# 11. Forged webhooks: the provider's word decides, never the event's
+
+
+async def test_a_signed_event_never_pays_an_order_the_provider_did_not_charge(
+    stack: Stack, rest: httpx.AsyncClient, buyer: Shopper, ledger: Ledger
+) -> None:
+    product = ledger.product(stock=2, price="10.00")
+    order = await ledger.place(buyer, (product, 1))
+    declined = await buyer.pay(order.id, await card(stack, DECLINED_CARD))
+    assert declined.status == FAILED
+    intent = await stack.localstripe.intent(declined.provider_reference)
+    assert intent["status"] == "requires_payment_method"
+    # Signed with the endpoint's secret, as whoever holds it could: the event claims the
+    # declined intent succeeded, in the shape of a real one.
+    forged = json.dumps(
+        {
+            "id": f"evt_forged_{uuid.uuid4().hex}",
+            "object": "event",
+            "type": "payment_intent.succeeded",
+            "data": {
+                "object": {
+                    **intent,
+                    "status": "succeeded",
+                    "last_payment_error": None,
+                    "amount_received": intent["amount"],
+                }
+            },
+        }
+    ).encode()
+    before = order_snapshot(stack.database_url, order.id)
+
+    delivered = await rest.post(
+        "/v1/payments:webhook",
+        content=forged,
+        headers={"content-type": "application/json", "stripe-signature": stripe_signature(forged)},
+    )
+
+    assert delivered.status_code == 200, delivered.text
+    assert order_snapshot(stack.database_url, order.id) == before
+    assert (await buyer.get_order(order.id)).status == order_pb2.ORDER_STATUS_PENDING_PAYMENT
+    assert (await buyer.get_payment(declined.id)).status == FAILED
+    await ledger.assert_balanced()
+
+
+# 12. Concurrent refunds and cancels: one provider refund per refund row
+
+
+CONCURRENT_CALLS = 30
+Answer = TypeVar("Answer", payment_pb2.Payment, order_pb2.Order)
+
+
+async def _paid_ten_dollar_order(
+    stack: Stack, buyer: Shopper, ledger: Ledger
+) -> tuple[str, payment_pb2.Payment]:
+    product = ledger.product(stock=3, price="10.00")
+    order = await ledger.place(buyer, (product, 1))
+    paid = await buyer.pay(order.id, await card(stack))
+    assert paid.status == SUCCEEDED
+    return product, paid
+
+
+def _refund_rows(database_url: str, payment_id: str) -> list[tuple[str, Decimal]]:
+    rows = query(
+        database_url, "SELECT status, amount FROM refunds WHERE payment_id = %s", payment_id
+    )
+    return [(str(status), Decimal(amount)) for status, amount in rows]
+
+
+async def _provider_refunds(stack: Stack, intent_id: str) -> list[int]:
+    return sorted(r["amount"] for r in await stack.localstripe.refunds_for(intent_id))
+
+
+async def _at_once(
+    stack: Stack, caller: Shopper, call: Callable[[Shopper], Awaitable[Answer]]
+) -> list[Answer | BaseException]:
+    """CONCURRENT_CALLS of `call` at once, over two connections (so both server workers)."""
+    async with grpc.aio.insecure_channel(stack.grpc_target) as other_channel:
+        callers = [caller, caller.on(other_channel)]
+        return await asyncio.gather(
+            *(call(callers[n % 2]) for n in range(CONCURRENT_CALLS)), return_exceptions=True
+        )
+
+
+def _statuses(answers: list[Answer | BaseException], kind: type[Answer]) -> set[Any]:
+    """The statuses of `answers`, every one of which must be a `kind` (not an error)."""
+    assert [a for a in answers if not isinstance(a, kind)] == []
+    return {a.status for a in answers if isinstance(a, kind)}
+
+
+async def test_concurrent_retries_of_one_refund_refund_once_at_the_provider(
+    stack: Stack, admin: Shopper, buyer: Shopper, ledger: Ledger
+) -> None:
+    _, paid = await _paid_ten_dollar_order(stack, buyer, ledger)
+    request_id = str(uuid.uuid4())
+
+    answers = await _at_once(stack, admin, lambda a: a.refund(paid.id, request_id=request_id))
+
+    assert _statuses(answers, payment_pb2.Payment) == {payment_pb2.PAYMENT_STATUS_REFUNDED}
+    assert await _provider_refunds(stack, paid.provider_reference) == [1000]
+    assert _refund_rows(stack.database_url, paid.id) == [("SUCCEEDED", Decimal("10"))]
+    await ledger.assert_balanced()
+
+
+async def test_concurrent_distinct_refunds_never_refund_more_than_was_captured(
+    stack: Stack, admin: Shopper, buyer: Shopper, ledger: Ledger
+) -> None:
+    _, paid = await _paid_ten_dollar_order(stack, buyer, ledger)
+
+    answers = await _at_once(stack, admin, lambda a: a.refund(paid.id, "1.00"))
+
+    for outcome in answers:
+        if isinstance(outcome, grpc.aio.AioRpcError):
+            refusal = refusal_of(outcome)
+            assert refusal.code == FAILED_PRECONDITION, refusal.status.message
+            assert refusal.reason in ("REFUND_IN_PROGRESS", "REFUND_EXCEEDS_PAYMENT")
+        else:
+            assert isinstance(outcome, payment_pb2.Payment), outcome
+    await no_provider_work_left(stack.database_url)
+    succeeded = [a for s, a in _refund_rows(stack.database_url, paid.id) if s == "SUCCEEDED"]
+    provider = await _provider_refunds(stack, paid.provider_reference)
+    assert provider == [100] * len(succeeded)
+    assert sum(provider) <= 1000
+    await ledger.assert_balanced()
+
+
+async def test_concurrent_cancels_of_a_paid_order_refund_it_once(
+    stack: Stack, buyer: Shopper, ledger: Ledger
+) -> None:
+    product, paid = await _paid_ten_dollar_order(stack, buyer, ledger)
+
+    answers = await _at_once(stack, buyer, lambda b: b.cancel_order(paid.order_id))
+
+    assert _statuses(answers, order_pb2.Order) == {order_pb2.ORDER_STATUS_CANCELLED}
+    assert await _provider_refunds(stack, paid.provider_reference) == [1000]
+    assert _refund_rows(stack.database_url, paid.id) == [("SUCCEEDED", Decimal("10"))]
+    assert stock_of(stack.database_url, product) == 3
+    await ledger.assert_balanced()
+
+
+# 13. A payment the provider has no record of
+
+
+async def test_a_payment_the_provider_lost_is_an_explicit_error_with_an_admins_way_out(
+    stack: Stack, rest: httpx.AsyncClient, admin: Shopper, buyer: Shopper
+) -> None:
+    product = insert_product(stack.database_url, stock=3, price="10.00")
+    order = await buyer.place_order((product, 1))
+    paid = await buyer.pay(order.id, await card(stack))
+    # As after make run's localstripe lost its store: the charge we hold names an intent the
+    # provider has no record of. (Not in a Ledger: the provider's books cannot balance.)
+    lost = f"pi_lost{uuid.uuid4().hex[:20]}"
+    query(
+        stack.database_url,
+        "UPDATE payments SET provider_reference = %s WHERE id = %s RETURNING id",
+        lost,
+        paid.id,
+    )
+    request_id = str(uuid.uuid4())
+
+    refusals = [
+        await refused(admin.refund(paid.id, request_id=request_id)),
+        await refused(admin.refund(paid.id, request_id=request_id)),  # a retry: the same
+        await refused(buyer.cancel_order(order.id)),
+    ]
+
+    for refusal in refusals:
+        assert (refusal.code, refusal.reason) == (
+            FAILED_PRECONDITION,
+            "PAYMENT_UNKNOWN_TO_PROVIDER",
+        )
+        assert refusal.info.metadata["paymentId"] == paid.id
+        assert refusal.info.metadata["providerReference"] == lost
+        assert "outside_provider" in refusal.status.message
+    assert order_status(stack.database_url, order.id) == "PAID"
+    assert stock_of(stack.database_url, product) == 2
+    assert await stack.localstripe.refunds_for(paid.provider_reference) == []
+
+    # The way out: an admin records the refund as made outside the provider.
+    reply = await rest.post(
+        f"/v1/payments/{paid.id}:refund",
+        json={"requestId": str(uuid.uuid4()), "reason": "by hand", "outsideProvider": True},
+        headers={"authorization": f"Bearer {admin.token}"},
+    )
+
+    assert reply.status_code == 200, reply.text
+    payment = json_format.ParseDict(reply.json()["payment"], payment_pb2.Payment())
+    assert (payment.status, payment.amount_refunded) == (
+        payment_pb2.PAYMENT_STATUS_REFUNDED,
+        usd("10"),
+    )
+    assert order_status(stack.database_url, order.id) == "REFUNDED"
+    assert stock_of(stack.database_url, product) == 3
+    succeeded = query(
+        stack.database_url,
+        "SELECT amount, provider_reference FROM refunds"
+        " WHERE payment_id = %s AND status = 'SUCCEEDED'",
+        paid.id,
+    )
+    assert succeeded == [(Decimal("10.000000000"), None)]
+    assert await stack.localstripe.refunds_for(paid.provider_reference) == []
+
+
+async def test_a_refund_outside_the_provider_is_refused_while_it_knows_the_payment(
+    stack: Stack, admin: Shopper, buyer: Shopper, ledger: Ledger
+) -> None:
+    _, paid = await _paid_ten_dollar_order(stack, buyer, ledger)
+    before = order_snapshot(stack.database_url, paid.order_id)
+
+    refusal = await refused(admin.refund(paid.id, outside_provider=True))
+
+    assert (refusal.code, refusal.reason) == (FAILED_PRECONDITION, "PAYMENT_KNOWN_TO_PROVIDER")
+    assert refusal.info.metadata["providerReference"] == paid.provider_reference
+    assert order_snapshot(stack.database_url, paid.order_id) == before
     await ledger.assert_balanced()

@@ -34,7 +34,7 @@ from marketplace_client import MarketplaceClient
 from server.settings import Settings
 from tests.conftest import JWT_SECRET, Tokens, insert_product, table_snapshot
 from tests.e2e.test_devstack import Run, _environment
-from tests.stack import Stack, bearer, running_stack, server_env
+from tests.stack import WEBHOOK_SECRET, Stack, bearer, running_stack, server_env
 
 pytestmark = pytest.mark.e2e
 
@@ -259,7 +259,11 @@ async def test_envoy_refuses_a_server_whose_certificate_its_ca_did_not_sign(
 
 
 def _settings(**tls_files: Path) -> Settings:
-    env = {"DATABASE_URL": "postgresql://unused/db", "MARKETPLACE_JWT_SECRET": JWT_SECRET}
+    env = {
+        "DATABASE_URL": "postgresql://unused/db",
+        "MARKETPLACE_JWT_SECRET": JWT_SECRET,
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+    }
     env |= {name.upper(): str(path) for name, path in tls_files.items()}
     return Settings(**env)  # type: ignore[arg-type]  # by the environment variables' names
 

@@ -29,7 +29,12 @@ from server.domain.payments import (
     refund_request,
 )
 from server.services.circuit import CircuitOpen, GuardedProvider
-from server.services.providers import IntentStatus, ProviderIntent, ProviderUnavailable
+from server.services.providers import (
+    IntentStatus,
+    ProviderIntent,
+    ProviderRefund,
+    ProviderUnavailable,
+)
 from server.services.upkeep import Upkeep
 from tests.conftest import insert_product, stock_of
 from tests.stack import Stack, running_stack
@@ -162,6 +167,40 @@ async def test_a_cancellation_cut_short_by_an_outage_is_finished_by_the_reconcil
     assert await _refunded_at_provider(world.stack, order_id) == 2500
 
 
+async def _refunded_by_a_sender_that_died(
+    world: World,
+    database_url: str,
+    refund_id: uuid.UUID,
+    payment_id: str,
+    request_id: str,
+    fingerprint: str,
+    *,
+    cancels: bool,
+) -> ProviderRefund:
+    """A PENDING refund of the 25.00 payment, by ADMIN, whose lease has run out, and the
+    refund its sender made at the provider before dying."""
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            """
+            INSERT INTO refunds (id, payment_id, actor, request_id, request_fingerprint,
+                                 currency, amount, reason, cancels_order, status,
+                                 next_check_time)
+            VALUES (%s, %s, %s, %s, %s, 'USD', 25, 'crashed', %s, 'PENDING', now())
+            """,
+            (refund_id, payment_id, ADMIN.subject, request_id, fingerprint, cancels),
+        )
+        reference = conn.execute(
+            "SELECT provider_reference FROM payments WHERE id = %s", (payment_id,)
+        ).fetchone()
+    assert reference is not None
+    return await world.stripe.refund(
+        reference[0],
+        amount_minor=2500,
+        metadata={"refund_id": str(refund_id)},
+        idempotency_key=str(refund_id),
+    )
+
+
 async def test_a_refund_made_at_the_provider_but_not_recorded_is_applied_not_repeated(
     world: World, database_url: str
 ) -> None:
@@ -169,25 +208,8 @@ async def test_a_refund_made_at_the_provider_but_not_recorded_is_applied_not_rep
     has the refund (found by its metadata), and the reconciler applies it once."""
     _, product, order_id, payment_id = await world.paid_order(database_url)
     refund_id = uuid.uuid4()
-    with psycopg.connect(database_url) as conn:
-        conn.execute(
-            """
-            INSERT INTO refunds (id, payment_id, actor, request_id, request_fingerprint,
-                                 currency, amount, reason, cancels_order, status,
-                                 next_check_time)
-            VALUES (%s, %s, 'root', %s, %s, 'USD', 25, 'crashed', true, 'PENDING', now())
-            """,
-            (refund_id, payment_id, f"crash-{refund_id}", "0" * 64),
-        )
-        reference = conn.execute(
-            "SELECT provider_reference FROM payments WHERE id = %s", (payment_id,)
-        ).fetchone()
-    assert reference is not None
-    made = await world.stripe.refund(
-        reference[0],
-        amount_minor=2500,
-        metadata={"refund_id": str(refund_id)},
-        idempotency_key=str(refund_id),
+    made = await _refunded_by_a_sender_that_died(
+        world, database_url, refund_id, payment_id, f"crash-{refund_id}", "0" * 64, cancels=True
     )
     assert made.status is RefundStatus.SUCCEEDED
     assert await world.upkeep.reconcile_refunds() == 1
@@ -375,3 +397,39 @@ async def test_a_paid_orders_cancellation_reports_its_products_once_their_stock_
     assert cancelled.status is OrderStatus.CANCELLED
     assert stock_of(database_url, product) == 10
     assert world.changed == [product]
+
+
+async def test_retries_of_a_refund_whose_sender_died_after_the_provider_made_it_apply_it_once(
+    engine: AsyncEngine, hot_path: DriverPool, world: World, database_url: str
+) -> None:
+    """The sender died between the provider's refund and our commit, and its lease ran out:
+    concurrent retries of its request and the reconciler take it over, one of them finds the
+    refund at the provider by its metadata, and nobody sends it again."""
+    _, product, order_id, payment_id = await world.paid_order(database_url)
+    request = refund_request(payment_id, f"died-{uuid.uuid4()}", None, [], "sender died")
+    await _refunded_by_a_sender_that_died(
+        world,
+        database_url,
+        uuid.uuid4(),
+        payment_id,
+        request.request_id,
+        request.fingerprint(),
+        cancels=False,
+    )
+    # The World's lease of 0 would let every taker in at once; the server's is positive.
+    patient = wired(engine, hot_path, world.provider, lease_seconds=30, recheck_seconds=0)
+    upkeep = Upkeep(
+        engine, patient.settlement, patient.refunds, world.provider, batch_size=50, lease_seconds=30
+    )
+
+    *answers, _ = await asyncio.gather(
+        *(patient.refunds.refund_payment(ADMIN, request) for _ in range(10)),
+        upkeep.reconcile_refunds(),
+    )
+
+    assert {(a.status, a.amount_refunded.amount) for a in answers} == {
+        (PaymentStatus.REFUNDED, Decimal("25"))
+    }
+    assert await _refunded_at_provider(world.stack, order_id) == 2500
+    assert _order_status(database_url, order_id) == OrderStatus.REFUNDED.value
+    assert stock_of(database_url, product) == 10

@@ -20,6 +20,7 @@ from server.api.health import DatabaseHealth
 from server.app import serve
 from server.settings import Settings
 from tests.conftest import JWT_SECRET, eventually
+from tests.stack import WEBHOOK_SECRET
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -51,6 +52,7 @@ def settings(server_database: str) -> Iterator[Settings]:
         METRICS_PORT=0,
         ORDER_BATCH_RUNNERS=1,
         STRIPE_API_BASE="http://127.0.0.1:9",  # nothing listens: upkeep's calls fail at once
+        STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET,
         PROVIDER_TIMEOUT=1,
         PROVIDER_MAX_ATTEMPTS=1,
         SHUTDOWN_GRACE=0,

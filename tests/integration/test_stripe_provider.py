@@ -20,6 +20,7 @@ from server.domain.payments import RefundStatus
 from server.services.providers import (
     CardDeclined,
     IntentStatus,
+    PaymentUnknownToProvider,
     ProviderIntent,
     ProviderOutcomeUnknown,
     ProviderUnavailable,
@@ -381,3 +382,21 @@ async def test_a_confirm_answered_409_key_in_use_is_checked_never_taken_as_refus
     paid = await provider.confirm_intent(created.reference, idempotency_key=new_key())
     assert paid.status is IntentStatus.SUCCEEDED
     assert len(await localstripe.charges_for(created.reference)) == 1
+
+
+# --- a charge the provider has no record of ----------------------------------------------
+
+
+async def test_an_intent_the_provider_does_not_know_is_named_so_by_every_call(
+    provider: StripeProvider, localstripe: LocalStripe
+) -> None:
+    lost = f"pi_lost{uuid.uuid4().hex[:20]}"
+    calls = {
+        "retrieve_intent": provider.retrieve_intent(lost),
+        "list_refunds": provider.list_refunds(lost),
+        "refund": provider.refund(lost, amount_minor=100, metadata={}, idempotency_key=new_key()),
+    }
+    for name, call in calls.items():
+        with pytest.raises(PaymentUnknownToProvider) as unknown:
+            await call
+        assert unknown.value.reference == lost, name

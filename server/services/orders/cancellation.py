@@ -19,11 +19,10 @@ from server.domain.errors import (
     ErrorReason,
     FailedPrecondition,
     RequestIdReused,
-    check_replay,
 )
 from server.domain.identity import Principal
 from server.domain.orders import Cancellation, CancelRequest, Order, OrderStatus, cancellation
-from server.domain.payments import Payment, RefundStatus, payment_in_progress, refund_in_progress
+from server.domain.payments import Payment, payment_in_progress, refund_in_progress
 from server.services.circuit import GuardedProvider
 from server.services.orders.records import (
     LOCK_ORDER,
@@ -37,7 +36,13 @@ from server.services.payments.records import (
     PENDING_REFUND_OF_PAYMENT,
     payment_from_row,
 )
-from server.services.payments.refunds import Refunds, insert_refund, refund_conflict
+from server.services.payments.refunds import (
+    RecordedRefund,
+    Refunds,
+    insert_refund,
+    refund_conflict,
+    replayed_refund,
+)
 from server.services.product_cache import ProductsChanged, no_cache
 from server.services.stock import payments_in_flight, release_stock
 
@@ -134,21 +139,21 @@ class OrderCancellation:
     async def _cancel_paid(self, principal: Principal, request: CancelRequest) -> Order:
         await self._provider.raise_if_open()
         try:
-            refund_id = await in_transaction(
+            recorded = await in_transaction(
                 self._engine, lambda conn: self._record_refund(conn, principal, request)
             )
         except IntegrityError as error:
             raise refund_conflict(error, request.refund_request_id()) from None
-        if refund_id is not None:
-            await self._refunds.run_refund(refund_id)
+        await self._refunds.see_through(recorded)
         async with self._reads.connect() as conn:
             return await load_visible_order(conn, principal, request.order_id, lock=False)
 
     async def _record_refund(
         self, conn: AsyncConnection, principal: Principal, request: CancelRequest
-    ) -> uuid.UUID | None:
-        """Records the cancellation's PENDING refund and returns its id; None when there is
-        nothing to run (cancelled meanwhile, or a retry that already has its outcome)."""
+    ) -> RecordedRefund | None:
+        """Records the cancellation's PENDING refund, or finds the one another cancel of the
+        order recorded; None when there is nothing to run (cancelled meanwhile, or a retry
+        that already has its outcome)."""
         order = (await conn.execute(LOCK_ORDER, {"id": uuid.UUID(request.order_id)})).one()
         if OrderStatus(order.status) is not OrderStatus.PAID:
             return None  # cancelled meanwhile (a concurrent retry finished first)
@@ -157,25 +162,19 @@ class OrderCancellation:
             await conn.execute(FIND_REFUND_REQUEST, {"actor": principal.subject, "request_id": key})
         ).first()
         if earlier is not None:
-            check_replay(key, earlier.request_fingerprint, request.fingerprint())
-            if earlier.status == RefundStatus.FAILED:
-                # The order is still PAID: answering OK would claim a cancellation that did
-                # not happen. The provider refused the refund; an operator must look.
-                raise FailedPrecondition(
-                    "the payment provider refused this cancellation's refund",
-                    reason=ErrorReason.REFUND_REJECTED,
-                    metadata={"orderId": request.order_id, "refundId": str(earlier.id)},
-                )
-            return earlier.id if earlier.status == RefundStatus.PENDING else None
+            # A refused refund answers its error again: the order is still PAID, and OK would
+            # claim a cancellation that did not happen.
+            return replayed_refund(earlier, key, request.fingerprint())
         payment = await _lock_paid_payment(conn, order.id)
         pending = (
             await conn.execute(PENDING_REFUND_OF_PAYMENT, {"payment_id": uuid.UUID(payment.id)})
         ).first()
         if pending is not None:
             if pending.cancels_order:
-                return uuid.UUID(str(pending.id))  # another caller's cancellation: finish it
+                # another caller's cancellation: its outcome is this one's
+                return RecordedRefund(pending.id, owned=False)
             raise refund_in_progress(payment.id)
-        return await insert_refund(
+        refund_id = await insert_refund(
             conn,
             payment=payment,
             actor=principal.subject,
@@ -186,6 +185,7 @@ class OrderCancellation:
             cancels_order=True,
             lease=self._lease_seconds,
         )
+        return RecordedRefund(refund_id, owned=True)
 
 
 async def _lock_paid_payment(conn: AsyncConnection, order_id: uuid.UUID) -> Payment:

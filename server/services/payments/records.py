@@ -20,8 +20,10 @@ GET_PAYMENT = text(f"SELECT {PAYMENT_COLUMNS}, payment_method FROM payments WHER
 LOCK_PAYMENT = text(f"SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = :id FOR UPDATE")
 FIND_REFUND_REQUEST = text(
     """
-    SELECT id, payment_id, request_fingerprint, status FROM refunds
-     WHERE actor = :actor AND request_id = :request_id
+    SELECT r.id, r.payment_id, r.request_fingerprint, r.status, r.failure_code,
+           r.failure_message, p.provider_reference AS intent_reference
+      FROM refunds r JOIN payments p ON p.id = r.payment_id
+     WHERE r.actor = :actor AND r.request_id = :request_id
     """
 )
 PENDING_REFUND_OF_PAYMENT = text(

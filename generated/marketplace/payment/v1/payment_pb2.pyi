@@ -296,12 +296,21 @@ class RefundPaymentRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    OUTSIDE_PROVIDER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The payment to refund."""
     request_id: _builtins.str
     """Idempotency key (AIP-155), unique per caller."""
     reason: _builtins.str
     """Why, for the record."""
+    outside_provider: _builtins.bool
+    """Records the refund without the payment provider, for a payment the
+    provider has no record of (error reason PAYMENT_UNKNOWN_TO_PROVIDER): an
+    admin's way out once the money went back by other means, or none is held
+    there. Refused with PAYMENT_KNOWN_TO_PROVIDER while the provider knows the
+    payment. Applied at once: a full refund of a paid order marks it REFUNDED
+    and releases its stock.
+    """
     @_builtins.property
     def amount(self) -> _money_pb2.Money:
         """How much to refund; unset refunds everything not yet refunded."""
@@ -313,10 +322,11 @@ class RefundPaymentRequest(_message.Message):
         request_id: _builtins.str = ...,
         amount: _money_pb2.Money | None = ...,
         reason: _builtins.str = ...,
+        outside_provider: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "id", b"id", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "id", b"id", "outside_provider", b"outside_provider", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
