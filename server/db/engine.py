@@ -43,6 +43,12 @@ def create_engine(
     )
 
 
+def autocommit_reads(engine: AsyncEngine) -> AsyncEngine:
+    """The engine for single-statement reads: autocommit, so no BEGIN/ROLLBACK round trips
+    around them."""
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
 def connect_options(
     connect_timeout_seconds: int,
     statement_timeout_ms: int,

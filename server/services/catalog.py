@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from server.db.driver import DriverPool, psycopg_sql
+from server.db.engine import autocommit_reads
 from server.db.transactions import UNIQUE_VIOLATION, in_transaction, sqlstate
 from server.domain.catalog import (
     SKU_PATTERN,
@@ -94,8 +95,7 @@ class Catalog:
         self._engine = engine
         self._hot_path = hot_path
         self._products_changed = products_changed
-        # Single-statement reads run in autocommit: no BEGIN/ROLLBACK round trips around them.
-        self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._reads = autocommit_reads(engine)
 
     async def list_products(self, page_size: int, page_token: str) -> tuple[list[Product], str]:
         position = decode_page_token(page_token, kind="products", scope="*")

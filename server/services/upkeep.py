@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import uuid
 from collections.abc import Awaitable, Callable
@@ -28,7 +29,6 @@ from server.services.payments.settlement import Settlement
 from server.services.providers import (
     IntentStatus,
     ProviderError,
-    ProviderIntent,
     ProviderRejected,
 )
 from server.services.stock import payments_in_flight, release_stock
@@ -172,11 +172,8 @@ class Upkeep:
             except ProviderRejected:
                 intent = await self._provider.retrieve_intent(reference)  # confirmed after all
             if intent.status is IntentStatus.FAILED:
-                intent = ProviderIntent(
-                    reference=intent.reference,
-                    status=IntentStatus.FAILED,
-                    amount_minor=intent.amount_minor,
-                    currency=intent.currency,
+                intent = dataclasses.replace(
+                    intent,
                     failure_code="abandoned",
                     failure_message="the payment was not confirmed in time",
                 )

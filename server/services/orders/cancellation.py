@@ -14,6 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from server.db.engine import autocommit_reads
 from server.db.transactions import UNIQUE_VIOLATION, in_transaction, sqlstate
 from server.domain.errors import (
     ErrorReason,
@@ -77,7 +78,7 @@ class OrderCancellation:
         """`lease_seconds`: how long a cancellation's refund in flight keeps the reconciler
         away; it must outlast a provider call with all its retries."""
         self._engine = engine
-        self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._reads = autocommit_reads(engine)
         self._provider = provider
         self._refunds = refunds
         self._lease_seconds = lease_seconds

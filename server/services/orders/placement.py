@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, Operation
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.db.driver import DriverPool, HotConnection, psycopg_sql
+from server.db.engine import autocommit_reads
 from server.db.transactions import (
     FOREIGN_KEY_VIOLATION,
     UNIQUE_VIOLATION,
@@ -168,8 +169,7 @@ class OrderPlacement:
         self._products_changed = products_changed
         self._on_placed = on_placed
         self._payment_window_seconds = payment_window_seconds
-        # Single-statement reads run in autocommit: no BEGIN/ROLLBACK round trips around them.
-        self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._reads = autocommit_reads(engine)
 
     async def place_order(self, customer_id: str, request: OrderRequest) -> Order:
         """One order on its own; see place_orders."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from server.db.engine import autocommit_reads
 from server.domain.identity import Principal
 from server.domain.orders import Order
 from server.services.orders.records import load_visible_order, with_lines
@@ -19,8 +20,7 @@ _LIST_FOR_CUSTOMER = text(
 
 class OrderReads:
     def __init__(self, engine: AsyncEngine) -> None:
-        # Single-statement reads run in autocommit: no BEGIN/ROLLBACK round trips around them.
-        self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._reads = autocommit_reads(engine)
 
     async def get_order(self, principal: Principal, order_id: str) -> Order:
         async with self._reads.connect() as conn:

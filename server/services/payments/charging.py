@@ -11,6 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from server.db.engine import autocommit_reads
 from server.db.transactions import UNIQUE_VIOLATION, in_transaction, sqlstate
 from server.domain.errors import NotFound, check_replay
 from server.domain.identity import Principal
@@ -86,7 +87,7 @@ class Charging:
         outlast a provider call with all its retries. `on_answered(status)` hears the
         status every create_payment answers with, for the business metrics."""
         self._engine = engine
-        self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._reads = autocommit_reads(engine)
         self._provider = provider
         self._settlement = settlement
         self._lease_seconds = lease_seconds

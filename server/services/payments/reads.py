@@ -7,6 +7,7 @@ import uuid
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from server.db.engine import autocommit_reads
 from server.domain.errors import NotFound
 from server.domain.identity import Principal
 from server.domain.payments import Payment
@@ -21,7 +22,7 @@ _ORDER_OWNER = text("SELECT customer_id FROM orders WHERE id = :id")
 
 class PaymentReads:
     def __init__(self, engine: AsyncEngine) -> None:
-        self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._reads = autocommit_reads(engine)
 
     async def get_payment(self, principal: Principal, payment_id: str) -> Payment:
         async with self._reads.connect() as conn:

@@ -25,6 +25,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from server.db.engine import autocommit_reads
 from server.db.transactions import UNIQUE_VIOLATION, in_transaction, sqlstate
 from server.domain.errors import (
     ErrorReason,
@@ -222,7 +223,7 @@ class Refunds:
         callers) away; it must outlast a provider call with all its retries.
         `recheck_seconds`: when to ask again about a refund the provider has not finished."""
         self._engine = engine
-        self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._reads = autocommit_reads(engine)
         self._provider = provider
         self._lease_seconds = lease_seconds
         self._recheck_seconds = recheck_seconds

@@ -9,6 +9,7 @@ import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from server.db.engine import autocommit_reads
 from server.db.transactions import in_transaction
 from server.domain.orders import OrderStatus
 from server.domain.payments import (
@@ -79,7 +80,7 @@ class Settlement:
         """`recheck_seconds`: when to look again at a payment the provider is still
         processing."""
         self._engine = engine
-        self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._reads = autocommit_reads(engine)
         self._recheck_seconds = recheck_seconds
 
     async def settle_payment(self, payment_id: uuid.UUID, intent: ProviderIntent) -> Payment:

@@ -16,6 +16,7 @@ import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from server.db.engine import autocommit_reads
 from server.db.transactions import in_transaction
 from server.domain.payments import PaymentStatus
 from server.services.circuit import GuardedProvider
@@ -40,7 +41,7 @@ class ProviderEvents:
         self, engine: AsyncEngine, settlement: Settlement, provider: GuardedProvider
     ) -> None:
         self._engine = engine
-        self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._reads = autocommit_reads(engine)
         self._settlement = settlement
         self._provider = provider
 
