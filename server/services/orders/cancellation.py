@@ -35,15 +35,13 @@ from server.services.payments.records import (
     FIND_REFUND_REQUEST,
     PAYMENT_COLUMNS,
     PENDING_REFUND_OF_PAYMENT,
-    payment_from_row,
-)
-from server.services.payments.refunds import (
     RecordedRefund,
-    Refunds,
     insert_refund,
+    payment_from_row,
     refund_conflict,
     replayed_refund,
 )
+from server.services.payments.refunds import Refunds
 from server.services.product_cache import ProductsChanged, no_cache
 from server.services.stock import payments_in_flight, release_stock
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -26,13 +25,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from server.db.engine import autocommit_reads
-from server.db.transactions import UNIQUE_VIOLATION, in_transaction, sqlstate
+from server.db.transactions import in_transaction
 from server.domain.errors import (
-    ErrorReason,
-    FailedPrecondition,
     NotFound,
-    RequestIdReused,
-    check_replay,
 )
 from server.domain.identity import Principal
 from server.domain.money import Money
@@ -56,8 +51,13 @@ from server.services.payments.records import (
     GET_PAYMENT,
     LOCK_PAYMENT,
     PENDING_REFUND_OF_PAYMENT,
+    RecordedRefund,
+    insert_refund,
     load_payment,
     payment_from_row,
+    refund_conflict,
+    refund_failure,
+    replayed_refund,
 )
 from server.services.product_cache import ProductsChanged, no_cache
 from server.services.providers import (
@@ -71,15 +71,6 @@ from server.services.stock import release_stock
 
 _log = structlog.get_logger("marketplace.payments")
 
-_INSERT_REFUND = text(
-    """
-    INSERT INTO refunds (id, payment_id, actor, request_id, request_fingerprint, currency,
-                         amount, reason, cancels_order, status, next_check_time)
-    VALUES (:id, :payment_id, :actor, :request_id, :fingerprint, :currency, :amount, :reason,
-            :cancels_order, 'PENDING',
-            now() + make_interval(secs => CAST(:lease AS double precision)))
-    """
-)
 _REFUND_TO_RUN = text(
     """
     SELECT r.id, r.payment_id, r.currency, r.amount, r.status, r.failure_code,
@@ -141,72 +132,6 @@ _ADD_REFUNDED = text(
      WHERE id = :id
     """
 )
-
-
-async def insert_refund(
-    conn: AsyncConnection,
-    *,
-    payment: Payment,
-    actor: str,
-    request_id: str,
-    fingerprint: str,
-    amount: Money,
-    reason: str,
-    cancels_order: bool,
-    lease: float,
-) -> uuid.UUID:
-    """Records a PENDING refund, kept from the reconciler for `lease` seconds; its id."""
-    refund_id = uuid.uuid4()
-    await conn.execute(
-        _INSERT_REFUND,
-        {
-            "id": refund_id,
-            "payment_id": uuid.UUID(payment.id),
-            "actor": actor,
-            "request_id": request_id,
-            "fingerprint": fingerprint,
-            "currency": amount.currency,
-            "amount": amount.amount,
-            "reason": reason,
-            "cancels_order": cancels_order,
-            "lease": lease,
-        },
-    )
-    return refund_id
-
-
-@dataclass(frozen=True, slots=True)
-class RecordedRefund:
-    """A PENDING refund a call recorded or found. `owned`: this call recorded it, so it
-    holds the lease and alone sends it; otherwise it waits for the refund's outcome."""
-
-    id: uuid.UUID
-    owned: bool
-
-
-def refund_failure(row: Any) -> Exception:
-    """The error a FAILED refund answers with, to every retry."""
-    return refund_refused(
-        payment_id=str(row.payment_id),
-        refund_id=str(row.id),
-        provider_reference=row.intent_reference or "",
-        failure_code=row.failure_code,
-        failure_message=row.failure_message,
-    )
-
-
-def refund_conflict(error: IntegrityError, request_id: str) -> Exception:
-    """What a unique violation while recording a refund means: decided by the index that
-    refused it, whatever the order of concurrent callers."""
-    if sqlstate(error) != UNIQUE_VIOLATION:
-        return error
-    constraint = getattr(getattr(error.orig, "diag", None), "constraint_name", "")
-    if constraint == "refunds_one_pending_per_payment":
-        return FailedPrecondition(
-            "a refund of this payment is in progress; wait for its outcome",
-            reason=ErrorReason.REFUND_IN_PROGRESS,
-        )
-    return RequestIdReused(request_id)  # the caller reused it, or raced itself
 
 
 class Refunds:
@@ -499,14 +424,3 @@ class Refunds:
                 SET_ORDER_STATUS, {"id": order.id, "status": completion.order_status.value}
             )
         return released
-
-
-def replayed_refund(earlier: Any, request_id: str, fingerprint: str) -> RecordedRefund | None:
-    """A retry's refund (a FIND_REFUND_REQUEST row): to wait for while PENDING, nothing to
-    run once it succeeded, its error again if it failed."""
-    check_replay(request_id, earlier.request_fingerprint, fingerprint)
-    if earlier.status == RefundStatus.FAILED:
-        raise refund_failure(earlier)
-    return (
-        RecordedRefund(earlier.id, owned=False) if earlier.status == RefundStatus.PENDING else None
-    )

@@ -25,10 +25,10 @@ from server.services.orders.records import LOCK_ORDER, SET_ORDER_STATUS
 from server.services.payments.records import (
     GET_PAYMENT,
     LOCK_PAYMENT,
+    insert_refund,
     load_payment,
     payment_from_row,
 )
-from server.services.payments.refunds import insert_refund
 from server.services.providers import ProviderIntent
 
 _log = structlog.get_logger("marketplace.payments")
