@@ -1,0 +1,42 @@
+"""The transactional outbox: every change other systems care about writes an event row here
+in the same transaction as the change; a relay publishes the rows to NATS JetStream.
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-12-05
+"""
+
+from alembic import op
+
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.execute(
+        """
+        CREATE TABLE outbox (
+            position       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            event_id       uuid NOT NULL UNIQUE,
+            aggregate_type varchar(32) NOT NULL,
+            aggregate_id   varchar(64) NOT NULL,
+            sequence       bigint NOT NULL,
+            subject        varchar(128) NOT NULL,
+            type_name      varchar(128) NOT NULL,
+            payload        bytea NOT NULL,
+            create_time    timestamptz NOT NULL DEFAULT now(),
+            publish_time   timestamptz,
+            UNIQUE (aggregate_type, aggregate_id, sequence)
+        );
+        -- The relay reads the unpublished rows in position order.
+        CREATE INDEX outbox_unpublished ON outbox (position) WHERE publish_time IS NULL;
+        -- Pruning deletes published rows by age.
+        CREATE INDEX outbox_published ON outbox (publish_time) WHERE publish_time IS NOT NULL;
+        """
+    )
+
+
+def downgrade() -> None:
+    op.execute("DROP TABLE outbox")
