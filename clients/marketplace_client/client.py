@@ -272,12 +272,21 @@ class MarketplaceClient:
         currency: str | None = None,
         reason: str = "",
         request_id: str | None = None,
+        outside_provider: bool = False,
     ) -> payment_pb2.Payment:
-        """Refunds `amount` (everything left when omitted; admin only)."""
+        """Refunds `amount` (everything left when omitted; admin only).
+
+        `outside_provider=True` records a refund the admin settled outside the payment
+        provider, for a payment the provider has no record of (the server refused the normal
+        refund with PAYMENT_UNKNOWN_TO_PROVIDER); the server refuses it while the provider
+        knows the payment (PAYMENT_KNOWN_TO_PROVIDER)."""
         if (amount is None) != (currency is None):
             raise ValueError("amount and currency must be given together")
         request = payment_pb2.RefundPaymentRequest(
-            id=payment_id, reason=reason, request_id=request_id or _new_request_id()
+            id=payment_id,
+            reason=reason,
+            request_id=request_id or _new_request_id(),
+            outside_provider=outside_provider,
         )
         if amount is not None and currency is not None:
             request.amount.CopyFrom(to_money(amount, currency))

@@ -287,6 +287,10 @@ async def test_payments_through_the_client(
     with pytest.raises(FailedPreconditionError) as refused:
         await admin.refund_payment(payment.id, amount="10.01", currency="USD")
     assert refused.value.reason == "REFUND_EXCEEDS_PAYMENT"
+    # The admin's way out for a payment the provider lost is refused while it knows this one.
+    with pytest.raises(FailedPreconditionError) as known:
+        await admin.refund_payment(payment.id, outside_provider=True)
+    assert known.value.reason == "PAYMENT_KNOWN_TO_PROVIDER"
     with pytest.raises(FailedPreconditionError) as not_payable:
         await customer.create_payment(order.id, card)
     assert not_payable.value.reason == "ORDER_NOT_PAYABLE"
