@@ -29,7 +29,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.type import money_pb2 as google_dot_type_dot_money__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$marketplace/catalog/v1/catalog.proto\x12\x16marketplace.catalog.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/type/money.proto\"\xfd\x01\n\x07Product\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x11\n\x03sku\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04name\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\'\n\x05price\x18\x05 \x01(\x0b\x32\x12.google.type.MoneyB\x04\xe2\x41\x01\x02\x12\r\n\x05stock\x18\x06 \x01(\x03\x12\x35\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"<\n\x13ListProductsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"b\n\x14ListProductsResponse\x12\x31\n\x08products\x18\x01 \x03(\x0b\x32\x1f.marketplace.catalog.v1.Product\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x11GetProductRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"F\n\x12GetProductResponse\x12\x30\n\x07product\x18\x01 \x01(\x0b\x32\x1f.marketplace.catalog.v1.Product\"N\n\x14\x43reateProductRequest\x12\x36\n\x07product\x18\x01 \x01(\x0b\x32\x1f.marketplace.catalog.v1.ProductB\x04\xe2\x41\x01\x02\"I\n\x15\x43reateProductResponse\x12\x30\n\x07product\x18\x01 \x01(\x0b\x32\x1f.marketplace.catalog.v1.Product\"\x7f\n\x14UpdateProductRequest\x12\x36\n\x07product\x18\x01 \x01(\x0b\x32\x1f.marketplace.catalog.v1.ProductB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"I\n\x15UpdateProductResponse\x12\x30\n\x07product\x18\x01 \x01(\x0b\x32\x1f.marketplace.catalog.v1.Product\"e\n\x12\x41\x64justStockRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05\x64\x65lta\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x18\n\nrequest_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\"G\n\x13\x41\x64justStockResponse\x12\x30\n\x07product\x18\x01 \x01(\x0b\x32\x1f.marketplace.catalog.v1.Product2\xcd\x05\n\x0e\x43\x61talogService\x12\x7f\n\x0cListProducts\x12+.marketplace.catalog.v1.ListProductsRequest\x1a,.marketplace.catalog.v1.ListProductsResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/products\x12~\n\nGetProduct\x12).marketplace.catalog.v1.GetProductRequest\x1a*.marketplace.catalog.v1.GetProductResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/products/{id}\x12\x8b\x01\n\rCreateProduct\x12,.marketplace.catalog.v1.CreateProductRequest\x1a-.marketplace.catalog.v1.CreateProductResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x0c/v1/products:\x07product\x12\x98\x01\n\rUpdateProduct\x12,.marketplace.catalog.v1.UpdateProductRequest\x1a-.marketplace.catalog.v1.UpdateProductResponse\"*\x82\xd3\xe4\x93\x02$2\x19/v1/products/{product.id}:\x07product\x12\x90\x01\n\x0b\x41\x64justStock\x12*.marketplace.catalog.v1.AdjustStockRequest\x1a+.marketplace.catalog.v1.AdjustStockResponse\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/products/{id}:adjustStock:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$marketplace/catalog/v1/catalog.proto\x12\x16marketplace.catalog.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/type/money.proto\"\xc0\x02\n\x07Product\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x11\n\x03sku\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04name\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\'\n\x05price\x18\x05 \x01(\x0b\x32\x12.google.type.MoneyB\x04\xe2\x41\x01\x02\x12\r\n\x05stock\x18\x06 \x01(\x03\x12\x35\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x41\n\x10inventory_source\x18\t \x01(\x0e\x32\'.marketplace.catalog.v1.InventorySource\"<\n\x13ListProductsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"b\n\x14ListProductsResponse\x12\x31\n\x08products\x18\x01 \x03(\x0b\x32\x1f.marketplace.catalog.v1.Product\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x11GetProductRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"F\n\x12GetProductResponse\x12\x30\n\x07product\x18\x01 \x01(\x0b\x32\x1f.marketplace.catalog.v1.Product\"N\n\x14\x43reateProductRequest\x12\x36\n\x07product\x18\x01 \x01(\x0b\x32\x1f.marketplace.catalog.v1.ProductB\x04\xe2\x41\x01\x02\"I\n\x15\x43reateProductResponse\x12\x30\n\x07product\x18\x01 \x01(\x0b\x32\x1f.marketplace.catalog.v1.Product\"\x7f\n\x14UpdateProductRequest\x12\x36\n\x07product\x18\x01 \x01(\x0b\x32\x1f.marketplace.catalog.v1.ProductB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"I\n\x15UpdateProductResponse\x12\x30\n\x07product\x18\x01 \x01(\x0b\x32\x1f.marketplace.catalog.v1.Product\"e\n\x12\x41\x64justStockRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05\x64\x65lta\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x18\n\nrequest_id\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\"G\n\x13\x41\x64justStockResponse\x12\x30\n\x07product\x18\x01 \x01(\x0b\x32\x1f.marketplace.catalog.v1.Product*v\n\x0fInventorySource\x12 \n\x1cINVENTORY_SOURCE_UNSPECIFIED\x10\x00\x12!\n\x1dINVENTORY_SOURCE_MANAGED_HERE\x10\x01\x12\x1e\n\x1aINVENTORY_SOURCE_WAREHOUSE\x10\x02\x32\xcd\x05\n\x0e\x43\x61talogService\x12\x7f\n\x0cListProducts\x12+.marketplace.catalog.v1.ListProductsRequest\x1a,.marketplace.catalog.v1.ListProductsResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/products\x12~\n\nGetProduct\x12).marketplace.catalog.v1.GetProductRequest\x1a*.marketplace.catalog.v1.GetProductResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/products/{id}\x12\x8b\x01\n\rCreateProduct\x12,.marketplace.catalog.v1.CreateProductRequest\x1a-.marketplace.catalog.v1.CreateProductResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x0c/v1/products:\x07product\x12\x98\x01\n\rUpdateProduct\x12,.marketplace.catalog.v1.UpdateProductRequest\x1a-.marketplace.catalog.v1.UpdateProductResponse\"*\x82\xd3\xe4\x93\x02$2\x19/v1/products/{product.id}:\x07product\x12\x90\x01\n\x0b\x41\x64justStock\x12*.marketplace.catalog.v1.AdjustStockRequest\x1a+.marketplace.catalog.v1.AdjustStockResponse\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/products/{id}:adjustStock:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -70,28 +70,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CATALOGSERVICE'].methods_by_name['UpdateProduct']._serialized_options = b'\202\323\344\223\002$2\031/v1/products/{product.id}:\007product'
   _globals['_CATALOGSERVICE'].methods_by_name['AdjustStock']._loaded_options = None
   _globals['_CATALOGSERVICE'].methods_by_name['AdjustStock']._serialized_options = b'\202\323\344\223\002\"\"\035/v1/products/{id}:adjustStock:\001*'
+  _globals['_INVENTORYSOURCE']._serialized_start=1350
+  _globals['_INVENTORYSOURCE']._serialized_end=1468
   _globals['_PRODUCT']._serialized_start=220
-  _globals['_PRODUCT']._serialized_end=473
-  _globals['_LISTPRODUCTSREQUEST']._serialized_start=475
-  _globals['_LISTPRODUCTSREQUEST']._serialized_end=535
-  _globals['_LISTPRODUCTSRESPONSE']._serialized_start=537
-  _globals['_LISTPRODUCTSRESPONSE']._serialized_end=635
-  _globals['_GETPRODUCTREQUEST']._serialized_start=637
-  _globals['_GETPRODUCTREQUEST']._serialized_end=674
-  _globals['_GETPRODUCTRESPONSE']._serialized_start=676
-  _globals['_GETPRODUCTRESPONSE']._serialized_end=746
-  _globals['_CREATEPRODUCTREQUEST']._serialized_start=748
-  _globals['_CREATEPRODUCTREQUEST']._serialized_end=826
-  _globals['_CREATEPRODUCTRESPONSE']._serialized_start=828
-  _globals['_CREATEPRODUCTRESPONSE']._serialized_end=901
-  _globals['_UPDATEPRODUCTREQUEST']._serialized_start=903
-  _globals['_UPDATEPRODUCTREQUEST']._serialized_end=1030
-  _globals['_UPDATEPRODUCTRESPONSE']._serialized_start=1032
-  _globals['_UPDATEPRODUCTRESPONSE']._serialized_end=1105
-  _globals['_ADJUSTSTOCKREQUEST']._serialized_start=1107
-  _globals['_ADJUSTSTOCKREQUEST']._serialized_end=1208
-  _globals['_ADJUSTSTOCKRESPONSE']._serialized_start=1210
-  _globals['_ADJUSTSTOCKRESPONSE']._serialized_end=1281
-  _globals['_CATALOGSERVICE']._serialized_start=1284
-  _globals['_CATALOGSERVICE']._serialized_end=2001
+  _globals['_PRODUCT']._serialized_end=540
+  _globals['_LISTPRODUCTSREQUEST']._serialized_start=542
+  _globals['_LISTPRODUCTSREQUEST']._serialized_end=602
+  _globals['_LISTPRODUCTSRESPONSE']._serialized_start=604
+  _globals['_LISTPRODUCTSRESPONSE']._serialized_end=702
+  _globals['_GETPRODUCTREQUEST']._serialized_start=704
+  _globals['_GETPRODUCTREQUEST']._serialized_end=741
+  _globals['_GETPRODUCTRESPONSE']._serialized_start=743
+  _globals['_GETPRODUCTRESPONSE']._serialized_end=813
+  _globals['_CREATEPRODUCTREQUEST']._serialized_start=815
+  _globals['_CREATEPRODUCTREQUEST']._serialized_end=893
+  _globals['_CREATEPRODUCTRESPONSE']._serialized_start=895
+  _globals['_CREATEPRODUCTRESPONSE']._serialized_end=968
+  _globals['_UPDATEPRODUCTREQUEST']._serialized_start=970
+  _globals['_UPDATEPRODUCTREQUEST']._serialized_end=1097
+  _globals['_UPDATEPRODUCTRESPONSE']._serialized_start=1099
+  _globals['_UPDATEPRODUCTRESPONSE']._serialized_end=1172
+  _globals['_ADJUSTSTOCKREQUEST']._serialized_start=1174
+  _globals['_ADJUSTSTOCKREQUEST']._serialized_end=1275
+  _globals['_ADJUSTSTOCKRESPONSE']._serialized_start=1277
+  _globals['_ADJUSTSTOCKRESPONSE']._serialized_end=1348
+  _globals['_CATALOGSERVICE']._serialized_start=1471
+  _globals['_CATALOGSERVICE']._serialized_end=2188
 # @@protoc_insertion_point(module_scope)

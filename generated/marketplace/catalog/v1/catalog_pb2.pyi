@@ -9,6 +9,7 @@ from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.type import money_pb2 as _money_pb2
 import builtins as _builtins
 import sys
@@ -20,6 +21,36 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _InventorySource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InventorySourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InventorySource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INVENTORY_SOURCE_UNSPECIFIED: _InventorySource.ValueType  # 0
+    """Unset: CreateProduct takes it as INVENTORY_SOURCE_MANAGED_HERE."""
+    INVENTORY_SOURCE_MANAGED_HERE: _InventorySource.ValueType  # 1
+    """The marketplace: AdjustStock moves it."""
+    INVENTORY_SOURCE_WAREHOUSE: _InventorySource.ValueType  # 2
+    """An external warehouse: stock is what it reports on hand minus the units of orders it
+    has not shipped yet, never below zero; AdjustStock is FAILED_PRECONDITION
+    (STOCK_MANAGED_BY_WAREHOUSE) and `stock` must be 0 on create.
+    """
+
+class InventorySource(_InventorySource, metaclass=_InventorySourceEnumTypeWrapper):
+    """Who counts a product's stock."""
+
+INVENTORY_SOURCE_UNSPECIFIED: InventorySource.ValueType  # 0
+"""Unset: CreateProduct takes it as INVENTORY_SOURCE_MANAGED_HERE."""
+INVENTORY_SOURCE_MANAGED_HERE: InventorySource.ValueType  # 1
+"""The marketplace: AdjustStock moves it."""
+INVENTORY_SOURCE_WAREHOUSE: InventorySource.ValueType  # 2
+"""An external warehouse: stock is what it reports on hand minus the units of orders it
+has not shipped yet, never below zero; AdjustStock is FAILED_PRECONDITION
+(STOCK_MANAGED_BY_WAREHOUSE) and `stock` must be 0 on create.
+"""
+Global___InventorySource: _TypeAlias = InventorySource  # noqa: Y015
 
 @_typing.final
 class Product(_message.Message):
@@ -35,6 +66,7 @@ class Product(_message.Message):
     STOCK_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    INVENTORY_SOURCE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier (a UUID): ignored by CreateProduct, the key UpdateProduct
     takes (AIP-203 IDENTIFIER, where OUTPUT_ONLY would tell clients to leave it unset).
@@ -46,7 +78,13 @@ class Product(_message.Message):
     description: _builtins.str
     """Free text, at most 5,000 characters."""
     stock: _builtins.int
-    """Units available to order; never below zero. Settable on create only."""
+    """Units available to order; never below zero. Settable on create only, for a
+    product managed here; a warehouse-managed product's comes from the warehouse.
+    """
+    inventory_source: Global___InventorySource.ValueType
+    """Who counts its stock. Unset on create means INVENTORY_SOURCE_MANAGED_HERE; changeable
+    with UpdateProduct (update_mask `inventory_source`).
+    """
     @_builtins.property
     def price(self) -> _money_pb2.Money:
         """Unit price; an ISO 4217 currency code and a non-negative amount."""
@@ -70,10 +108,11 @@ class Product(_message.Message):
         stock: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        inventory_source: Global___InventorySource.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "price", b"price", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "id", b"id", "name", b"name", "price", b"price", "sku", b"sku", "stock", b"stock", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "id", b"id", "inventory_source", b"inventory_source", "name", b"name", "price", b"price", "sku", b"sku", "stock", b"stock", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -241,8 +280,8 @@ class UpdateProductRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to update: any of sku, name, description, price. When empty,
-        every populated field is updated (AIP-134).
+        """Fields to update: any of sku, name, description, price, inventory_source. When
+        empty, every populated field is updated (AIP-134).
         """
 
     def __init__(

@@ -101,7 +101,8 @@ class CatalogServiceServicer:
 
     def AdjustStock(self, request, context):
         """Adds `delta` units (negative removes). Never takes stock below zero.
-        Idempotent by `request_id` (AIP-155).
+        Idempotent by `request_id` (AIP-155). FAILED_PRECONDITION
+        (STOCK_MANAGED_BY_WAREHOUSE) for a product the warehouse manages.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -48,7 +48,8 @@ class CatalogServiceStub:
     """
     AdjustStock: _grpc.UnaryUnaryMultiCallable[_catalog_pb2.AdjustStockRequest, _catalog_pb2.AdjustStockResponse]
     """Adds `delta` units (negative removes). Never takes stock below zero.
-    Idempotent by `request_id` (AIP-155).
+    Idempotent by `request_id` (AIP-155). FAILED_PRECONDITION
+    (STOCK_MANAGED_BY_WAREHOUSE) for a product the warehouse manages.
     """
 
 @_typing.type_check_only
@@ -71,7 +72,8 @@ class CatalogServiceAsyncStub(CatalogServiceStub):
     """
     AdjustStock: _aio.UnaryUnaryMultiCallable[_catalog_pb2.AdjustStockRequest, _catalog_pb2.AdjustStockResponse]  # type: ignore[assignment]
     """Adds `delta` units (negative removes). Never takes stock below zero.
-    Idempotent by `request_id` (AIP-155).
+    Idempotent by `request_id` (AIP-155). FAILED_PRECONDITION
+    (STOCK_MANAGED_BY_WAREHOUSE) for a product the warehouse manages.
     """
 
 class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -121,7 +123,8 @@ class CatalogServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_catalog_pb2.AdjustStockResponse, _abc.Awaitable[_catalog_pb2.AdjustStockResponse]]:
         """Adds `delta` units (negative removes). Never takes stock below zero.
-        Idempotent by `request_id` (AIP-155).
+        Idempotent by `request_id` (AIP-155). FAILED_PRECONDITION
+        (STOCK_MANAGED_BY_WAREHOUSE) for a product the warehouse manages.
         """
 
 def add_CatalogServiceServicer_to_server(servicer: CatalogServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -38,7 +38,11 @@ class _OrderStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OrderStat
     ORDER_STATUS_EXPIRED: _OrderStatus.ValueType  # 4
     """Not paid in time; its stock was released."""
     ORDER_STATUS_REFUNDED: _OrderStatus.ValueType  # 5
-    """Paid, then refunded in full; its stock was released."""
+    """Paid, then refunded in full; its stock was released unless it had shipped."""
+    ORDER_STATUS_SHIPPED: _OrderStatus.ValueType  # 6
+    """Paid and shipped by the warehouse (every line of a warehouse-managed product). Not
+    cancellable; a refund gives the money back, not the units.
+    """
 
 class OrderStatus(_OrderStatus, metaclass=_OrderStatusEnumTypeWrapper):
     """Where an order is in its life."""
@@ -54,7 +58,11 @@ ORDER_STATUS_CANCELLED: OrderStatus.ValueType  # 3
 ORDER_STATUS_EXPIRED: OrderStatus.ValueType  # 4
 """Not paid in time; its stock was released."""
 ORDER_STATUS_REFUNDED: OrderStatus.ValueType  # 5
-"""Paid, then refunded in full; its stock was released."""
+"""Paid, then refunded in full; its stock was released unless it had shipped."""
+ORDER_STATUS_SHIPPED: OrderStatus.ValueType  # 6
+"""Paid and shipped by the warehouse (every line of a warehouse-managed product). Not
+cancellable; a refund gives the money back, not the units.
+"""
 Global___OrderStatus: _TypeAlias = OrderStatus  # noqa: Y015
 
 @_typing.final
