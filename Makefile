@@ -7,7 +7,7 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed-stamp
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: help install proto check-generated lint typecheck test test-unit test-integration test-e2e run token card bench clean
+.PHONY: help install proto check-generated lint typecheck test test-unit test-integration test-e2e run token card mail bench clean
 
 help:
 	@echo "make run    - start PostgreSQL, localstripe, the gRPC server and Envoy (Ctrl-C stops all)"
@@ -17,6 +17,7 @@ help:
 	@echo "make token ROLE=admin SUB=alice - print a development JWT"
 	@echo "make card CARD=4242424242424242 - print a PaymentMethod id from the running localstripe"
 	@echo "                                  (4000000000000341 is declined when charged)"
+	@echo "make mail   - the emails make run's SMTP sink kept; make mail N=1 prints the latest"
 	@echo "make bench  - throughput, latency and CPU against same-run baselines (not part of test)"
 
 $(STAMP): pyproject.toml
@@ -92,6 +93,13 @@ token: $(STAMP)
 CARD ?= 4242424242424242
 card: $(STAMP)
 	@$(PY) -m devstack card --number '$(CARD)'
+
+# The SMTP sink's messages (make run keeps them in .data/mail/): a list, newest first, or
+# message N of it (N=1 the latest) as text; HTML=1 prints its HTML part.
+N ?=
+HTML ?= 0
+mail: $(STAMP)
+	@$(PY) -m devstack.mail $(if $(N),show '$(N)' $(if $(filter-out 0,$(HTML)),--html),list)
 
 bench: $(STAMP)
 	$(PY) -m tests.bench

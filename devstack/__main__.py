@@ -25,6 +25,7 @@ from devstack.localstripe import (
     start_localstripe,
     wait_for_localstripe,
 )
+from devstack.mail import MAIL_DIR, start_mail_sink, wait_for_mail_sink
 from devstack.postgres import database, seed_demo_catalog
 from devstack.processes import port_holder, port_is_taken, stop_process
 from devstack.server import ensure_jwt_secret, start_server, wait_for_grpc
@@ -48,6 +49,7 @@ STACK_PORTS = {
     "METRICS_PORT": (9464, "the server's Prometheus /metrics; 0 turns it off"),
     "LOCALSTRIPE_PORT": (8420, "localstripe"),
     "PROVIDER_PROXY_PORT": (8421, "Envoy's listener in front of localstripe"),
+    "SMTP_PORT": (1025, "the SMTP sink keeping the server's emails (make mail)"),
 }
 
 
@@ -159,9 +161,12 @@ def run(*, tls: bool = False) -> int:
         except BaseException:
             stop_process(localstripe)
             raise
+        with (DATA_DIR / "mail.log").open("ab") as mail_log:
+            mail_sink = start_mail_sink(ports["SMTP_PORT"], MAIL_DIR, log=mail_log)
         server = start_server(
             {
                 "DATABASE_URL": database_url,
+                "SMTP_URL": f"smtp://127.0.0.1:{ports['SMTP_PORT']}",
                 "MARKETPLACE_JWT_SECRET": secret,
                 "GRPC_PORT": str(grpc_port),
                 # Set here, not left to the settings' default, so the banner names the real port.
@@ -184,6 +189,7 @@ def run(*, tls: bool = False) -> int:
             credentials = tls_files.channel_credentials() if tls_files is not None else None
             wait_for_grpc(grpc_port, server, credentials=credentials)
             wait_for_envoy(admin_port, envoy)
+            wait_for_mail_sink(ports["SMTP_PORT"], mail_sink)
             customer = issue_development_token(
                 secret, "demo-customer", ["customer"], lifetime_seconds=TOKEN_LIFETIME_SECONDS
             )
@@ -205,12 +211,14 @@ def run(*, tls: bool = False) -> int:
                 f" (the server's Stripe, via Envoy on {provider_proxy_port})"
                 f"   log: {_shown(DATA_DIR / 'localstripe.log')}\n"
                 f"  a card: make card CARD={SUCCESS_CARD}\n"
+                f"  mail   smtp://127.0.0.1:{ports['SMTP_PORT']} keeps every email in"
+                f" {_shown(MAIL_DIR)}/   make mail lists them, make mail N=1 prints the latest\n"
                 f"\n  export CUSTOMER_TOKEN={customer}\n"
                 f"  export ADMIN_TOKEN={admin}\n"
                 f"\nCtrl-C stops everything.\n",
                 flush=True,
             )
-            while all(p.poll() is None for p in (server, envoy, localstripe)):
+            while all(p.poll() is None for p in (server, envoy, localstripe, mail_sink)):
                 time.sleep(0.5)
             print("a component exited; stopping", file=sys.stderr)
             return 1
@@ -221,6 +229,7 @@ def run(*, tls: bool = False) -> int:
             stop_process(envoy)
             stop_process(server)
             stop_process(localstripe)
+            stop_process(mail_sink)
 
 
 def print_token(role: str, subject: str) -> int:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ssl
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, FilePath, model_validator
+from pydantic import AliasChoices, Field, FilePath, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.notifications.smtp import parse_smtp_url
 
 # make run's webhook secret (devstack/localstripe.py), in the repository for anyone to read.
 DEVELOPMENT_WEBHOOK_SECRET = "whsec_marketplace_development"  # noqa: S105
@@ -18,7 +21,10 @@ def _env(*names: str) -> AliasChoices:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+    # An error names the setting, never echoes the environment: SMTP_URL carries a password.
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, extra="ignore", hide_input_in_errors=True
+    )
 
     database_url: str = Field(validation_alias=_env("DATABASE_URL"))
     grpc_host: str = Field("127.0.0.1", validation_alias=_env("GRPC_HOST"))
@@ -120,6 +126,15 @@ class Settings(BaseSettings):
     grpc_max_metadata_bytes: int = Field(
         64 * 1024, ge=8 * 1024, validation_alias=_env("GRPC_MAX_METADATA_BYTES")
     )
+    # Email to customers (server/notifications/): the SMTP server as smtp://host:port,
+    # smtp+starttls://user:pass@host:587 or smtps://user:pass@host:465. Unset, none is sent.
+    smtp_url: str | None = Field(None, validation_alias=_env("SMTP_URL"))
+    mail_from: str = Field(
+        "Marketplace <orders@marketplace.example.com>", validation_alias=_env("MAIL_FROM")
+    )
+    # One message's whole SMTP conversation; the consumer's inbox transaction stays open
+    # while it lasts.
+    mail_send_timeout_seconds: float = Field(10.0, gt=0, validation_alias=_env("MAIL_SEND_TIMEOUT"))
     log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"))
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", validation_alias=_env("LOG_FORMAT")
@@ -142,6 +157,24 @@ class Settings(BaseSettings):
                 "STRIPE_WEBHOOK_SECRET is the development stack's published secret, with which"
                 " anyone can sign webhooks: set the signing secret of your webhook endpoint"
                 " (MARKETPLACE_DEVSTACK=1 is for make run only)"
+            )
+        return self
+
+    @field_validator("smtp_url", mode="before")
+    @classmethod
+    def _empty_smtp_url_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _smtp_url_parses(self) -> Settings:
+        """A bad SMTP_URL or MAIL_FROM stops the server at start, not each email later."""
+        if self.smtp_url is None:
+            return self
+        parse_smtp_url(self.smtp_url)
+        if "@" not in parseaddr(self.mail_from)[1]:
+            raise ValueError(
+                "MAIL_FROM must be an address, e.g. Shop <orders@shop.example>,"
+                f" not {self.mail_from!r}"
             )
         return self
 
