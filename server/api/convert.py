@@ -11,6 +11,8 @@ from marketplace.catalog.v1 import catalog_pb2
 from marketplace.order.v1 import order_pb2
 from marketplace.payment.v1 import payment_pb2
 from server.domain.catalog import PriceInput, Product
+from server.domain.errors import FieldViolation, InvalidArgument
+from server.domain.inventory import InventorySource
 from server.domain.money import Money, money_problems
 from server.domain.orders import Order, OrderStatus
 from server.domain.payments import Payment, PaymentStatus
@@ -21,6 +23,7 @@ _ORDER_STATUS = {
     OrderStatus.CANCELLED: order_pb2.ORDER_STATUS_CANCELLED,
     OrderStatus.EXPIRED: order_pb2.ORDER_STATUS_EXPIRED,
     OrderStatus.REFUNDED: order_pb2.ORDER_STATUS_REFUNDED,
+    OrderStatus.SHIPPED: order_pb2.ORDER_STATUS_SHIPPED,
 }
 _PAYMENT_STATUS = {
     PaymentStatus.PENDING: payment_pb2.PAYMENT_STATUS_PENDING,
@@ -29,6 +32,12 @@ _PAYMENT_STATUS = {
     PaymentStatus.REFUNDED: payment_pb2.PAYMENT_STATUS_REFUNDED,
     PaymentStatus.PARTIALLY_REFUNDED: payment_pb2.PAYMENT_STATUS_PARTIALLY_REFUNDED,
 }
+
+_INVENTORY_SOURCE = {
+    InventorySource.MANAGED_HERE: catalog_pb2.INVENTORY_SOURCE_MANAGED_HERE,
+    InventorySource.WAREHOUSE: catalog_pb2.INVENTORY_SOURCE_WAREHOUSE,
+}
+_INVENTORY_SOURCE_OF = {value: source for source, value in _INVENTORY_SOURCE.items()}
 
 
 def timestamp(moment: datetime) -> Timestamp:
@@ -48,6 +57,18 @@ def price_input(product: catalog_pb2.Product) -> PriceInput | None:
     return PriceInput(product.price.currency_code, product.price.units, product.price.nanos)
 
 
+def inventory_source(
+    field: str, value: catalog_pb2.InventorySource.ValueType
+) -> InventorySource | None:
+    """None for INVENTORY_SOURCE_UNSPECIFIED (the domain says where one is needed); a
+    number this server does not know (proto3 keeps them) is INVALID_ARGUMENT."""
+    if value == catalog_pb2.INVENTORY_SOURCE_UNSPECIFIED:
+        return None
+    if value not in _INVENTORY_SOURCE_OF:
+        raise InvalidArgument([FieldViolation(field, f"{value} is not an InventorySource")])
+    return _INVENTORY_SOURCE_OF[value]
+
+
 def product(value: Product) -> catalog_pb2.Product:
     return catalog_pb2.Product(
         id=value.id,
@@ -58,6 +79,7 @@ def product(value: Product) -> catalog_pb2.Product:
         stock=value.stock,
         create_time=timestamp(value.create_time),
         update_time=timestamp(value.update_time),
+        inventory_source=_INVENTORY_SOURCE[value.inventory_source],
     )
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 
+from server.domain.inventory import InventorySource
 from server.domain.money import Money, money_problems
 from server.domain.payments import chargeable_exponent, is_chargeable
 from server.domain.validation import (
@@ -25,7 +26,7 @@ MAX_REASON = 500
 # A single adjustment beyond this is a fat finger, not a delivery.
 MAX_STOCK_DELTA = 1_000_000_000
 MAX_INITIAL_STOCK = MAX_STOCK_DELTA
-UPDATABLE_FIELDS = frozenset({"sku", "name", "description", "price"})
+UPDATABLE_FIELDS = frozenset({"sku", "name", "description", "price", "inventory_source"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,7 @@ class Product:
     stock: int
     create_time: datetime
     update_time: datetime
+    inventory_source: InventorySource = InventorySource.MANAGED_HERE
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,7 @@ class ProductDraft:
     description: str
     price: Money
     stock: int
+    inventory_source: InventorySource = InventorySource.MANAGED_HERE
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,14 +99,26 @@ def price_problems(price: PriceInput) -> list[str]:
 
 
 def new_product(
-    *, sku: str, name: str, description: str, price: PriceInput | None, stock: int
+    *,
+    sku: str,
+    name: str,
+    description: str,
+    price: PriceInput | None,
+    stock: int,
+    inventory_source: InventorySource | None = None,
 ) -> ProductDraft:
+    """`inventory_source` None (unset) is MANAGED_HERE."""
     violations = Violations()
     if price is None:
         violations.add("product.price", "is required")
     _check_fields(violations, "product.", sku=sku, name=name, description=description, price=price)
+    source = inventory_source or InventorySource.MANAGED_HERE
     if not 0 <= stock <= MAX_INITIAL_STOCK:
         violations.add("product.stock", f"must be between 0 and {MAX_INITIAL_STOCK:,}")
+    elif stock and source is InventorySource.WAREHOUSE:
+        violations.add(
+            "product.stock", "must be 0 for a warehouse-managed product: the warehouse counts it"
+        )
     violations.raise_if_any()
     assert price is not None
     return ProductDraft(
@@ -112,6 +127,7 @@ def new_product(
         description=description,
         price=Money.from_units_nanos(price.currency, price.units, price.nanos),
         stock=stock,
+        inventory_source=source,
     )
 
 
@@ -121,6 +137,7 @@ class ProductChanges:
     name: str | None = None
     description: str | None = None
     price: Money | None = None
+    inventory_source: InventorySource | None = None
 
     def apply_to(self, product: Product) -> Product:
         return replace(
@@ -129,6 +146,7 @@ class ProductChanges:
             name=product.name if self.name is None else self.name,
             description=product.description if self.description is None else self.description,
             price=product.price if self.price is None else self.price,
+            inventory_source=self.inventory_source or product.inventory_source,
         )
 
 
@@ -139,8 +157,10 @@ def product_changes(
     name: str,
     description: str,
     price: PriceInput | None,
+    inventory_source: InventorySource | None = None,
 ) -> ProductChanges:
-    """Validates an update limited to the fields in `mask` (AIP-134 paths)."""
+    """Validates an update limited to the fields in `mask` (AIP-134 paths);
+    `inventory_source` None is unset."""
     violations = Violations()
     paths = list(mask)
     if not paths:
@@ -152,6 +172,8 @@ def product_changes(
     wanted = set(paths)
     if "price" in wanted and price is None:
         violations.add("product.price", "is required when in update_mask")
+    if "inventory_source" in wanted and inventory_source is None:
+        violations.add("product.inventory_source", "is required when in update_mask")
     _check_fields(
         violations,
         "product.",
@@ -170,6 +192,7 @@ def product_changes(
             if "price" in wanted and price is not None
             else None
         ),
+        inventory_source=inventory_source if "inventory_source" in wanted else None,
     )
 
 

@@ -18,6 +18,8 @@ class ErrorReason(enum.StrEnum):
     # FAILED_PRECONDITION: the request is well formed, the system's state refuses it.
     OUT_OF_STOCK = "OUT_OF_STOCK"  # an order line wants more than is left
     INSUFFICIENT_STOCK = "INSUFFICIENT_STOCK"  # a stock adjustment would go below zero
+    # AdjustStock on a product whose stock the warehouse counts (inventory_source WAREHOUSE)
+    STOCK_MANAGED_BY_WAREHOUSE = "STOCK_MANAGED_BY_WAREHOUSE"
     MIXED_CURRENCIES = "MIXED_CURRENCIES"  # an order's products are priced in several
     REQUEST_ID_REUSED = "REQUEST_ID_REUSED"  # the request_id named a different request
     ORDER_NOT_CANCELLABLE = "ORDER_NOT_CANCELLABLE"

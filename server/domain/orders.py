@@ -31,6 +31,7 @@ class OrderStatus(enum.StrEnum):
     CANCELLED = "CANCELLED"
     EXPIRED = "EXPIRED"
     REFUNDED = "REFUNDED"
+    SHIPPED = "SHIPPED"  # the warehouse shipped every line it manages
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +208,7 @@ class OrderEvent(enum.StrEnum):
     PAYMENT_WINDOW_CLOSED = "PAYMENT_WINDOW_CLOSED"
     CANCELLED = "CANCELLED"
     REFUNDED_IN_FULL = "REFUNDED_IN_FULL"
+    SHIPPED = "SHIPPED"
 
 
 # The order lifecycle. Anything not listed is refused. A cancel of a PAID order is only
@@ -217,9 +219,14 @@ _TRANSITIONS: dict[tuple[OrderStatus, OrderEvent], OrderStatus] = {
     (OrderStatus.PENDING_PAYMENT, OrderEvent.CANCELLED): OrderStatus.CANCELLED,
     (OrderStatus.PAID, OrderEvent.CANCELLED): OrderStatus.CANCELLED,
     (OrderStatus.PAID, OrderEvent.REFUNDED_IN_FULL): OrderStatus.REFUNDED,
+    (OrderStatus.PAID, OrderEvent.SHIPPED): OrderStatus.SHIPPED,
+    # The goods are gone: the money can come back, the units cannot (SHIPPED holds none).
+    (OrderStatus.SHIPPED, OrderEvent.REFUNDED_IN_FULL): OrderStatus.REFUNDED,
 }
-# Statuses in which the order holds its stock; leaving them gives the stock back.
+# Statuses in which the order holds its stock; leaving them for an end that sold nothing
+# gives the stock back. SHIPPED holds none either: its units left with the shipment.
 _HOLDS_STOCK = frozenset({OrderStatus.PENDING_PAYMENT, OrderStatus.PAID})
+_SOLD_NOTHING = frozenset({OrderStatus.CANCELLED, OrderStatus.EXPIRED, OrderStatus.REFUNDED})
 
 
 def next_status(order_id: str, current: OrderStatus, event: OrderEvent) -> OrderStatus:
@@ -241,7 +248,7 @@ def releases_stock(current: OrderStatus, target: OrderStatus) -> bool:
 
     Exactly once per order: only the one transition out of a stock-holding status does.
     """
-    return current in _HOLDS_STOCK and target not in _HOLDS_STOCK
+    return current in _HOLDS_STOCK and target in _SOLD_NOTHING
 
 
 @dataclass(frozen=True, slots=True)

@@ -382,15 +382,21 @@ def refund_completion(
     payment: Payment, refunded: Money, order_status: OrderStatus, *, cancels_order: bool
 ) -> RefundCompletion:
     """A refund that empties a paid order's payment ends the order: cancelled when the
-    refund was a cancellation's, REFUNDED otherwise; its stock goes back on sale."""
+    refund was a cancellation's, REFUNDED otherwise; its stock goes back on sale. A shipped
+    order becomes REFUNDED and its stock stays gone, even when the refund was a cancellation
+    the shipment overtook (the goods left: only the money can come back)."""
     payment_status = status_after_refund(payment, refunded)
-    if payment_status is not PaymentStatus.REFUNDED or order_status is not OrderStatus.PAID:
+    if payment_status is not PaymentStatus.REFUNDED or order_status not in _REFUNDABLE_ORDERS:
         return RefundCompletion(payment_status, None, releases_stock=False, cancels_order=False)
-    event = OrderEvent.CANCELLED if cancels_order else OrderEvent.REFUNDED_IN_FULL
+    cancels = cancels_order and order_status is OrderStatus.PAID
+    event = OrderEvent.CANCELLED if cancels else OrderEvent.REFUNDED_IN_FULL
     target = next_status(payment.order_id, order_status, event)
     return RefundCompletion(
         payment_status,
         target,
         releases_stock=releases_stock(order_status, target),
-        cancels_order=cancels_order,
+        cancels_order=cancels,
     )
+
+
+_REFUNDABLE_ORDERS = frozenset({OrderStatus.PAID, OrderStatus.SHIPPED})

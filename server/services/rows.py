@@ -6,11 +6,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from server.domain.catalog import Product
+from server.domain.inventory import InventorySource
 from server.domain.money import Money
 from server.domain.orders import Order, OrderLine, OrderStatus
 
 PRODUCT_COLUMNS = (
-    "id, sku, name, description, price_currency, price_amount, stock, create_time, update_time"
+    "id, sku, name, description, price_currency, price_amount, stock, create_time, update_time,"
+    " inventory_source"
 )
 ORDER_COLUMNS = "id, customer_id, status, currency, total, create_time, update_time, expire_time"
 LINE_COLUMNS = "order_id, product_id, sku, quantity, unit_price, currency"
@@ -26,6 +28,7 @@ def product_from_row(row: Any) -> Product:
         stock=row.stock,
         create_time=row.create_time,
         update_time=row.update_time,
+        inventory_source=InventorySource(row.inventory_source),
     )
 
 

@@ -48,6 +48,8 @@ def test_every_allowed_transition() -> None:
         (OrderStatus.PENDING_PAYMENT, OrderEvent.CANCELLED): OrderStatus.CANCELLED,
         (OrderStatus.PAID, OrderEvent.CANCELLED): OrderStatus.CANCELLED,
         (OrderStatus.PAID, OrderEvent.REFUNDED_IN_FULL): OrderStatus.REFUNDED,
+        (OrderStatus.PAID, OrderEvent.SHIPPED): OrderStatus.SHIPPED,
+        (OrderStatus.SHIPPED, OrderEvent.REFUNDED_IN_FULL): OrderStatus.REFUNDED,
     }
 
 
@@ -78,6 +80,15 @@ def test_stock_comes_back_exactly_when_an_order_stops_holding_it() -> None:
     assert releases_stock(OrderStatus.PAID, OrderStatus.REFUNDED)
     assert not releases_stock(OrderStatus.PENDING_PAYMENT, OrderStatus.PAID)
     assert not releases_stock(OrderStatus.CANCELLED, OrderStatus.CANCELLED)
+    # shipping ends the holding too, but the units left with the shipment
+    assert not releases_stock(OrderStatus.PAID, OrderStatus.SHIPPED)
+    assert not releases_stock(OrderStatus.SHIPPED, OrderStatus.REFUNDED)
+
+
+def test_a_shipped_order_cannot_be_cancelled() -> None:
+    with pytest.raises(FailedPrecondition) as raised:
+        cancellation("o-1", OrderStatus.SHIPPED)
+    assert raised.value.reason == "ORDER_NOT_CANCELLABLE"
 
 
 @pytest.mark.parametrize(

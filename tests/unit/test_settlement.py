@@ -161,6 +161,18 @@ def test_a_refund_that_empties_a_paid_orders_payment_ends_the_order(
     assert done.cancels_order is cancels
 
 
+@pytest.mark.parametrize("cancels", [True, False])
+def test_a_refund_of_a_shipped_order_gives_money_back_not_stock(cancels: bool) -> None:
+    # cancels: a cancellation's refund the shipment overtook; the goods left, so REFUNDED.
+    done = refund_completion(
+        payment(PaymentStatus.SUCCEEDED), TEN, OrderStatus.SHIPPED, cancels_order=cancels
+    )
+    assert done.payment_status is PaymentStatus.REFUNDED
+    assert done.order_status is OrderStatus.REFUNDED
+    assert not done.releases_stock
+    assert not done.cancels_order
+
+
 def test_a_full_refund_of_an_order_no_longer_paid_moves_no_stock() -> None:
     done = refund_completion(
         payment(PaymentStatus.SUCCEEDED), TEN, OrderStatus.EXPIRED, cancels_order=False
