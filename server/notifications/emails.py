@@ -8,6 +8,7 @@ import enum
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.errors import HeaderParseError
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
@@ -128,6 +129,17 @@ def message_id(event_id: uuid.UUID, mail_from: str) -> str:
     return f"<{event_id}@{domain if at and domain else 'marketplace.invalid'}>"
 
 
+class InvalidRecipient(ValueError):
+    """An address the email package cannot put in a To header."""
+
+
+def _recipient(address: str) -> Address:
+    try:
+        return Address(addr_spec=address)
+    except (ValueError, HeaderParseError) as error:
+        raise InvalidRecipient(f"{address!r}: {error}") from None
+
+
 def compose_message(
     rendered: RenderedEmail,
     *,
@@ -136,10 +148,11 @@ def compose_message(
     event_id: uuid.UUID,
     date: datetime | None = None,
 ) -> EmailMessage:
-    """A multipart/alternative message: the plain text first, the HTML as the richer part."""
+    """A multipart/alternative message: the plain text first, the HTML as the richer part.
+    InvalidRecipient when `to` is no address the email package can write."""
     message = EmailMessage()
     message["From"] = mail_from
-    message["To"] = Address(addr_spec=to)
+    message["To"] = _recipient(to)
     message["Subject"] = rendered.subject
     message["Date"] = format_datetime(date or datetime.now(UTC))
     message["Message-ID"] = message_id(event_id, mail_from)

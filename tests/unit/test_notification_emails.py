@@ -18,6 +18,7 @@ from server.notifications.emails import (
     EmailKind,
     EmailLine,
     EmailTemplates,
+    InvalidRecipient,
     OrderEmail,
     ShippedLine,
     compose_message,
@@ -191,6 +192,15 @@ def test_the_message_id_comes_from_the_event_so_a_second_send_is_the_same_messag
     assert first["Message-ID"] == "<0b7e4a1c-2f6d-4c3b-8a9e-5d4c3b2a1f00@shop.example>"
     assert second["Message-ID"] == first["Message-ID"]
     assert other["Message-ID"] != first["Message-ID"]
+
+
+@pytest.mark.parametrize(
+    "address", ["no address", "a@b@c", "alice@example.com\r\nBcc: eve@example.com"]
+)
+def test_an_address_no_header_can_carry_is_refused(templates: EmailTemplates, address: str) -> None:
+    rendered = templates.render(an_email())
+    with pytest.raises(InvalidRecipient):
+        compose_message(rendered, to=address, mail_from=MAIL_FROM, event_id=uuid.uuid4())
 
 
 def test_the_message_id_falls_back_to_a_reserved_domain() -> None:
