@@ -14,7 +14,7 @@ help:
 	@echo "make run TLS=1 - the same over TLS (mutual on the gRPC port), certificates in .data/tls/"
 	@echo "make test   - lint, type-check, stale-generated and breaking-change checks, whole test suite"
 	@echo "make proto  - regenerate generated/ from protos/"
-	@echo "make token ROLE=admin SUB=alice - print a development JWT"
+	@echo "make token ROLE=admin SUB=alice [EMAIL=alice@example.com] - print a development JWT"
 	@echo "make card CARD=4242424242424242 - print a PaymentMethod id from the running localstripe"
 	@echo "                                  (4000000000000341 is declined when charged)"
 	@echo "make mail   - the emails make run's SMTP sink kept; make mail N=1 prints the latest"
@@ -87,8 +87,12 @@ run: $(STAMP)
 
 ROLE ?= customer
 SUB ?= demo-customer
+# The token's email claim, where its orders' notifications go: <SUB>@example.com unless set;
+# EMAIL=none gives a token without one.
+EMAIL ?=
 token: $(STAMP)
-	@$(PY) -m devstack token --role '$(ROLE)' --sub '$(SUB)'
+	@$(PY) -m devstack token --role '$(ROLE)' --sub '$(SUB)' \
+	  $(if $(EMAIL),--email '$(if $(filter none,$(EMAIL)),,$(EMAIL))')
 
 CARD ?= 4242424242424242
 card: $(STAMP)

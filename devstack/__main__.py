@@ -191,10 +191,18 @@ def run(*, tls: bool = False) -> int:
             wait_for_envoy(admin_port, envoy)
             wait_for_mail_sink(ports["SMTP_PORT"], mail_sink)
             customer = issue_development_token(
-                secret, "demo-customer", ["customer"], lifetime_seconds=TOKEN_LIFETIME_SECONDS
+                secret,
+                "demo-customer",
+                ["customer"],
+                lifetime_seconds=TOKEN_LIFETIME_SECONDS,
+                email=development_email("demo-customer"),
             )
             admin = issue_development_token(
-                secret, "demo-admin", ["admin"], lifetime_seconds=TOKEN_LIFETIME_SECONDS
+                secret,
+                "demo-admin",
+                ["admin"],
+                lifetime_seconds=TOKEN_LIFETIME_SECONDS,
+                email=development_email("demo-admin"),
             )
             metrics = (
                 f"http://127.0.0.1:{metrics_port}/metrics   (Prometheus)"
@@ -232,7 +240,13 @@ def run(*, tls: bool = False) -> int:
             stop_process(mail_sink)
 
 
-def print_token(role: str, subject: str) -> int:
+def development_email(subject: str) -> str:
+    """The email claim of make run's and make token's tokens unless told otherwise: where
+    the notifications of the orders they place go (the SMTP sink keeps them)."""
+    return f"{subject}@example.com"
+
+
+def print_token(role: str, subject: str, email: str | None) -> int:
     roles = [r for r in role.replace(",", " ").split() if r]
     known = [str(r) for r in Role]
     unknown = [r for r in roles if r not in known]
@@ -246,7 +260,11 @@ def print_token(role: str, subject: str) -> int:
         return 1
     print(
         issue_development_token(
-            ensure_jwt_secret(), subject, roles, lifetime_seconds=TOKEN_LIFETIME_SECONDS
+            ensure_jwt_secret(),
+            subject,
+            roles,
+            lifetime_seconds=TOKEN_LIFETIME_SECONDS,
+            email=development_email(subject) if email is None else (email or None),
         )
     )
     return 0
@@ -285,6 +303,11 @@ def main() -> int:
         "--role", default="customer", help="customer, admin, or both: 'customer,admin'"
     )
     token.add_argument("--sub", default="demo-customer", help="the customer id")
+    token.add_argument(
+        "--email",
+        help="the email claim (default: <sub>@example.com; an empty one: no claim, so no"
+        " notification emails)",
+    )
     card = commands.add_parser(
         "card", help="print a new PaymentMethod id from the running localstripe"
     )
@@ -298,7 +321,7 @@ def main() -> int:
     emulator.add_argument("--store", type=Path, help="keep the store in this file across runs")
     options = parser.parse_args()
     if options.command == "token":
-        return print_token(options.role, options.sub)
+        return print_token(options.role, options.sub, options.email)
     if options.command == "card":
         return print_card(options.number)
     if options.command == "localstripe":

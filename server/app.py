@@ -40,6 +40,7 @@ from server.db.driver import DriverPool
 from server.db.engine import connect_options, create_engine, libpq_url
 from server.domain.catalog import Product
 from server.domain.errors import ErrorReason
+from server.domain.identity import Customer
 from server.domain.orders import Order, OrderRequest
 from server.observability import Metrics, configure_logging
 from server.services.batching import GroupCommitter
@@ -127,6 +128,7 @@ async def _start(
         products_changed=product_cache.forget,
         on_orders_placed=metrics.orders_placed.inc,
         on_payment_answered=lambda status: metrics.payments_answered.labels(status.value).inc(),
+        outbox_writes=settings.outbox_writes,
     )
     product_lookup = _add_catalog_service(
         server, use_cases.catalog, product_cache, settings, metrics
@@ -330,11 +332,11 @@ def _add_catalog_service(
 
 def _add_order_and_payment_services(
     server: grpc.aio.Server, use_cases: UseCases, settings: Settings, metrics: Metrics
-) -> GroupCommitter[tuple[str, OrderRequest], Order]:
+) -> GroupCommitter[tuple[Customer, OrderRequest], Order]:
     """Returns the order batches' runners, to start."""
     # Concurrent CreateOrder calls share transactions (group commit): under a flash sale the
     # hot product's row lock is taken once per batch instead of once per order.
-    order_committer: GroupCommitter[tuple[str, OrderRequest], Order] = GroupCommitter(
+    order_committer: GroupCommitter[tuple[Customer, OrderRequest], Order] = GroupCommitter(
         use_cases.placement.place_orders,
         max_batch=settings.order_batch_max,
         runners=settings.order_batch_runners,

@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     )
     reconcile_after_seconds: float = Field(30.0, ge=0, validation_alias=_env("RECONCILE_AFTER"))
     background_batch_size: int = Field(100, ge=1, validation_alias=_env("BACKGROUND_BATCH"))
+    # Bench only (`make bench` measures the order transaction with and without events in
+    # one run): false writes no outbox rows, so no events are ever published. Never in
+    # production.
+    outbox_writes: bool = Field(True, validation_alias=_env("OUTBOX_WRITES"))
 
     event_loop: Literal["uvloop", "asyncio"] = Field("uvloop", validation_alias=_env("EVENT_LOOP"))
 

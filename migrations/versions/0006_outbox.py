@@ -1,5 +1,7 @@
 """The transactional outbox: every change other systems care about writes an event row here
 in the same transaction as the change; a relay publishes the rows to NATS JetStream.
+Orders, payments and products number their events (`event_sequence`, the last one written);
+an order keeps its customer's email address for notifications.
 
 Revision ID: 0006
 Revises: 0005
@@ -34,9 +36,27 @@ def upgrade() -> None:
         CREATE INDEX outbox_unpublished ON outbox (position) WHERE publish_time IS NULL;
         -- Pruning deletes published rows by age.
         CREATE INDEX outbox_published ON outbox (publish_time) WHERE publish_time IS NOT NULL;
+
+        -- The sequence number of the aggregate's last event, bumped by the UPDATE that makes
+        -- a change with an event (under the row lock it takes anyway). Rows from before
+        -- events start at 0, so their first event is 1.
+        ALTER TABLE orders ADD COLUMN event_sequence bigint NOT NULL DEFAULT 0;
+        ALTER TABLE payments ADD COLUMN event_sequence bigint NOT NULL DEFAULT 0;
+        ALTER TABLE products ADD COLUMN event_sequence bigint NOT NULL DEFAULT 0;
+        -- The `email` claim of the token that placed the order (NULL without one): where
+        -- the order's notifications go. 254: the longest address SMTP can carry (RFC 5321).
+        ALTER TABLE orders ADD COLUMN customer_email varchar(254);
         """
     )
 
 
 def downgrade() -> None:
-    op.execute("DROP TABLE outbox")
+    op.execute(
+        """
+        ALTER TABLE orders DROP COLUMN customer_email;
+        ALTER TABLE products DROP COLUMN event_sequence;
+        ALTER TABLE payments DROP COLUMN event_sequence;
+        ALTER TABLE orders DROP COLUMN event_sequence;
+        DROP TABLE outbox;
+        """
+    )

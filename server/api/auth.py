@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,13 @@ from server.domain.errors import ErrorReason, Unauthenticated
 from server.domain.identity import Principal, Role
 
 _MAX_SUBJECT_LENGTH = 255
+# An address as a mail server takes it: printable ASCII, one @, a dotted domain of letters,
+# digits and hyphens; 254 characters at most (RFC 5321). Not every address RFC 5322 allows
+# (quoted local parts, IP literals), which no identity provider hands out anyway.
+_EMAIL = re.compile(
+    r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@(?:[A-Za-z0-9-]{1,63}\.)+[A-Za-z]{2,63}"
+)
+_MAX_EMAIL_LENGTH = 254
 # RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output.
 _MIN_SECRET_BYTES = 32
 # Verified tokens remembered per process (oldest evicted first).
@@ -163,13 +171,33 @@ def _principal(claims: dict[str, Any]) -> Principal:
         raise Unauthenticated("the token's roles must be a list of strings")
     known = {role.value: role for role in Role}
     roles = frozenset(known[r] for r in raw_roles if isinstance(r, str) and r in known)
-    return Principal(subject=subject, roles=roles)
+    return Principal(subject=subject, roles=roles, email=email_claim(claims.get("email")))
+
+
+def email_claim(value: object) -> str | None:
+    """The token's `email` claim when it looks like an address, else None: it only says where
+    notifications go, so an odd one is ignored rather than refusing the caller."""
+    if isinstance(value, str) and len(value) <= _MAX_EMAIL_LENGTH and _EMAIL.fullmatch(value):
+        return value
+    return None
 
 
 def issue_development_token(
-    secret: str, subject: str, roles: Sequence[str], *, lifetime_seconds: int
+    secret: str,
+    subject: str,
+    roles: Sequence[str],
+    *,
+    lifetime_seconds: int,
+    email: str | None = None,
 ) -> str:
     """A token for `make token` and the tests; production tokens come from an identity provider."""
     now = int(time.time())
-    payload = {"sub": subject, "roles": list(roles), "iat": now, "exp": now + lifetime_seconds}
+    payload: dict[str, Any] = {
+        "sub": subject,
+        "roles": list(roles),
+        "iat": now,
+        "exp": now + lifetime_seconds,
+    }
+    if email is not None:
+        payload["email"] = email
     return jwt.encode(payload, secret, algorithm="HS256")

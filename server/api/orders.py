@@ -10,6 +10,7 @@ import grpc
 from marketplace.order.v1 import order_pb2, order_pb2_grpc
 from server.api import convert
 from server.api.context import current_principal
+from server.domain.identity import Customer
 from server.domain.orders import Order, OrderRequest, cancel_request, order_request
 from server.domain.pagination import page_size
 from server.domain.validation import parse_resource_id
@@ -18,7 +19,7 @@ from server.services.orders.reads import OrderReads
 
 # Places one customer's order; in the server this is the group committer's submit, which
 # runs OrderPlacement.place_orders for many callers at once.
-PlaceOrder = Callable[[tuple[str, OrderRequest]], Awaitable[Order]]
+PlaceOrder = Callable[[tuple[Customer, OrderRequest]], Awaitable[Order]]
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -37,7 +38,7 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
         new_order = order_request(
             request.request_id, [(item.product_id, item.quantity) for item in request.items]
         )
-        order = await self._place_order((current_principal().subject, new_order))
+        order = await self._place_order((current_principal().customer, new_order))
         return order_pb2.CreateOrderResponse(order=convert.order(order))
 
     async def GetOrder(

@@ -23,13 +23,27 @@ class Access(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class Customer:
+    """Whom an order is placed for: the token's subject, and its email address when the
+    token carries one (where the order's notifications go)."""
+
+    id: str
+    email: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
     subject: str
     roles: frozenset[Role]
+    email: str | None = None  # the token's `email` claim, when it looks like an address
 
     @property
     def is_admin(self) -> bool:
         return Role.ADMIN in self.roles
+
+    @property
+    def customer(self) -> Customer:
+        return Customer(self.subject, self.email)
 
     def may_see_customer(self, customer_id: str) -> bool:
         return self.is_admin or self.subject == customer_id

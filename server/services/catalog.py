@@ -30,6 +30,8 @@ from server.domain.errors import (
     check_replay,
 )
 from server.domain.pagination import decode_page_token, encode_page_token, invalid_page_token
+from server.events.builders import PRODUCT_CREATED_SEQUENCE, StockChangeCause, stock_changed
+from server.events.outbox import Outbox
 from server.services.product_cache import ProductsChanged, no_cache
 from server.services.rows import PRODUCT_COLUMNS, product_from_row
 
@@ -44,8 +46,9 @@ _GET_PRODUCTS_SQL = psycopg_sql(
 _INSERT_PRODUCT = text(
     f"""
     INSERT INTO products (id, sku, name, description, price_currency, price_amount, stock,
-                          create_time, update_time)
-    VALUES (:id, :sku, :name, :description, :currency, :amount, :stock, now(), now())
+                          create_time, update_time, event_sequence)
+    VALUES (:id, :sku, :name, :description, :currency, :amount, :stock, now(), now(),
+            :event_sequence)
     RETURNING {PRODUCT_COLUMNS}
     """
 )
@@ -77,9 +80,10 @@ _FIND_ADJUSTMENT = text(
 )
 _APPLY_ADJUSTMENT = text(
     f"""
-    UPDATE products SET stock = stock + :delta, update_time = now()
+    UPDATE products SET stock = stock + :delta, update_time = now(),
+                        event_sequence = event_sequence + 1
      WHERE id = :id AND stock + :delta >= 0
-    RETURNING {PRODUCT_COLUMNS}
+    RETURNING {PRODUCT_COLUMNS}, event_sequence
     """
 )
 
@@ -91,10 +95,12 @@ class Catalog:
         hot_path: DriverPool,
         *,
         products_changed: ProductsChanged = no_cache,
+        outbox: Outbox | None = None,
     ) -> None:
         self._engine = engine
         self._hot_path = hot_path
         self._products_changed = products_changed
+        self._outbox = outbox or Outbox()
         self._reads = autocommit_reads(engine)
 
     async def list_products(self, page_size: int, page_token: str) -> tuple[list[Product], str]:
@@ -130,6 +136,7 @@ class Catalog:
         return [found.get(p) or NotFound("product", p) for p in product_ids]
 
     async def create_product(self, draft: ProductDraft) -> Product:
+        """Creates the product; its initial stock, even none, is its first stock_changed."""
         params = {
             "id": uuid.uuid4(),
             "sku": draft.sku,
@@ -138,13 +145,24 @@ class Catalog:
             "currency": draft.price.currency,
             "amount": draft.price.amount,
             "stock": draft.stock,
+            "event_sequence": PRODUCT_CREATED_SEQUENCE,
         }
         try:
             async with self._engine.begin() as conn:
-                row = (await conn.execute(_INSERT_PRODUCT, params)).one()
+                product = product_from_row((await conn.execute(_INSERT_PRODUCT, params)).one())
+                created = stock_changed(
+                    product_id=product.id,
+                    sku=product.sku,
+                    stock=product.stock,
+                    delta=product.stock,
+                    cause=StockChangeCause.PRODUCT_CREATED,
+                    sequence=PRODUCT_CREATED_SEQUENCE,
+                    occur_time=product.create_time,
+                )
+                await self._outbox.append(conn, [created])
         except IntegrityError as error:
             raise _sku_taken(error, draft.sku) from None
-        return product_from_row(row)
+        return product
 
     async def update_product(self, product_id: str, changes: ProductChanges) -> Product:
         try:
@@ -196,7 +214,8 @@ class Catalog:
                 "reason": adjustment.reason,
             },
         )
-        if claimed.first() is None:
+        adjustment_id = claimed.scalar()
+        if adjustment_id is None:
             previous = (
                 await conn.execute(
                     _FIND_ADJUSTMENT, {"actor": actor, "request_id": adjustment.request_id}
@@ -230,7 +249,19 @@ class Catalog:
                     )
                 ],
             )
-        return product_from_row(applied)
+        adjusted = product_from_row(applied)
+        event = stock_changed(
+            product_id=adjusted.id,
+            sku=adjusted.sku,
+            stock=adjusted.stock,
+            delta=adjustment.delta,
+            cause=StockChangeCause.ADJUSTED,
+            sequence=applied.event_sequence,
+            occur_time=adjusted.update_time,
+            adjustment_id=str(adjustment_id),
+        )
+        await self._outbox.append(conn, [event])
+        return adjusted
 
 
 def _sku_taken(error: IntegrityError, sku: str) -> Exception:

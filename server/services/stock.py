@@ -9,8 +9,11 @@ from collections.abc import Sequence
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from server.events.builders import StockChangeCause, stock_changed
+from server.events.outbox import Outbox
+
 # Lock the products in ascending id order (the order every writer uses, so no lock cycles),
-# then add back what the orders' lines took.
+# then add back what the orders' lines took (an order has a product on one line at most).
 _LOCK_LINE_PRODUCTS = text(
     """
     SELECT id FROM products
@@ -20,11 +23,15 @@ _LOCK_LINE_PRODUCTS = text(
 )
 _RELEASE_STOCK = text(
     """
-    UPDATE products p SET stock = p.stock + taken.quantity, update_time = now()
-      FROM (SELECT product_id, sum(quantity) AS quantity FROM order_lines
+    UPDATE products p SET stock = p.stock + taken.quantity, update_time = now(),
+                          event_sequence = p.event_sequence + 1
+      FROM (SELECT product_id, sum(quantity) AS quantity,
+                   array_agg(CAST(order_id AS text) ORDER BY order_id) AS order_ids
+              FROM order_lines
              WHERE order_id = ANY(:order_ids) GROUP BY product_id) AS taken
      WHERE p.id = taken.product_id
-    RETURNING p.id
+    RETURNING p.id, p.sku, p.stock, taken.quantity, taken.order_ids, p.event_sequence,
+              p.update_time
     """
 )
 _PAYMENTS_IN_FLIGHT = text(
@@ -32,12 +39,31 @@ _PAYMENTS_IN_FLIGHT = text(
 )
 
 
-async def release_stock(conn: AsyncConnection, order_ids: Sequence[uuid.UUID]) -> list[str]:
-    """Puts the orders' units back on sale and returns the products' ids. The caller moves
-    the orders out of a stock-holding status in the same transaction, under the orders' row
-    locks, so each order's stock comes back exactly once."""
+async def release_stock(
+    conn: AsyncConnection, order_ids: Sequence[uuid.UUID], outbox: Outbox
+) -> list[str]:
+    """Puts the orders' units back on sale, with a stock_changed event per product, and
+    returns the products' ids. The caller moves the orders out of a stock-holding status in
+    the same transaction, under the orders' row locks, so each order's stock comes back
+    exactly once."""
     await conn.execute(_LOCK_LINE_PRODUCTS, {"order_ids": list(order_ids)})
-    released = await conn.execute(_RELEASE_STOCK, {"order_ids": list(order_ids)})
+    released = sorted((await conn.execute(_RELEASE_STOCK, {"order_ids": list(order_ids)})).all())
+    await outbox.append(
+        conn,
+        [
+            stock_changed(
+                product_id=str(row.id),
+                sku=row.sku,
+                stock=row.stock,
+                delta=row.quantity,
+                cause=StockChangeCause.ORDER_RELEASED,
+                sequence=row.event_sequence,
+                occur_time=row.update_time,
+                order_ids=row.order_ids,
+            )
+            for row in released
+        ],
+    )
     return [str(row.id) for row in released]
 
 

@@ -23,7 +23,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from server.db.transactions import in_transaction
 from server.domain.errors import FailedPrecondition
 from server.domain.orders import OrderEvent, OrderStatus, next_status, releases_stock
+from server.events.builders import order_expired, payment_failed
+from server.events.outbox import Outbox
 from server.services.circuit import GuardedProvider
+from server.services.payments.records import PAYMENT_COLUMNS, payment_from_row
 from server.services.payments.refunds import Refunds
 from server.services.payments.settlement import Settlement
 from server.services.providers import (
@@ -34,6 +37,8 @@ from server.services.providers import (
 from server.services.stock import payments_in_flight, release_stock
 
 _log = structlog.get_logger("marketplace.upkeep")
+# A payment's failure_code when it was never confirmed in time.
+_ABANDONED = "abandoned"
 
 # Orders whose payment window closed, with no payment in flight (its charge may still
 # succeed; the reconciler settles it first). Locked here, skipped by other processes.
@@ -50,8 +55,9 @@ _CLAIM_EXPIRED_ORDERS = text(
 )
 _MARK_EXPIRED = text(
     """
-    UPDATE orders SET status = :status, update_time = now()
+    UPDATE orders SET status = :status, update_time = now(), event_sequence = event_sequence + 1
      WHERE id = ANY(:ids) AND status = 'PENDING_PAYMENT'
+    RETURNING id, customer_id, event_sequence, update_time
     """
 )
 # Claiming pushes the lease forward, so the row is not claimed again while it is worked on.
@@ -69,10 +75,12 @@ _CLAIM_PAYMENTS = text(
     """
 )
 _ABANDON_UNSENT_PAYMENT = text(
-    """
-    UPDATE payments SET status = 'FAILED', failure_code = 'abandoned',
-                        failure_message = :message, next_check_time = NULL, update_time = now()
+    f"""
+    UPDATE payments SET status = 'FAILED', failure_code = :code,
+                        failure_message = :message, next_check_time = NULL, update_time = now(),
+                        event_sequence = event_sequence + 1
      WHERE id = :id AND status = 'PENDING' AND provider_reference IS NULL
+    RETURNING {PAYMENT_COLUMNS}, event_sequence
     """
 )
 _CLAIM_REFUNDS = text(
@@ -98,8 +106,10 @@ class Upkeep:
         *,
         batch_size: int,
         lease_seconds: float,
+        outbox: Outbox | None = None,
     ) -> None:
         self._engine = engine
+        self._outbox = outbox or Outbox()
         self._settlement = settlement
         self._refunds = refunds
         self._provider = provider
@@ -123,9 +133,21 @@ class Upkeep:
             return 0
         current = OrderStatus.PENDING_PAYMENT
         target = next_status("*", current, OrderEvent.PAYMENT_WINDOW_CLOSED)
+        expired = (await conn.execute(_MARK_EXPIRED, {"ids": ids, "status": target.value})).all()
+        await self._outbox.append(
+            conn,
+            [
+                order_expired(
+                    order_id=str(row.id),
+                    customer_id=row.customer_id,
+                    sequence=row.event_sequence,
+                    occur_time=row.update_time,
+                )
+                for row in expired
+            ],
+        )
         if releases_stock(current, target):
-            await release_stock(conn, ids)
-        await conn.execute(_MARK_EXPIRED, {"ids": ids, "status": target.value})
+            await release_stock(conn, ids, self._outbox)
         return len(ids)
 
     async def reconcile_payments(self) -> int:
@@ -152,10 +174,25 @@ class Upkeep:
         if reference is None:
             # No intent was recorded, so none was ever confirmed: nothing was charged.
             async with self._engine.begin() as conn:
-                await conn.execute(
-                    _ABANDON_UNSENT_PAYMENT,
-                    {"id": payment_id, "message": "the payment never reached the provider"},
-                )
+                abandoned = (
+                    await conn.execute(
+                        _ABANDON_UNSENT_PAYMENT,
+                        {
+                            "id": payment_id,
+                            "code": _ABANDONED,
+                            "message": "the payment never reached the provider",
+                        },
+                    )
+                ).first()
+                if abandoned is not None:
+                    event = payment_failed(
+                        payment_from_row(abandoned),
+                        failure_code=abandoned.failure_code,
+                        failure_message=abandoned.failure_message,
+                        sequence=abandoned.event_sequence,
+                        occur_time=abandoned.update_time,
+                    )
+                    await self._outbox.append(conn, [event])
             return
         intent = await self._provider.retrieve_intent(reference)
         stuck = intent.status is IntentStatus.PROCESSING and window_closed
@@ -174,7 +211,7 @@ class Upkeep:
             if intent.status is IntentStatus.FAILED:
                 intent = dataclasses.replace(
                     intent,
-                    failure_code="abandoned",
+                    failure_code=_ABANDONED,
                     failure_message="the payment was not confirmed in time",
                 )
         await self._settlement.settle_payment(payment_id, intent)

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.db.driver import DriverPool
 from server.domain.payments import PaymentStatus
+from server.events.outbox import Outbox
 from server.services.catalog import Catalog
 from server.services.circuit import GuardedProvider
 from server.services.orders.cancellation import OrderCancellation
@@ -50,26 +51,31 @@ def wire_use_cases(
     products_changed: ProductsChanged = no_cache,
     on_orders_placed: Callable[[int], None] = lambda count: None,
     on_payment_answered: Callable[[PaymentStatus], None] = lambda status: None,
+    outbox_writes: bool = True,
 ) -> UseCases:
     """`lease_seconds`: how long work in flight at the provider keeps the reconciler away
     from its row (it must outlast a provider call with all its retries); `recheck_seconds`:
-    when to ask again about a charge or refund the provider has not finished."""
-    settlement = Settlement(engine, recheck_seconds=recheck_seconds)
+    when to ask again about a charge or refund the provider has not finished;
+    `outbox_writes`: the benchmark's switch (OUTBOX_WRITES), off writes no events."""
+    outbox = Outbox(enabled=outbox_writes)
+    settlement = Settlement(engine, recheck_seconds=recheck_seconds, outbox=outbox)
     refunds = Refunds(
         engine,
         provider,
         lease_seconds=lease_seconds,
         recheck_seconds=recheck_seconds,
         products_changed=products_changed,
+        outbox=outbox,
     )
     return UseCases(
-        catalog=Catalog(engine, hot_path, products_changed=products_changed),
+        catalog=Catalog(engine, hot_path, products_changed=products_changed, outbox=outbox),
         placement=OrderPlacement(
             engine,
             hot_path,
             payment_window_seconds=payment_window_seconds,
             products_changed=products_changed,
             on_placed=on_orders_placed,
+            outbox=outbox,
         ),
         order_reads=OrderReads(engine),
         cancellation=OrderCancellation(
@@ -78,6 +84,7 @@ def wire_use_cases(
             refunds,
             lease_seconds=lease_seconds,
             products_changed=products_changed,
+            outbox=outbox,
         ),
         charging=Charging(
             engine,
@@ -97,5 +104,6 @@ def wire_use_cases(
             provider,
             batch_size=background_batch_size,
             lease_seconds=lease_seconds,
+            outbox=outbox,
         ),
     )

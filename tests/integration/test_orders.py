@@ -254,12 +254,12 @@ async def test_a_batch_fills_orders_in_arrival_order_each_all_or_nothing(
     other = insert_product(database_url, stock=10)
     buyers = [customer() for _ in range(5)]
     batch = [
-        (buyers[0].subject, order_request("b0", [(hot, 2)])),
-        (buyers[1].subject, order_request("b1", [(hot, 2), (other, 1)])),  # short on hot
-        (buyers[2].subject, order_request("b2", [(other, 4), (hot, 1)])),
-        (buyers[2].subject, order_request("b2", [(other, 4), (hot, 1)])),  # copy in batch
-        (buyers[3].subject, order_request("b2", [(other, 1)])),  # same id, other customer
-        (buyers[4].subject, order_request("b4", [(hot, 1)])),  # nothing left
+        (buyers[0].customer, order_request("b0", [(hot, 2)])),
+        (buyers[1].customer, order_request("b1", [(hot, 2), (other, 1)])),  # short on hot
+        (buyers[2].customer, order_request("b2", [(other, 4), (hot, 1)])),
+        (buyers[2].customer, order_request("b2", [(other, 4), (hot, 1)])),  # copy in batch
+        (buyers[3].customer, order_request("b2", [(other, 1)])),  # same id, other customer
+        (buyers[4].customer, order_request("b4", [(hot, 1)])),  # nothing left
     ]
     outcomes = await use_cases.placement.place_orders(batch)
     kinds = [type(o).__name__ for o in outcomes]

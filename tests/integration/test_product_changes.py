@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from server.db.driver import DriverPool
 from server.db.engine import libpq_url
 from server.domain.catalog import Product, product_changes
-from server.domain.identity import Principal, Role
+from server.domain.identity import Customer, Principal, Role
 from server.domain.orders import cancel_request, order_request
 from server.services.catalog import Catalog
 from server.services.orders.placement import OrderPlacement
@@ -130,8 +130,8 @@ async def test_an_order_batch_announces_every_product_it_took_stock_from(
 
     await orders.place_orders(
         [
-            ("alice", order_request("change-1", [(taken[0], 1), (taken[1], 2)])),
-            ("bob", order_request("change-2", [(taken[2], 1)])),
+            (Customer("alice"), order_request("change-1", [(taken[0], 1), (taken[1], 2)])),
+            (Customer("bob"), order_request("change-2", [(taken[2], 1)])),
         ]
     )
 

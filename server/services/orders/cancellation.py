@@ -24,6 +24,8 @@ from server.domain.errors import (
 from server.domain.identity import Principal
 from server.domain.orders import Cancellation, CancelRequest, Order, OrderStatus, cancellation
 from server.domain.payments import Payment, payment_in_progress, refund_in_progress
+from server.events.builders import order_cancelled
+from server.events.outbox import Outbox
 from server.services.circuit import GuardedProvider
 from server.services.orders.records import (
     LOCK_ORDER,
@@ -72,10 +74,12 @@ class OrderCancellation:
         *,
         lease_seconds: float,
         products_changed: ProductsChanged = no_cache,
+        outbox: Outbox | None = None,
     ) -> None:
         """`lease_seconds`: how long a cancellation's refund in flight keeps the reconciler
         away; it must outlast a provider call with all its retries."""
         self._engine = engine
+        self._outbox = outbox or Outbox()
         self._reads = autocommit_reads(engine)
         self._provider = provider
         self._refunds = refunds
@@ -123,16 +127,26 @@ class OrderCancellation:
         if in_flight:
             # Its charge may still succeed: cancelling now could keep money for nothing.
             raise payment_in_progress(order.id, str(next(iter(in_flight.values()))))
-        released = await release_stock(conn, [uuid.UUID(order.id)])
-        await conn.execute(
-            MARK_CANCELLED,
-            {
-                "id": uuid.UUID(order.id),
-                "status": OrderStatus.CANCELLED.value,
-                "request_id": request.request_id or None,
-                "actor": principal.subject,
-            },
+        cancelled = (
+            await conn.execute(
+                MARK_CANCELLED,
+                {
+                    "id": uuid.UUID(order.id),
+                    "status": OrderStatus.CANCELLED.value,
+                    "request_id": request.request_id or None,
+                    "actor": principal.subject,
+                },
+            )
+        ).one()
+        event = order_cancelled(
+            order_id=order.id,
+            customer_id=order.customer_id,
+            was_paid=False,
+            sequence=cancelled.event_sequence,
+            occur_time=cancelled.update_time,
         )
+        await self._outbox.append(conn, [event])
+        released = await release_stock(conn, [uuid.UUID(order.id)], self._outbox)
         return plan, await load_order(conn, uuid.UUID(order.id)), released
 
     async def _cancel_paid(self, principal: Principal, request: CancelRequest) -> Order:

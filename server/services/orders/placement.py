@@ -12,6 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -28,6 +29,7 @@ from server.db.transactions import (
     sqlstate,
 )
 from server.domain.errors import DomainError, RequestIdReused
+from server.domain.identity import Customer
 from server.domain.money import Money
 from server.domain.orders import (
     Allocation,
@@ -37,14 +39,23 @@ from server.domain.orders import (
     ProductStock,
     allocate,
 )
+from server.events.builders import (
+    ORDER_CREATED_SEQUENCE,
+    StockChangeCause,
+    order_created,
+    stock_changed,
+)
+from server.events.outbox import INSERT_EVENTS, Outbox, OutboxEvent, insert_parameters
 from server.services.orders.records import load_orders
 from server.services.product_cache import ProductsChanged, no_cache
 
 # 1. Lock every product of the batch in ascending id order, in one statement: all writers
 #    lock rows in the same global order, so two transactions never wait on each other in a
 #    cycle, and the stock read here cannot change until commit.
+#    Also the products' event sequence numbers and the transaction's time, for the events
+#    the write carries (built in Python meanwhile, see server/events/outbox.py).
 LOCK_PRODUCTS = """
-    SELECT id, stock, sku, price_currency, price_amount
+    SELECT id, stock, sku, price_currency, price_amount, event_sequence, now()
       FROM products WHERE id = ANY(CAST(:ids AS uuid[]))
      ORDER BY id
        FOR UPDATE
@@ -59,26 +70,31 @@ FIND_BY_REQUEST_IDS = """
            AS r(customer_id, request_id) USING (customer_id, request_id)
 """
 # 3. Write the orders that fit, their stock decrements (one per product, summed over the
-#    batch) and their lines in one statement. The unique (customer_id, request_id) key is the
-#    arbiter of a retry racing in another transaction: if it wins, that order is not
-#    inserted, its lines break their foreign key, and the whole transaction is retried,
-#    finding the winner's order in step 2. CHECK (stock >= 0) backs the decision made on the
-#    locked rows.
-WRITE_ORDERS = """
+#    batch), their lines and their events in one statement. The unique (customer_id,
+#    request_id) key is the arbiter of a retry racing in another transaction: if it wins,
+#    that order is not inserted, its lines break their foreign key, and the whole
+#    transaction is retried, finding the winner's order in step 2. CHECK (stock >= 0) backs
+#    the decision made on the locked rows. Each product's event sequence moves by one (its
+#    one stock_changed of the batch); a new order's starts at its order.created.
+_WRITE_ORDERS_CTES = f"""
     WITH new_orders AS (
-        INSERT INTO orders (id, customer_id, request_id, request_fingerprint, status,
-                            currency, total, create_time, update_time, expire_time)
-        SELECT o.id, o.customer_id, o.request_id, o.fingerprint, 'PENDING_PAYMENT',
+        INSERT INTO orders (id, customer_id, customer_email, request_id, request_fingerprint,
+                            status, currency, total, create_time, update_time, expire_time,
+                            event_sequence)
+        SELECT o.id, o.customer_id, o.email, o.request_id, o.fingerprint, 'PENDING_PAYMENT',
                o.currency, o.total, now(), now(),
-               now() + make_interval(secs => CAST(:payment_window AS double precision))
+               now() + make_interval(secs => CAST(:payment_window AS double precision)),
+               {ORDER_CREATED_SEQUENCE}
           FROM unnest(CAST(:order_ids AS uuid[]), CAST(:customers AS text[]),
-                      CAST(:request_ids AS text[]), CAST(:fingerprints AS text[]),
-                      CAST(:currencies AS text[]), CAST(:totals AS numeric[]))
-               AS o(id, customer_id, request_id, fingerprint, currency, total)
+                      CAST(:customer_emails AS text[]), CAST(:request_ids AS text[]),
+                      CAST(:fingerprints AS text[]), CAST(:currencies AS text[]),
+                      CAST(:totals AS numeric[]))
+               AS o(id, customer_id, email, request_id, fingerprint, currency, total)
         ON CONFLICT (customer_id, request_id) DO NOTHING
         RETURNING id, create_time, expire_time
     ), stock AS (
-        UPDATE products p SET stock = p.stock - d.quantity, update_time = now()
+        UPDATE products p SET stock = p.stock - d.quantity, update_time = now(),
+                              event_sequence = p.event_sequence + 1
           FROM unnest(CAST(:product_ids AS uuid[]), CAST(:quantities AS bigint[]))
                AS d(id, quantity)
          WHERE p.id = d.id
@@ -89,13 +105,19 @@ WRITE_ORDERS = """
                              CAST(:line_product_ids AS uuid[]), CAST(:line_skus AS text[]),
                              CAST(:line_quantities AS int[]), CAST(:line_prices AS numeric[]),
                              CAST(:line_currencies AS text[]))
-    )
+    )"""
+_RETURN_ORDERS = """
     SELECT id, create_time, expire_time FROM new_orders
 """
+WRITE_ORDERS = _WRITE_ORDERS_CTES + ", events AS (" + INSERT_EVENTS + ")" + _RETURN_ORDERS
+# With OUTBOX_WRITES off (the benchmark's comparison, and its pgbench baseline's), the same
+# without the events.
+WRITE_ORDERS_WITHOUT_EVENTS = _WRITE_ORDERS_CTES + _RETURN_ORDERS
 _BEGIN, _COMMIT = "BEGIN", "COMMIT"
 _LOCK_PRODUCTS_SQL = psycopg_sql(LOCK_PRODUCTS)
 _FIND_BY_REQUEST_IDS_SQL = psycopg_sql(FIND_BY_REQUEST_IDS)
 _WRITE_ORDERS_SQL = psycopg_sql(WRITE_ORDERS)
+_WRITE_ORDERS_WITHOUT_EVENTS_SQL = psycopg_sql(WRITE_ORDERS_WITHOUT_EVENTS)
 _INTEGRITY_RACES = frozenset({UNIQUE_VIOLATION, FOREIGN_KEY_VIOLATION})
 
 
@@ -112,7 +134,7 @@ class _Decided:
     """One batch transaction's decisions; the accepted orders' create and expiry times come
     from the write, whose answer arrives with COMMIT's."""
 
-    batch: Sequence[tuple[str, OrderRequest]]
+    batch: Sequence[tuple[Customer, OrderRequest]]
     decided: list[Order | DomainError | uuid.UUID | None]
     copies: dict[int, int]  # a copy of a request in the batch -> its first copy
     accepted: list[tuple[int, uuid.UUID, Allocation]]
@@ -136,7 +158,7 @@ class _Decided:
                 moment, expiry = created[order_id]
                 outcomes[index] = Order(
                     id=str(order_id),
-                    customer_id=self.batch[index][0],
+                    customer_id=self.batch[index][0].id,
                     status=OrderStatus.PENDING_PAYMENT,
                     lines=allocation.lines,
                     total=allocation.total,
@@ -162,26 +184,31 @@ class OrderPlacement:
         payment_window_seconds: float = 900.0,
         products_changed: ProductsChanged = no_cache,
         on_placed: Callable[[int], None] = lambda count: None,
+        outbox: Outbox | None = None,
     ) -> None:
         """`on_placed(n)` hears how many orders a batch answered with an order (a new one
         or a retry's stored one), for the business metrics."""
         self._hot_path = hot_path
+        self._events = (outbox or Outbox()).enabled
         self._products_changed = products_changed
         self._on_placed = on_placed
         self._payment_window_seconds = payment_window_seconds
         self._reads = autocommit_reads(engine)
 
-    async def place_order(self, customer_id: str, request: OrderRequest) -> Order:
+    async def place_order(
+        self, customer_id: str, request: OrderRequest, *, customer_email: str | None = None
+    ) -> Order:
         """One order on its own; see place_orders."""
-        [outcome] = await self.place_orders([(customer_id, request)])
+        [outcome] = await self.place_orders([(Customer(customer_id, customer_email), request)])
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
 
     async def place_orders(
-        self, batch: Sequence[tuple[str, OrderRequest]]
+        self, batch: Sequence[tuple[Customer, OrderRequest]]
     ) -> list[Order | DomainError]:
-        """Places several customers' orders in one transaction, each all or nothing.
+        """Places several customers' orders in one transaction, each all or nothing, with
+        an order.created per order and a stock_changed per product.
 
         Every order gets its own outcome: the order (the stored one when its customer sent
         this request_id before with the same lines), or RequestIdReused, NotFound for an
@@ -192,7 +219,7 @@ class OrderPlacement:
         return outcomes
 
     async def _place_orders(
-        self, batch: Sequence[tuple[str, OrderRequest]]
+        self, batch: Sequence[tuple[Customer, OrderRequest]]
     ) -> list[Order | DomainError]:
         try:
             async for attempt in retrying_transaction(extra=_RequestIdRace):
@@ -240,7 +267,7 @@ class OrderPlacement:
         self,
         driver: HotConnection,
         pipeline: psycopg.AsyncPipeline,
-        batch: Sequence[tuple[str, OrderRequest]],
+        batch: Sequence[tuple[Customer, OrderRequest]],
     ) -> _Decided:
         """Locks, decides and queues the write; a retry's outcome is its stored order's id."""
         outcomes: list[Order | DomainError | uuid.UUID | None] = [None] * len(batch)
@@ -248,8 +275,8 @@ class OrderPlacement:
         # Copies of one request inside the batch share the first copy's outcome.
         first_of: dict[tuple[str, str], int] = {}
         copies: dict[int, int] = {}
-        for index, (customer_id, request) in enumerate(batch):
-            key = (customer_id, request.request_id)
+        for index, (customer, request) in enumerate(batch):
+            key = (customer.id, request.request_id)
             if key in first_of:
                 if fingerprints[first_of[key]] == fingerprints[index]:
                     copies[index] = first_of[key]
@@ -266,7 +293,7 @@ class OrderPlacement:
         finding = await driver.execute_reusing_cursor(
             _FIND_BY_REQUEST_IDS_SQL,
             {
-                "customers": [batch[i][0] for i in firsts],
+                "customers": [batch[i][0].id for i in firsts],
                 "request_ids": [batch[i][1].request_id for i in firsts],
             },
             prepare=False,  # see FIND_BY_REQUEST_IDS
@@ -278,8 +305,10 @@ class OrderPlacement:
         seen = await finding.fetchall()
         products = {
             str(product_id): ProductStock(sku, Money(currency, amount), stock)
-            for product_id, stock, sku, currency, amount in locked
+            for product_id, stock, sku, currency, amount, _, _ in locked
         }
+        sequences = {str(row[0]): row[5] for row in locked}
+        now: datetime | None = locked[0][6] if locked else None
 
         replays: dict[int, uuid.UUID] = {}
         for order_id, customer_id, request_id, fingerprint in seen:
@@ -302,18 +331,68 @@ class OrderPlacement:
             outcomes[index] = order_id
         written = None
         if accepted:
-            written = await self._write(driver, batch, fingerprints, accepted, taken)
+            assert now is not None  # an accepted order locked its products
+            events = (
+                self._events_of(batch, accepted, taken, products, sequences, now)
+                if self._events
+                else None
+            )
+            written = await self._write(driver, batch, fingerprints, accepted, taken, events)
         return _Decided(batch, outcomes, copies, accepted, written)
+
+    def _events_of(
+        self,
+        batch: Sequence[tuple[Customer, OrderRequest]],
+        accepted: Sequence[tuple[int, uuid.UUID, Allocation]],
+        taken: dict[str, int],
+        products: dict[str, ProductStock],
+        sequences: dict[str, int],
+        now: datetime,
+    ) -> list[OutboxEvent]:
+        """The batch's events, from what the lock step read: the write's now() is `now`
+        (one transaction), and each product's event sequence moves by one under its lock."""
+        expire_time = now + timedelta(seconds=self._payment_window_seconds)
+        events = [
+            order_created(
+                order_id=str(order_id),
+                customer_id=batch[index][0].id,
+                lines=allocation.lines,
+                total=allocation.total,
+                expire_time=expire_time,
+                occur_time=now,
+            )
+            for index, order_id, allocation in accepted
+        ]
+        orders_of: dict[str, list[str]] = {product_id: [] for product_id in taken}
+        for _, order_id, allocation in accepted:
+            for line in allocation.lines:
+                orders_of[line.product_id].append(str(order_id))
+        events += [
+            stock_changed(
+                product_id=product_id,
+                sku=products[product_id].sku,
+                stock=products[product_id].stock - quantity,
+                delta=-quantity,
+                cause=StockChangeCause.ORDER_PLACED,
+                sequence=sequences[product_id] + 1,
+                occur_time=now,
+                order_ids=orders_of[product_id],
+            )
+            for product_id, quantity in sorted(taken.items())
+        ]
+        return events
 
     async def _write(
         self,
         driver: HotConnection,
-        batch: Sequence[tuple[str, OrderRequest]],
+        batch: Sequence[tuple[Customer, OrderRequest]],
         fingerprints: Sequence[str],
         accepted: Sequence[tuple[int, uuid.UUID, Allocation]],
         taken: dict[str, int],
+        events: Sequence[OutboxEvent] | None,
     ) -> psycopg.AsyncCursor[Any]:
-        """Queues the write in the pipeline; its rows are read once COMMIT is answered."""
+        """Queues the write in the pipeline, with `events` unless None (OUTBOX_WRITES off);
+        its rows are read once COMMIT is answered."""
         lines = [
             (order_id, number, line)
             for _, order_id, allocation in accepted
@@ -321,7 +400,8 @@ class OrderPlacement:
         ]
         params: dict[str, Any] = {
             "order_ids": [order_id for _, order_id, _ in accepted],
-            "customers": [batch[index][0] for index, _, _ in accepted],
+            "customers": [batch[index][0].id for index, _, _ in accepted],
+            "customer_emails": [batch[index][0].email for index, _, _ in accepted],
             "request_ids": [batch[index][1].request_id for index, _, _ in accepted],
             "fingerprints": [fingerprints[index] for index, _, _ in accepted],
             "currencies": [allocation.total.currency for _, _, allocation in accepted],
@@ -337,4 +417,7 @@ class OrderPlacement:
             "line_currencies": [line.unit_price.currency for _, _, line in lines],
             "payment_window": self._payment_window_seconds,
         }
+        if events is None:
+            return await driver.execute_reusing_cursor(_WRITE_ORDERS_WITHOUT_EVENTS_SQL, params)
+        params.update(insert_parameters(events))
         return await driver.execute_reusing_cursor(_WRITE_ORDERS_SQL, params)

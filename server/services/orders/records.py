@@ -18,13 +18,22 @@ from server.services.rows import LINE_COLUMNS, ORDER_COLUMNS, order_from_rows
 GET_ORDER = text(f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = :id")
 # Every transaction that changes an order takes this lock first, then its payment's.
 LOCK_ORDER = text(f"SELECT {ORDER_COLUMNS}, now() AS db_now FROM orders WHERE id = :id FOR UPDATE")
-SET_ORDER_STATUS = text("UPDATE orders SET status = :status, update_time = now() WHERE id = :id")
+# A status change is an event: each bumps the order's event_sequence, and the caller writes
+# the event with the sequence and time returned (server/events/outbox.py).
+SET_ORDER_STATUS = text(
+    """
+    UPDATE orders SET status = :status, update_time = now(), event_sequence = event_sequence + 1
+     WHERE id = :id
+    RETURNING event_sequence, update_time
+    """
+)
 # The (cancelled_by, cancel_request_id) key is unique: a cancel's request_id names one order.
 MARK_CANCELLED = text(
     """
     UPDATE orders SET status = :status, cancel_request_id = :request_id, cancelled_by = :actor,
-                      update_time = now()
+                      update_time = now(), event_sequence = event_sequence + 1
      WHERE id = :id
+    RETURNING event_sequence, update_time
     """
 )
 _GET_ORDERS = text(f"SELECT {ORDER_COLUMNS} FROM orders WHERE id = ANY(CAST(:ids AS uuid[]))")

@@ -35,6 +35,7 @@ from server.domain.orders import OrderStatus, automatic_cancel_request_id
 from server.domain.payments import (
     PAYMENT_UNKNOWN_FAILURE,
     Payment,
+    RefundCompletion,
     RefundRequest,
     RefundStatus,
     payment_known_to_provider,
@@ -44,6 +45,8 @@ from server.domain.payments import (
     refund_refused,
     to_minor_units,
 )
+from server.events.builders import order_cancelled, order_refunded, payment_refunded
+from server.events.outbox import Outbox, OutboxEvent
 from server.services.circuit import GuardedProvider
 from server.services.orders.records import LOCK_ORDER, MARK_CANCELLED, SET_ORDER_STATUS
 from server.services.payments.records import (
@@ -128,8 +131,9 @@ _WAIT_LONGEST_SECONDS = 0.5
 _ADD_REFUNDED = text(
     """
     UPDATE payments SET amount_refunded = amount_refunded + :amount, status = :status,
-                        update_time = now()
+                        update_time = now(), event_sequence = event_sequence + 1
      WHERE id = :id
+    RETURNING event_sequence, update_time
     """
 )
 
@@ -143,6 +147,7 @@ class Refunds:
         lease_seconds: float,
         recheck_seconds: float,
         products_changed: ProductsChanged = no_cache,
+        outbox: Outbox | None = None,
     ) -> None:
         """`lease_seconds`: how long a refund in flight keeps the reconciler (and concurrent
         callers) away; it must outlast a provider call with all its retries.
@@ -153,6 +158,7 @@ class Refunds:
         self._lease_seconds = lease_seconds
         self._recheck_seconds = recheck_seconds
         self._products_changed = products_changed
+        self._outbox = outbox or Outbox()
 
     async def refund_payment(self, principal: Principal, request: RefundRequest) -> Payment:
         """Refunds all or part of a succeeded payment (an admin's call)."""
@@ -397,30 +403,76 @@ class Refunds:
             payment, amount, OrderStatus(order.status), cancels_order=refund.cancels_order
         )
         await conn.execute(_COMPLETE_REFUND, {"id": refund_id, "reference": reference})
-        await conn.execute(
-            _ADD_REFUNDED,
-            {
-                "id": plan.payment_id,
-                "amount": amount.amount,
-                "status": completion.payment_status.value,
-            },
-        )
-        if completion.order_status is None:
-            return []
-        released = await release_stock(conn, [order.id]) if completion.releases_stock else []
-        if completion.cancels_order:
-            automatic = refund.request_id == automatic_cancel_request_id(str(order.id))
+        refunded = (
             await conn.execute(
-                MARK_CANCELLED,
+                _ADD_REFUNDED,
                 {
-                    "id": order.id,
-                    "status": completion.order_status.value,
-                    "request_id": None if automatic else refund.request_id,
-                    "actor": refund.actor,
+                    "id": plan.payment_id,
+                    "amount": amount.amount,
+                    "status": completion.payment_status.value,
                 },
             )
-        else:
+        ).one()
+        events: list[OutboxEvent] = [
+            payment_refunded(
+                payment,
+                refund_id=str(refund_id),
+                amount=amount,
+                sequence=refunded.event_sequence,
+                occur_time=refunded.update_time,
+            )
+        ]
+        if completion.order_status is not None:
+            events.append(await self._end_order(conn, order, refund, payment, amount, completion))
+        await self._outbox.append(conn, events)
+        if completion.order_status is None or not completion.releases_stock:
+            return []
+        return await release_stock(conn, [order.id], self._outbox)
+
+    async def _end_order(
+        self,
+        conn: AsyncConnection,
+        order: Any,
+        refund: Any,
+        payment: Payment,
+        amount: Money,
+        completion: RefundCompletion,
+    ) -> OutboxEvent:
+        """Moves the order (a LOCK_ORDER row) to the status `refund` (a _LOCK_REFUND row),
+        which emptied its payment, ends it in; the event that says so. `payment` is as it
+        was before the refund."""
+        assert completion.order_status is not None
+        if completion.cancels_order:
+            automatic = refund.request_id == automatic_cancel_request_id(str(order.id))
+            changed = (
+                await conn.execute(
+                    MARK_CANCELLED,
+                    {
+                        "id": order.id,
+                        "status": completion.order_status.value,
+                        "request_id": None if automatic else refund.request_id,
+                        "actor": refund.actor,
+                    },
+                )
+            ).one()
+            return order_cancelled(
+                order_id=str(order.id),
+                customer_id=order.customer_id,
+                was_paid=True,
+                sequence=changed.event_sequence,
+                occur_time=changed.update_time,
+            )
+        changed = (
             await conn.execute(
                 SET_ORDER_STATUS, {"id": order.id, "status": completion.order_status.value}
             )
-        return released
+        ).one()
+        return order_refunded(
+            order_id=str(order.id),
+            customer_id=order.customer_id,
+            payment_id=payment.id,
+            amount_refunded=Money(amount.currency, payment.amount_refunded.amount + amount.amount),
+            was_shipped=OrderStatus(order.status) is OrderStatus.SHIPPED,
+            sequence=changed.event_sequence,
+            occur_time=changed.update_time,
+        )

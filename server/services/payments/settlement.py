@@ -3,6 +3,7 @@ a webhook or the reconciler), exactly once."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import structlog
@@ -16,12 +17,20 @@ from server.domain.payments import (
     ChargeOutcome,
     IntentStatus,
     Payment,
+    PaymentStatus,
     fingerprint_of,
     from_minor_units,
     revives,
     settlement,
 )
-from server.services.orders.records import LOCK_ORDER, SET_ORDER_STATUS
+from server.events.builders import (
+    fulfilment_requested,
+    order_paid,
+    payment_failed,
+    payment_succeeded,
+)
+from server.events.outbox import Outbox, OutboxEvent
+from server.services.orders.records import LOCK_ORDER, SET_ORDER_STATUS, load_order
 from server.services.payments.records import (
     GET_PAYMENT,
     LOCK_PAYMENT,
@@ -36,8 +45,10 @@ _log = structlog.get_logger("marketplace.payments")
 _SETTLE_PAYMENT = text(
     """
     UPDATE payments SET status = :status, failure_code = :code, failure_message = :message,
-                        next_check_time = NULL, update_time = now()
+                        next_check_time = NULL, update_time = now(),
+                        event_sequence = event_sequence + 1
      WHERE id = :id
+    RETURNING event_sequence, update_time
     """
 )
 _RECHECK_PAYMENT_LATER = text(
@@ -76,10 +87,13 @@ def charge_outcome(intent: ProviderIntent) -> ChargeOutcome:
 
 
 class Settlement:
-    def __init__(self, engine: AsyncEngine, *, recheck_seconds: float) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, recheck_seconds: float, outbox: Outbox | None = None
+    ) -> None:
         """`recheck_seconds`: when to look again at a payment the provider is still
         processing."""
         self._engine = engine
+        self._outbox = outbox or Outbox()
         self._reads = autocommit_reads(engine)
         self._recheck_seconds = recheck_seconds
 
@@ -135,20 +149,63 @@ class Settlement:
             await conn.execute(
                 _RECHECK_PAYMENT_LATER, {"id": payment_id, "after": self._recheck_seconds}
             )
+        events: list[OutboxEvent] = []
         if plan.settle_as is not None:
-            await conn.execute(
-                _SETTLE_PAYMENT,
-                {
-                    "id": payment_id,
-                    "status": plan.settle_as.value,
-                    "code": plan.failure_code,
-                    "message": plan.failure_message,
-                },
-            )
+            settled = (
+                await conn.execute(
+                    _SETTLE_PAYMENT,
+                    {
+                        "id": payment_id,
+                        "status": plan.settle_as.value,
+                        "code": plan.failure_code,
+                        "message": plan.failure_message,
+                    },
+                )
+            ).one()
+            if plan.settle_as is PaymentStatus.SUCCEEDED:
+                charged = dataclasses.replace(
+                    payment, provider_reference=payment.provider_reference or intent.reference
+                )
+                events.append(
+                    payment_succeeded(
+                        charged, sequence=settled.event_sequence, occur_time=settled.update_time
+                    )
+                )
+            else:
+                events.append(
+                    payment_failed(
+                        payment,
+                        failure_code=plan.failure_code,
+                        failure_message=plan.failure_message,
+                        sequence=settled.event_sequence,
+                        occur_time=settled.update_time,
+                    )
+                )
         if plan.order_status is not None:
-            await conn.execute(
-                SET_ORDER_STATUS, {"id": order.id, "status": plan.order_status.value}
-            )
+            changed = (
+                await conn.execute(
+                    SET_ORDER_STATUS, {"id": order.id, "status": plan.order_status.value}
+                )
+            ).one()
+            # Settlement only ever moves an order to PAID (settlement() decides).
+            paid = await load_order(conn, order.id)
+            events += [
+                order_paid(
+                    order_id=paid.id,
+                    customer_id=paid.customer_id,
+                    payment_id=payment.id,
+                    amount=payment.amount,
+                    sequence=changed.event_sequence,
+                    occur_time=changed.update_time,
+                ),
+                fulfilment_requested(
+                    order_id=paid.id,
+                    customer_id=paid.customer_id,
+                    lines=paid.lines,
+                    occur_time=changed.update_time,
+                ),
+            ]
+        await self._outbox.append(conn, events)
         if plan.refund_in_full:
             await insert_refund(
                 conn,
