@@ -31,7 +31,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from devstack import DATA_DIR, REPO_ROOT
-from devstack.processes import wait_until_ready
+from devstack.processes import free_port, stop_process, wait_until_ready
 
 MAIL_DIR = DATA_DIR / "mail"
 DEFAULT_SMTP_PORT = 1025
@@ -95,6 +95,46 @@ def wait_for_mail_sink(port: int, process: subprocess.Popen[bytes], timeout: flo
         return False
 
     wait_until_ready(is_listening, process, f"the SMTP sink on port {port}", timeout)
+
+
+class MailSink:
+    """The sink as its own process on `port`, keeping messages in `folder`; a test may stop
+    it (SMTP down) and start it again."""
+
+    def __init__(self, port: int, folder: Path, log_path: Path) -> None:
+        self.port = port
+        self.folder = folder
+        self._log_path = log_path
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The SMTP_URL that points a server here."""
+        return f"smtp://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with self._log_path.open("ab") as log:
+            self._process = start_mail_sink(self.port, self.folder, log=log)
+        wait_for_mail_sink(self.port, self._process)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            stop_process(self._process)
+
+    def messages(self) -> list[KeptMessage]:
+        """Every message kept so far, newest first."""
+        return kept_messages(self.folder)
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, scratch: Path) -> Iterator[MailSink]:
+        """A sink on a free port, its messages and log in `scratch`, stopped at the end."""
+        sink = cls(free_port(), scratch / "mail", scratch / "mail.log")
+        sink.start()
+        try:
+            yield sink
+        finally:
+            sink.stop()
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.events.consumers import ConsumerSpec, Inbox
+from server.notifications.consumer import notification_consumer
 from server.observability import Metrics
 from server.services.product_cache import ProductsChanged, no_cache
 from server.services.use_cases import UseCases
@@ -51,5 +52,8 @@ class ConsumerContext:
 
 def consumer_specs(context: ConsumerContext) -> list[ConsumerSpec]:
     """Every consumer the server runs."""
-    del context  # each registered factory takes it: `[notification_consumer(context), ...]`
-    return []
+    specs: list[ConsumerSpec] = []
+    # Order emails; none without SMTP_URL (docs/architecture.md, Notifications).
+    if (notifications := notification_consumer(context)) is not None:
+        specs.append(notifications)
+    return specs
