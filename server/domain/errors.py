@@ -55,6 +55,7 @@ class ErrorReason(enum.StrEnum):
     # Sent by Envoy, not the server, to REST callers (envoy.yaml's local replies; gRPC
     # callers get the last two): the request never reached the server.
     MALFORMED_REQUEST = "MALFORMED_REQUEST"
+    UNKNOWN_FIELD = "UNKNOWN_FIELD"  # a REST body field the method's message does not define
     ROUTE_NOT_FOUND = "ROUTE_NOT_FOUND"
     METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
     REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"

@@ -22,7 +22,7 @@ from devstack.envoy import envoy_in_front_of
 from devstack.processes import free_port
 from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from server.api.errors import ERROR_DOMAIN
-from tests.conftest import Tokens, insert_product
+from tests.conftest import Tokens, insert_product, table_snapshot
 from tests.e2e.edge import check_retry_later, parse_status
 from tests.e2e.statuses import details_of, status_of_rpc_error
 from tests.stack import Stack
@@ -47,8 +47,11 @@ class Bad:
     reason: str | None = None
     content: bytes | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
-    # a customer's token
+    # a customer's token, or an admin's
     authorized: bool = False
+    admin: bool = False
+    # the field a BadRequest violation and the ErrorInfo's metadata must name
+    field: str | None = None
 
 
 def _order(quantity: object = 1, **extra: object) -> bytes:
@@ -56,8 +59,18 @@ def _order(quantity: object = 1, **extra: object) -> bytes:
     return json.dumps({**body, **extra}).encode()
 
 
+def _json(**fields: object) -> bytes:
+    return json.dumps(fields).encode()
+
+
 MALFORMED = "MALFORMED_REQUEST"
 WRONG_METHOD = "METHOD_NOT_ALLOWED"
+UNKNOWN = "UNKNOWN_FIELD"
+# Placeholders the test replaces with a fresh product, and an order of it the caller placed:
+# a request that would succeed but for its unknown field (and would change the database).
+PRODUCT, ORDER = "{product}", "{order}"
+ITEM = {"productId": PRODUCT, "quantity": 1}
+PRICE = {"currencyCode": "USD", "units": "5"}
 
 CASES = [
     # JSON that does not parse, or is not the method's message
@@ -126,6 +139,43 @@ CASES = [
     # too large
     Bad("headers-too-large", "GET", "/v1/products", 431, code_pb2.INVALID_ARGUMENT,
         "HEADERS_TOO_LARGE", headers={"x-padding": "a" * 70_000}),
+    # fields a REST body's message does not define (the transcoder would drop them), named
+    # as the REST caller writes them; a body that does not parse is still MALFORMED_REQUEST
+    Bad("unknown-field", "POST", "/v1/orders", 400, code_pb2.INVALID_ARGUMENT, UNKNOWN,
+        _json(requestId="edge-unknown", items=[ITEM], customerId="somebody-else"),
+        authorized=True, field="customerId"),
+    Bad("unknown-field-in-items", "POST", "/v1/orders", 400, code_pb2.INVALID_ARGUMENT, UNKNOWN,
+        _json(requestId="edge-unknown", items=[{**ITEM, "quantityy": 5}]),
+        authorized=True, field="items[0].quantityy"),
+    Bad("unknown-field-in-product", "POST", "/v1/products", 400, code_pb2.INVALID_ARGUMENT,
+        UNKNOWN, _json(sku="EDGE-UNKNOWN-1", name="n", price=PRICE, pricee=PRICE, stock=1),
+        admin=True, field="product.pricee"),
+    Bad("unknown-field-in-price", "POST", "/v1/products", 400, code_pb2.INVALID_ARGUMENT,
+        UNKNOWN, _json(sku="EDGE-UNKNOWN-2", name="n", price={**PRICE, "currencyCod": "EUR"}),
+        admin=True, field="product.price.currencyCod"),
+    Bad("unknown-field-on-patch", "PATCH", f"/v1/products/{PRODUCT}?updateMask=name", 400,
+        code_pb2.INVALID_ARGUMENT, UNKNOWN, _json(name="renamed", nmae="renamed"), admin=True,
+        field="product.nmae"),
+    Bad("unknown-field-on-adjust-stock", "POST", f"/v1/products/{PRODUCT}:adjustStock", 400,
+        code_pb2.INVALID_ARGUMENT, UNKNOWN,
+        _json(requestId="edge-unknown", delta=1, reason="r", deltaa=1000), admin=True,
+        field="deltaa"),
+    Bad("unknown-field-on-cancel", "POST", f"/v1/orders/{ORDER}:cancel", 400,
+        code_pb2.INVALID_ARGUMENT, UNKNOWN, _json(requestId="edge-unknown", reason="no"),
+        authorized=True, field="reason"),
+    Bad("unknown-field-on-payment", "POST", f"/v1/orders/{ORDER}/payments", 400,
+        code_pb2.INVALID_ARGUMENT, UNKNOWN,
+        _json(requestId="edge-unknown", paymentMethod="pm_card_visa", amount=PRICE),
+        authorized=True, field="amount"),
+    Bad("unknown-field-on-refund", "POST", f"/v1/payments/{SOME_ID}:refund", 400,
+        code_pb2.INVALID_ARGUMENT, UNKNOWN,
+        _json(requestId="edge-unknown", reason="r", amount={**PRICE, "cents": 1}), admin=True,
+        field="amount.cents"),
+    Bad("unknown-field-escaped", "POST", "/v1/orders", 400, code_pb2.INVALID_ARGUMENT, UNKNOWN,
+        b'{"requestId": "edge-unknown", "items": [{"productId": "{product}", "quantity": 1}],'
+        b' "st\\u0061tus": "PAID"}', authorized=True, field="st\\u0061tus"),
+    Bad("unknown-field-in-malformed-json", "POST", "/v1/orders", 400, code_pb2.INVALID_ARGUMENT,
+        MALFORMED, _json(requestId="x", bogus=1) + b" x"),
     # refused by the server, transcoded by Envoy: fields named as the REST caller writes them
     Bad("server-invalid-argument", "GET", "/v1/products/not-a-uuid", 400,
         code_pb2.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
@@ -146,19 +196,81 @@ def check_edge_error(response: httpx.Response, bad: Bad) -> status_pb2.Status:
     if bad.reason is not None:
         [info] = details_of(status, error_details_pb2.ErrorInfo)
         assert (info.reason, info.domain) == (bad.reason, ERROR_DOMAIN), answer
+    if bad.field is not None:
+        assert info.metadata["field"] == bad.field, answer
+        [bad_request] = details_of(status, error_details_pb2.BadRequest)
+        assert [v.field for v in bad_request.field_violations] == [bad.field], answer
     assert UUID.fullmatch(response.headers.get("x-request-id", "")), response.headers
     return status
 
 
 @pytest.mark.parametrize("bad", CASES, ids=[bad.name for bad in CASES])
 async def test_every_error_is_a_json_status(
-    bad: Bad, rest: httpx.AsyncClient, tokens: Tokens
+    bad: Bad, stack: Stack, rest: httpx.AsyncClient, tokens: Tokens
 ) -> None:
+    """...and changes nothing, however valid the rest of the request."""
     headers = dict(bad.headers)
     if bad.authorized:
         headers["authorization"] = f"Bearer {tokens.customer(f'edge-{uuid.uuid4().hex[:8]}')}"
-    response = await rest.request(bad.method, bad.path, content=bad.content, headers=headers)
+    if bad.admin:
+        headers["authorization"] = f"Bearer {tokens.admin()}"
+    path, content = await _arranged(bad, stack, rest, headers)
+    before = table_snapshot(stack.database_url)
+
+    response = await rest.request(bad.method, path, content=content, headers=headers)
     check_edge_error(response, bad)
+    assert table_snapshot(stack.database_url) == before
+
+
+async def _arranged(
+    bad: Bad, stack: Stack, rest: httpx.AsyncClient, headers: Mapping[str, str]
+) -> tuple[str, bytes | None]:
+    """The request's path and body with a fresh product, or an order of one the caller
+    placed, in place of its placeholders."""
+    path, content = bad.path, bad.content
+    if PRODUCT in path or (content and PRODUCT.encode() in content):
+        product_id = insert_product(stack.database_url, stock=5)
+        path = path.replace(PRODUCT, product_id)
+        content = content and content.replace(PRODUCT.encode(), product_id.encode())
+    if ORDER in path:
+        item = {**ITEM, "productId": insert_product(stack.database_url, stock=5)}
+        order = {"requestId": str(uuid.uuid4()), "items": [item]}
+        placed = await rest.post("/v1/orders", json=order, headers=headers)
+        assert placed.status_code == 200, placed.text
+        path = path.replace(ORDER, placed.json()["order"]["id"])
+    return path, content
+
+
+async def test_known_fields_pass_by_json_and_proto_names(
+    stack: Stack, rest: httpx.AsyncClient, tokens: Tokens
+) -> None:
+    """What protobuf's JSON parser takes passes the unknown-field check: lowerCamelCase and
+    proto names, at any depth, and keys written with escapes."""
+    customer = {"authorization": f"Bearer {tokens.customer(f'edge-{uuid.uuid4().hex[:8]}')}"}
+    admin = {"authorization": f"Bearer {tokens.admin()}"}
+    product_id = insert_product(stack.database_url, stock=5)
+    for body in (
+        _json(requestId=str(uuid.uuid4()), items=[{"productId": product_id, "quantity": 1}]),
+        _json(request_id=str(uuid.uuid4()), items=[{"product_id": product_id, "quantity": 1}]),
+        b'{"r\\u0065questId": "%s", "items": [{"productId": "%s", "quantity": 1}]}'
+        % (uuid.uuid4().hex.encode(), product_id.encode()),
+    ):
+        placed = await rest.post("/v1/orders", content=body, headers=customer)
+        assert placed.status_code == 200, placed.text
+        assert placed.json()["order"]["items"][0]["quantity"] == 1
+
+    sku = f"EDGE-KNOWN-{uuid.uuid4().hex[:8]}"
+    product = {"sku": sku, "name": "n", "price": {"currency_code": "USD", "units": "5"}}
+    created = await rest.post("/v1/products", json={**product, "stock": 1}, headers=admin)
+    assert created.status_code == 200, created.text
+    patched = await rest.patch(
+        f"/v1/products/{created.json()['product']['id']}",
+        params={"updateMask": "name"},
+        json={"name": "renamed", "price": {"currencyCode": "USD", "units": "6", "nanos": 0}},
+        headers=admin,
+    )
+    assert patched.status_code == 200, patched.text
+    assert patched.json()["product"]["name"] == "renamed"
 
 
 def test_the_table_is_long_enough() -> None:

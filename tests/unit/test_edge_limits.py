@@ -1,5 +1,6 @@
 """envoy.yaml's limits as make run and the tests set them (EdgeLimits in devstack/envoy.py),
-and the details it gives gRPC callers it refuses."""
+the details it gives gRPC callers it refuses, and its check of REST bodies' fields (the Lua
+filter `make proto` generates)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,17 @@ import dataclasses
 import re
 
 import pytest
+from google.api import annotations_pb2
+from google.protobuf import descriptor_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from devstack.envoy import ENVOY_TEMPLATE, EdgeLimits
+from devstack.envoy import (
+    DESCRIPTOR,
+    ENVOY_TEMPLATE,
+    REST_CHECK,
+    EdgeLimits,
+    render_envoy_config,
+)
 from server.api.errors import ERROR_DOMAIN
 from server.domain.errors import ErrorReason
 
@@ -69,3 +78,75 @@ def test_every_reason_envoy_sends_is_catalogued() -> None:
     reasons = set(re.findall(r"reason: ([A-Z_]+)$", ENVOY_TEMPLATE.read_text(), re.MULTILINE))
     assert len(reasons) >= 9
     assert reasons <= {reason.value for reason in ErrorReason}
+
+
+def _lua_routes() -> list[tuple[str, re.Pattern[str], str, str, str]]:
+    """The generated filter's ROUTES: HTTP method, path pattern (as a Python regex), body
+    message, the body's path in the request, and the RPC."""
+    rows = re.findall(
+        r'^  \{ "(\w+)", "([^"]+)", "([^"]+)", "([^"]*)" \},  -- (\S+)$',
+        REST_CHECK.read_text(),
+        re.MULTILINE,
+    )
+    return [
+        (method, re.compile(re.sub(r"%(.)", lambda m: re.escape(m[1]), lua)), body, prefix, rpc)
+        for method, lua, body, prefix, rpc in rows
+    ]
+
+
+def test_the_rest_body_check_has_every_method_that_takes_a_message_as_json() -> None:
+    """Each google.api.http rule with a body, its path's variables filled in, matches exactly
+    one route of the generated Lua, the rule's own; the webhook's (a google.api.HttpBody,
+    not JSON of a message) none."""
+    routes = _lua_routes()
+    image = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR.read_bytes())
+    expected = []
+    for file in image.file:
+        for service in file.service:
+            for method in service.method:
+                rule = method.options.Extensions[annotations_pb2.http]
+                verb = rule.WhichOneof("pattern")
+                if verb is None or not rule.body:
+                    continue
+                path = re.sub(
+                    r"\{[^}]+\}", "00000000-0000-4000-8000-00000000abcd", getattr(rule, verb)
+                )
+                rpc = f"{service.name}.{method.name}"
+                matched = [
+                    (body, prefix, name)
+                    for m, pattern, body, prefix, name in routes
+                    if m == verb.upper() and pattern.fullmatch(path)
+                ]
+                if rpc == "PaymentService.HandleProviderWebhook":
+                    assert matched == []
+                    continue
+                request = method.input_type.removeprefix(".")
+                if rule.body == "*":
+                    assert matched == [(request, "", rpc)]
+                else:
+                    assert [(prefix, name) for _, prefix, name in matched] == [(rule.body, rpc)]
+                expected.append(rpc)
+    assert sorted(expected) == sorted(rpc for *_, rpc in routes)
+    assert len(expected) >= 7
+
+
+def test_envoy_loads_the_generated_check_and_renders_its_absolute_path() -> None:
+    template = ENVOY_TEMPLATE.read_text()
+    assert '{filename: "generated/rest_unknown_fields.lua"}' in template
+    rendered = render_envoy_config(
+        http_port=1, grpc_port=2, admin_port=3, provider_proxy_port=4, localstripe_port=5
+    )
+    assert REST_CHECK.is_absolute()
+    assert REST_CHECK.is_file()
+    assert f'{{filename: "{REST_CHECK}"}}' in rendered
+
+
+def test_the_unknown_field_reply_reads_what_the_lua_filter_sets() -> None:
+    """The filter names the field in dynamic metadata; envoy.yaml's local reply for it must
+    match and read the same namespace and key."""
+    lua = REST_CHECK.read_text()
+    [(namespace, key)] = re.findall(r'dynamicMetadata\(\):set\("([^"]+)", "([^"]+)"', lua)
+    template = ENVOY_TEMPLATE.read_text()
+    assert f"filter: {namespace}\n" in template
+    assert f"path: [{{key: {key}}}]" in template
+    assert template.count(f"%DYNAMIC_METADATA({namespace}:{key})%") == 3
