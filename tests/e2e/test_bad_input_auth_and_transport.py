@@ -192,27 +192,28 @@ async def method_not_allowed(env: Env) -> tuple[Call, Expect]:
 test_bad_input_is_refused_precisely_and_changes_nothing = CASES.test()
 
 
-async def test_unknown_json_fields_are_ignored_and_cannot_change_the_customer(
+async def test_unknown_json_fields_are_refused_and_cannot_change_the_customer(
     stack: Stack, rest: httpx.AsyncClient, tokens: Tokens
 ) -> None:
-    """Envoy's transcoder drops JSON fields the request message does not define (it has no
-    option to refuse them, unlike query parameters), exactly as protobuf ignores unknown
-    fields on gRPC. What matters is that nothing a body says can override the caller: the
-    customer is always the token's subject."""
+    """A REST body naming fields its message does not define is refused at the edge (Envoy's
+    Lua filter, ahead of the transcoder, which would drop them): UNKNOWN_FIELD, nothing
+    placed. Without them the customer is the token's subject, whatever the body says."""
     product_id = insert_product(stack.database_url, stock=5)
     subject = f"honest-{uuid.uuid4().hex[:8]}"
-    response = await rest.post(
+    order = {"requestId": str(uuid.uuid4()), "items": [{"productId": product_id, "quantity": 1}]}
+    headers = {"authorization": f"Bearer {tokens.customer(subject)}"}
+    refused = await rest.post(
         "/v1/orders",
-        json={
-            "requestId": str(uuid.uuid4()),
-            "items": [{"productId": product_id, "quantity": 1}],
-            "customerId": "somebody-else",
-            "status": "ORDER_STATUS_PAID",
-        },
-        headers={"authorization": f"Bearer {tokens.customer(subject)}"},
+        json={**order, "customerId": "somebody-else", "status": "ORDER_STATUS_PAID"},
+        headers=headers,
     )
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["details"][0]["reason"] == "UNKNOWN_FIELD"
+    assert stock_of(stack.database_url, product_id) == 5
+
+    response = await rest.post("/v1/orders", json=order, headers=headers)
     assert response.status_code == 200, response.text
-    order = response.json()["order"]
-    assert order["customerId"] == subject
-    assert order["status"] == "ORDER_STATUS_PENDING_PAYMENT"
+    placed = response.json()["order"]
+    assert placed["customerId"] == subject
+    assert placed["status"] == "ORDER_STATUS_PENDING_PAYMENT"
     assert stock_of(stack.database_url, product_id) == 4
