@@ -49,6 +49,9 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             description=given.description,
             price=convert.price_input(given),
             stock=given.stock,
+            inventory_source=convert.inventory_source(
+                "product.inventory_source", given.inventory_source
+            ),
         )
         product = await self._catalog.create_product(draft)
         return catalog_pb2.CreateProductResponse(product=convert.product(product))
@@ -65,6 +68,9 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             name=given.name,
             description=given.description,
             price=convert.price_input(given),
+            inventory_source=convert.inventory_source(
+                "product.inventory_source", given.inventory_source
+            ),
         )
         product = await self._catalog.update_product(product_id, changes)
         return catalog_pb2.UpdateProductResponse(product=convert.product(product))
@@ -82,6 +88,8 @@ def _populated_fields(product: catalog_pb2.Product) -> list[str]:
     fields = [name for name in ("sku", "name", "description") if getattr(product, name)]
     if product.HasField("price"):
         fields.append("price")
+    if product.inventory_source:
+        fields.append("inventory_source")
     if product.stock:
         fields.append("stock")  # refused by the domain with a pointer to AdjustStock
     return fields

@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from server.domain.errors import ErrorReason, FailedPrecondition, PreconditionViolation
 from server.domain.orders import OrderEvent, OrderStatus, next_status
 
 
@@ -45,6 +46,22 @@ MAX_SHIPMENT_ID = 100
 MAX_ON_HAND = 1_000_000_000_000
 MAX_VERSION = 2**62
 MAX_SHIPMENT_LINES = 100
+
+
+def stock_managed_by_warehouse(product_id: str) -> FailedPrecondition:
+    """AdjustStock on a product whose stock the warehouse counts."""
+    return FailedPrecondition(
+        f"product {product_id}'s stock is counted by the warehouse; AdjustStock cannot move it",
+        reason=ErrorReason.STOCK_MANAGED_BY_WAREHOUSE,
+        metadata={"productId": product_id},
+        violations=[
+            PreconditionViolation(
+                ErrorReason.STOCK_MANAGED_BY_WAREHOUSE,
+                f"products/{product_id}",
+                "inventory_source is INVENTORY_SOURCE_WAREHOUSE",
+            )
+        ],
+    )
 
 
 class WarehouseMessageRefused(Exception):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.events.consumers import ConsumerSpec, Inbox
+from server.events.warehouse import shipments_consumer, stock_levels_consumer
 from server.notifications.consumer import notification_consumer
 from server.observability import Metrics
 from server.services.product_cache import ProductsChanged, no_cache
@@ -56,4 +57,6 @@ def consumer_specs(context: ConsumerContext) -> list[ConsumerSpec]:
     # Order emails; none without SMTP_URL (docs/architecture.md, Notifications).
     if (notifications := notification_consumer(context)) is not None:
         specs.append(notifications)
+    # The warehouse's stock levels and shipments (docs/architecture.md, The warehouse).
+    specs += [stock_levels_consumer(context), shipments_consumer(context)]
     return specs

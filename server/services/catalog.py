@@ -29,11 +29,13 @@ from server.domain.errors import (
     PreconditionViolation,
     check_replay,
 )
+from server.domain.inventory import InventorySource, stock_managed_by_warehouse
 from server.domain.pagination import decode_page_token, encode_page_token, invalid_page_token
 from server.events.builders import PRODUCT_CREATED_SEQUENCE, StockChangeCause, stock_changed
 from server.events.outbox import Outbox
 from server.services.product_cache import ProductsChanged, no_cache
 from server.services.rows import PRODUCT_COLUMNS, product_from_row
+from server.services.warehouse import recount_warehouse_stock
 
 _LIST_PRODUCTS = text(
     f"SELECT {PRODUCT_COLUMNS} FROM products WHERE sku > :after ORDER BY sku LIMIT :limit"
@@ -46,9 +48,9 @@ _GET_PRODUCTS_SQL = psycopg_sql(
 _INSERT_PRODUCT = text(
     f"""
     INSERT INTO products (id, sku, name, description, price_currency, price_amount, stock,
-                          create_time, update_time, event_sequence)
-    VALUES (:id, :sku, :name, :description, :currency, :amount, :stock, now(), now(),
-            :event_sequence)
+                          inventory_source, create_time, update_time, event_sequence)
+    VALUES (:id, :sku, :name, :description, :currency, :amount, :stock, :inventory_source,
+            now(), now(), :event_sequence)
     RETURNING {PRODUCT_COLUMNS}
     """
 )
@@ -56,7 +58,8 @@ _UPDATE_PRODUCT = text(
     f"""
     UPDATE products
        SET sku = :sku, name = :name, description = :description,
-           price_currency = :currency, price_amount = :amount, update_time = now()
+           price_currency = :currency, price_amount = :amount,
+           inventory_source = :inventory_source, update_time = now()
      WHERE id = :id
     RETURNING {PRODUCT_COLUMNS}
     """
@@ -82,7 +85,7 @@ _APPLY_ADJUSTMENT = text(
     f"""
     UPDATE products SET stock = stock + :delta, update_time = now(),
                         event_sequence = event_sequence + 1
-     WHERE id = :id AND stock + :delta >= 0
+     WHERE id = :id AND stock + :delta >= 0 AND inventory_source = 'MANAGED_HERE'
     RETURNING {PRODUCT_COLUMNS}, event_sequence
     """
 )
@@ -145,6 +148,7 @@ class Catalog:
             "currency": draft.price.currency,
             "amount": draft.price.amount,
             "stock": draft.stock,
+            "inventory_source": draft.inventory_source.value,
             "event_sequence": PRODUCT_CREATED_SEQUENCE,
         }
         try:
@@ -180,7 +184,8 @@ class Catalog:
         row = (await conn.execute(_LOCK_PRODUCT, {"id": uuid.UUID(product_id)})).first()
         if row is None:
             raise NotFound("product", product_id)
-        updated = changes.apply_to(product_from_row(row))
+        current = product_from_row(row)
+        updated = changes.apply_to(current)
         params: dict[str, Any] = {
             "id": uuid.UUID(product_id),
             "sku": updated.sku,
@@ -188,8 +193,24 @@ class Catalog:
             "description": updated.description,
             "currency": updated.price.currency,
             "amount": updated.price.amount,
+            "inventory_source": updated.inventory_source.value,
         }
-        return product_from_row((await conn.execute(_UPDATE_PRODUCT, params)).one())
+        saved = product_from_row((await conn.execute(_UPDATE_PRODUCT, params)).one())
+        if (
+            saved.inventory_source is InventorySource.WAREHOUSE
+            and current.inventory_source is not InventorySource.WAREHOUSE
+        ):
+            # From now on the warehouse's levels decide its stock (back to MANAGED_HERE,
+            # the stock stays what it was, for AdjustStock to move).
+            changes_made = await recount_warehouse_stock(conn, [uuid.UUID(product_id)])
+            await self._outbox.append(
+                conn, [change.event(StockChangeCause.WAREHOUSE_LEVEL) for change in changes_made]
+            )
+            if changes_made:
+                saved = product_from_row(
+                    (await conn.execute(_GET_PRODUCT, {"id": uuid.UUID(product_id)})).one()
+                )
+        return saved
 
     async def adjust_stock(self, actor: str, adjustment: StockAdjustment) -> Product:
         adjusted = await in_transaction(
@@ -233,6 +254,8 @@ class Catalog:
         ).first()
         if applied is None:
             current = product_from_row((await conn.execute(_GET_PRODUCT, {"id": product_id})).one())
+            if current.inventory_source is InventorySource.WAREHOUSE:
+                raise stock_managed_by_warehouse(adjustment.product_id)
             raise FailedPrecondition(
                 f"removing {-adjustment.delta} units would take stock below zero",
                 reason=ErrorReason.INSUFFICIENT_STOCK,

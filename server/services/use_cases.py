@@ -23,6 +23,7 @@ from server.services.payments.settlement import Settlement
 from server.services.payments.webhooks import ProviderEvents
 from server.services.product_cache import ProductsChanged, no_cache
 from server.services.upkeep import Upkeep
+from server.services.warehouse import WarehouseFeed
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class UseCases:
     payment_reads: PaymentReads
     provider_events: ProviderEvents
     upkeep: Upkeep
+    warehouse: WarehouseFeed
 
 
 def wire_use_cases(
@@ -106,4 +108,5 @@ def wire_use_cases(
             lease_seconds=lease_seconds,
             outbox=outbox,
         ),
+        warehouse=WarehouseFeed(outbox),
     )
