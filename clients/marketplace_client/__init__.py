@@ -13,6 +13,7 @@ from marketplace_client.errors import (
     PermissionDeniedError,
     PreconditionViolation,
     RequestIdReusedError,
+    StockManagedByWarehouseError,
     UnauthenticatedError,
     UnavailableError,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "PreconditionViolation",
     "RequestIdReusedError",
     "RetryPolicy",
+    "StockManagedByWarehouseError",
     "TokenSource",
     "UnauthenticatedError",
     "UnavailableError",

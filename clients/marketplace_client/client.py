@@ -129,14 +129,20 @@ class MarketplaceClient:
         currency: str,
         description: str = "",
         stock: int = 0,
+        inventory_source: catalog_pb2.InventorySource.ValueType = (
+            catalog_pb2.INVENTORY_SOURCE_MANAGED_HERE
+        ),
     ) -> catalog_pb2.Product:
-        """Creates a product (admin only); a taken SKU raises AlreadyExistsError."""
+        """Creates a product (admin only); a taken SKU raises AlreadyExistsError. With
+        ``inventory_source=INVENTORY_SOURCE_WAREHOUSE`` the warehouse counts its stock
+        (``stock`` must then be 0)."""
         product = catalog_pb2.Product(
             sku=sku,
             name=name,
             description=description,
             price=to_money(price, currency),
             stock=stock,
+            inventory_source=inventory_source,
         )
         request = catalog_pb2.CreateProductRequest(product=product)
         return (await self._call(self._catalog.CreateProduct, request)).product
@@ -150,8 +156,11 @@ class MarketplaceClient:
         description: str | None = None,
         price: Decimal | str | None = None,
         currency: str | None = None,
+        inventory_source: catalog_pb2.InventorySource.ValueType | None = None,
     ) -> catalog_pb2.Product:
-        """Changes only the given fields (admin only); `price` and `currency` go together."""
+        """Changes only the given fields (admin only); `price` and `currency` go together.
+        Moving a product to INVENTORY_SOURCE_WAREHOUSE sets its stock from the warehouse's
+        levels at once; back to INVENTORY_SOURCE_MANAGED_HERE keeps it for adjust_stock."""
         if (price is None) != (currency is None):
             raise ValueError("price and currency must be given together")
         product = catalog_pb2.Product(id=product_id)
@@ -168,6 +177,9 @@ class MarketplaceClient:
         if price is not None and currency is not None:
             product.price.CopyFrom(to_money(price, currency))
             paths.append("price")
+        if inventory_source is not None:
+            product.inventory_source = inventory_source
+            paths.append("inventory_source")
         if not paths:
             # An empty mask means "every populated field" (AIP-134), which here is none.
             raise ValueError("give at least one field to update")
@@ -179,7 +191,8 @@ class MarketplaceClient:
     async def adjust_stock(
         self, product_id: str, delta: int, reason: str, request_id: str | None = None
     ) -> catalog_pb2.Product:
-        """Adds `delta` units (negative removes; admin only). Idempotent by `request_id`."""
+        """Adds `delta` units (negative removes; admin only). Idempotent by `request_id`.
+        A warehouse-managed product raises StockManagedByWarehouseError."""
         request = catalog_pb2.AdjustStockRequest(
             id=product_id, delta=delta, reason=reason, request_id=request_id or _new_request_id()
         )

@@ -78,6 +78,11 @@ class RequestIdReusedError(FailedPreconditionError):
     """The request_id was already used for a different request."""
 
 
+class StockManagedByWarehouseError(FailedPreconditionError):
+    """adjust_stock on a product whose stock the warehouse counts (inventory_source
+    INVENTORY_SOURCE_WAREHOUSE): its levels, not this call, move it."""
+
+
 class UnauthenticatedError(MarketplaceError):
     """The token is missing, expired or invalid."""
 
@@ -107,6 +112,7 @@ _BY_CODE: dict[grpc.StatusCode, type[MarketplaceError]] = {
 _BY_REASON: dict[str, type[MarketplaceError]] = {
     "OUT_OF_STOCK": OutOfStockError,
     "REQUEST_ID_REUSED": RequestIdReusedError,
+    "STOCK_MANAGED_BY_WAREHOUSE": StockManagedByWarehouseError,
 }
 
 

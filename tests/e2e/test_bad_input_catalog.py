@@ -7,6 +7,7 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
+import psycopg
 import pytest
 from google.rpc import code_pb2
 from google.type import money_pb2
@@ -279,6 +280,44 @@ async def adjust_request_id_reused(env: Env) -> tuple[Call, Expect]:
     await env.catalog.AdjustStock(first, metadata=bearer(admin))
     call = adjust_stock(admin, product_id, 2, request_id)
     return call, precondition("REQUEST_ID_REUSED", requestId=request_id)
+
+
+# Warehouse-managed products: the warehouse counts their stock.
+
+
+def _warehouse_product(env: Env) -> str:
+    product_id = env.product(stock=0)
+    with psycopg.connect(env.database_url) as conn:
+        conn.execute(
+            "UPDATE products SET inventory_source = 'WAREHOUSE' WHERE id = %s", (product_id,)
+        )
+    return product_id
+
+
+@CASES.case("adjust-stock-of-a-warehouse-product")
+async def adjust_warehouse_product(env: Env) -> tuple[Call, Expect]:
+    product_id = _warehouse_product(env)
+    call = adjust_stock(env.tokens.admin(), product_id, 5)
+    return call, precondition("STOCK_MANAGED_BY_WAREHOUSE", productId=product_id)
+
+
+@CASES.case("warehouse-product-created-with-stock")
+async def warehouse_product_with_stock(env: Env) -> tuple[Call, Expect]:
+    product = new_product(stock=5, inventory_source=catalog_pb2.INVENTORY_SOURCE_WAREHOUSE)
+    return create_product(env.tokens.admin(), product), invalid("product.stock")
+
+
+@CASES.case("unknown-inventory-source")
+async def unknown_inventory_source(env: Env) -> tuple[Call, Expect]:
+    product = new_product(inventory_source=7)
+    return create_product(env.tokens.admin(), product), invalid("product.inventory_source")
+
+
+@CASES.case("update-mask-inventory-source-unset")
+async def update_inventory_source_unset(env: Env) -> tuple[Call, Expect]:
+    product = catalog_pb2.Product(id=env.product())
+    call = update_product(env.tokens.admin(), product, ["inventory_source"])
+    return call, invalid("product.inventory_source")
 
 
 test_bad_input_is_refused_precisely_and_changes_nothing = CASES.test()

@@ -28,6 +28,7 @@ from marketplace_client import (
     OutOfStockError,
     PermissionDeniedError,
     RetryPolicy,
+    StockManagedByWarehouseError,
     UnauthenticatedError,
     UnavailableError,
     to_decimal,
@@ -169,6 +170,30 @@ async def test_stock_below_zero_is_a_failed_precondition_not_out_of_stock(
     assert raised.value.reason == "INSUFFICIENT_STOCK"
     assert raised.value.metadata == {"productId": product_id, "requested": "3", "available": "2"}
     assert len(raised.value.precondition_violations) == 1
+
+
+async def test_a_warehouse_managed_product_through_the_client(
+    channel: grpc.aio.Channel, tokens: Tokens
+) -> None:
+    client = MarketplaceClient(channel, token=tokens.admin())
+    created = await client.create_product(
+        sku=f"WH-{uuid.uuid4().hex[:12]}",
+        name="Counted by the warehouse",
+        price="4",
+        currency="USD",
+        inventory_source=catalog_pb2.INVENTORY_SOURCE_WAREHOUSE,
+    )
+    assert created.inventory_source == catalog_pb2.INVENTORY_SOURCE_WAREHOUSE
+    fetched = await client.get_product(created.id)
+    assert fetched.inventory_source == catalog_pb2.INVENTORY_SOURCE_WAREHOUSE
+    with pytest.raises(StockManagedByWarehouseError) as raised:
+        await client.adjust_stock(created.id, 5, "delivery")
+    assert raised.value.metadata == {"productId": created.id}
+    moved = await client.update_product(
+        created.id, inventory_source=catalog_pb2.INVENTORY_SOURCE_MANAGED_HERE
+    )
+    assert moved.inventory_source == catalog_pb2.INVENTORY_SOURCE_MANAGED_HERE
+    assert (await client.adjust_stock(created.id, 5, "delivery")).stock == 5
 
 
 async def test_auth_failures_are_typed(channel: grpc.aio.Channel, tokens: Tokens) -> None:
