@@ -219,6 +219,47 @@ def test_missing_roles_claim_grants_no_role(verifier: TokenVerifier) -> None:
     assert verifier.verify("Bearer " + hs256(payload)).roles == frozenset()
 
 
+def test_email_claim_that_looks_like_an_address_is_the_principals(
+    verifier: TokenVerifier,
+) -> None:
+    principal = verifier.verify("Bearer " + hs256(claims(email="Alice.B+shop@mail.example.org")))
+    assert principal.email == "Alice.B+shop@mail.example.org"
+    assert principal.customer.email == principal.email
+    assert principal.customer.id == "alice"
+
+
+@pytest.mark.parametrize(
+    "email",
+    [
+        "alice",
+        "alice@localhost",
+        "two@@example.com",
+        "a b@example.com",
+        "<alice@example.com>",
+        "alice@example.com\nBcc: eve@example.com",
+        "x" * 250 + "@example.com",
+        "élise@example.com",
+        7,
+        ["alice@example.com"],
+        {"address": "alice@example.com"},
+        "",
+    ],
+)
+def test_an_email_claim_that_is_not_an_address_is_ignored(
+    verifier: TokenVerifier, email: object
+) -> None:
+    principal = verifier.verify("Bearer " + hs256(claims(email=email)))
+    assert principal == Principal("alice", frozenset({Role.CUSTOMER}))
+    assert principal.email is None
+
+
+def test_development_token_carries_the_email_it_is_given(verifier: TokenVerifier) -> None:
+    token = issue_development_token(
+        SECRET, "bob", ["customer"], lifetime_seconds=60, email="bob@example.com"
+    )
+    assert verifier.verify(f"Bearer {token}").email == "bob@example.com"
+
+
 @pytest.mark.parametrize("roles", [{"admin": True}, 1, True])
 def test_roles_of_another_type_are_refused(verifier: TokenVerifier, roles: object) -> None:
     error = verify_fails(verifier, "Bearer " + hs256(claims(roles=roles)))
