@@ -311,3 +311,38 @@ def test_the_consumer_is_registered_only_with_an_smtp_url(
         f"marketplace.order.{event}"
         for event in ("cancelled", "created", "expired", "paid", "refunded", "shipped")
     ]
+
+
+async def test_a_shipment_lists_what_the_parcel_holds_by_name(
+    use_cases: UseCases, database_url: str, notifier: Notifier, mail_dir: Path
+) -> None:
+    order_id = await place(use_cases, database_url, email="alice@example.com")
+    mug_sku = sku_of(database_url, order_id, 1)
+    event_id = str(uuid.uuid4())
+    # As the warehouse consumer writes it (the order need not be paid for the email).
+    shipped = events_pb2.OrderShipped(
+        metadata=events_pb2.EventMetadata(
+            event_id=event_id, event_type="order.shipped", aggregate_id=order_id, sequence=2
+        ),
+        order_id=order_id,
+        shipment_id="SHP-1",
+        lines=[events_pb2.ShippedLine(sku=mug_sku, quantity=2)],
+    )
+    delivery = Delivery(
+        subject="marketplace.order.shipped",
+        headers={
+            EVENT_TYPE_HEADER: events_pb2.OrderShipped.DESCRIPTOR.full_name,
+            EVENT_ID_HEADER: event_id,
+        },
+        data=shipped.SerializeToString(),
+        attempt=1,
+        message_id=event_id,
+    )
+
+    await notifier.handle(delivery)
+
+    kept = only_message(mail_dir)
+    assert kept.subject == f"Your order {order_id[:8]} is on its way"
+    assert "(shipment SHP-1)" in kept.text()
+    assert f"  2 x Blue mug ({mug_sku})\n" in kept.text()
+    assert "Green tea" not in kept.text()
