@@ -106,7 +106,7 @@ class NotificationMetrics:
 
 
 @dataclass(frozen=True)
-class _OrderFacts:
+class OrderFacts:
     """What the emails show of an order, as the database has it now."""
 
     customer_email: str | None
@@ -136,13 +136,13 @@ _LINES = text(
 )
 
 
-async def _load_order(conn: AsyncConnection, order_id: uuid.UUID) -> _OrderFacts | None:
+async def _load_order(conn: AsyncConnection, order_id: uuid.UUID) -> OrderFacts | None:
     row = (await conn.execute(_ORDER, {"order_id": order_id})).first()
     if row is None:
         return None
     lines = (await conn.execute(_LINES, {"order_id": order_id})).all()
     refunded: Decimal = row.refunded
-    return _OrderFacts(
+    return OrderFacts(
         customer_email=row.customer_email,
         lines=tuple(
             EmailLine(line.sku, line.name, line.quantity, Money(line.currency, line.unit_price))
@@ -154,7 +154,7 @@ async def _load_order(conn: AsyncConnection, order_id: uuid.UUID) -> _OrderFacts
     )
 
 
-def order_email(kind: EmailKind, order_id: str, facts: _OrderFacts, event: Message) -> OrderEmail:
+def order_email(kind: EmailKind, order_id: str, facts: OrderFacts, event: Message) -> OrderEmail:
     """The email `event` sends, from what the order is now and what the event carries."""
     shipment_id: str | None = None
     shipped: tuple[ShippedLine, ...] = ()
@@ -165,13 +165,19 @@ def order_email(kind: EmailKind, order_id: str, facts: _OrderFacts, event: Messa
             ShippedLine(line.sku, names.get(line.sku, line.sku), line.quantity)
             for line in event.lines
         )
+    refunded = facts.refunded if kind in (EmailKind.REFUND, EmailKind.CANCELLATION) else None
+    if isinstance(event, events_pb2.OrderRefunded) and refunded is None:
+        # The payments' refunded total is the figure; the event carries the same one,
+        # which stands in should no payment row show it.
+        amount = event.amount_refunded
+        refunded = Money.from_units_nanos(amount.currency_code, amount.units, amount.nanos)
     return OrderEmail(
         kind=kind,
         order_id=order_id,
         lines=facts.lines,
         total=facts.total,
         pay_before=facts.expire_time if kind is EmailKind.ORDER_CONFIRMATION else None,
-        refunded=facts.refunded if kind in (EmailKind.REFUND, EmailKind.CANCELLATION) else None,
+        refunded=refunded,
         shipment_id=shipment_id,
         shipped=shipped,
     )

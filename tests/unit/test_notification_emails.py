@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from marketplace.events.v1 import events_pb2
 from server.domain.money import Money
+from server.notifications.consumer import OrderFacts, order_email
 from server.notifications.emails import (
     EmailKind,
     EmailLine,
@@ -269,3 +271,52 @@ def test_a_bad_smtp_url_stops_the_server_without_showing_its_password() -> None:
 def test_mail_from_must_be_an_address() -> None:
     with pytest.raises(ValidationError, match="MAIL_FROM"):
         settings(SMTP_URL="smtp://127.0.0.1:1025", MAIL_FROM="Marketplace")
+
+
+def facts(refunded: Money | None = None) -> OrderFacts:
+    email = an_email()
+    return OrderFacts(
+        customer_email="alice@example.com",
+        lines=email.lines,
+        total=email.total,
+        expire_time=datetime(2026, 12, 5, 14, 30, tzinfo=UTC),
+        refunded=refunded,
+    )
+
+
+def test_what_each_event_adds_to_the_order() -> None:
+    metadata = events_pb2.EventMetadata(event_id=str(uuid.uuid4()), aggregate_id=ORDER_ID)
+    created = order_email(
+        EmailKind.ORDER_CONFIRMATION, ORDER_ID, facts(), events_pb2.OrderCreated()
+    )
+    assert created.pay_before == datetime(2026, 12, 5, 14, 30, tzinfo=UTC)
+    assert created.refunded is None
+
+    paid_then_cancelled = order_email(
+        EmailKind.CANCELLATION, ORDER_ID, facts(usd("1259")), events_pb2.OrderCancelled()
+    )
+    assert paid_then_cancelled.refunded == usd("1259")
+    assert paid_then_cancelled.pay_before is None
+
+    refunded_event = events_pb2.OrderRefunded(metadata=metadata)
+    refunded_event.amount_refunded.currency_code = "USD"
+    refunded_event.amount_refunded.units = 300
+    from_payments = order_email(EmailKind.REFUND, ORDER_ID, facts(usd("1259")), refunded_event)
+    assert from_payments.refunded == usd("1259")
+    assert order_email(EmailKind.REFUND, ORDER_ID, facts(), refunded_event).refunded == usd("300")
+
+    shipped = events_pb2.OrderShipped(
+        metadata=metadata,
+        shipment_id="SHP-9",
+        lines=[
+            events_pb2.ShippedLine(sku="TEA-7", quantity=1),
+            events_pb2.ShippedLine(sku="GONE-1", quantity=4),
+        ],
+    )
+    shipment = order_email(EmailKind.SHIPMENT, ORDER_ID, facts(), shipped)
+    assert shipment.shipment_id == "SHP-9"
+    # By the order's product name; a SKU the order does not show stands for itself.
+    assert shipment.shipped == (
+        ShippedLine("TEA-7", "Green tea", 1),
+        ShippedLine("GONE-1", "GONE-1", 4),
+    )
