@@ -26,6 +26,7 @@ from devstack.localstripe import (
     wait_for_localstripe,
 )
 from devstack.mail import MAIL_DIR, start_mail_sink, wait_for_mail_sink
+from devstack.nats import nats_url, start_nats, wait_for_nats
 from devstack.postgres import database, seed_demo_catalog
 from devstack.processes import port_holder, port_is_taken, stop_process
 from devstack.server import ensure_jwt_secret, start_server, wait_for_grpc
@@ -50,6 +51,7 @@ STACK_PORTS = {
     "LOCALSTRIPE_PORT": (8420, "localstripe"),
     "PROVIDER_PROXY_PORT": (8421, "Envoy's listener in front of localstripe"),
     "SMTP_PORT": (1025, "the SMTP sink keeping the server's emails (make mail)"),
+    "NATS_PORT": (4222, "nats-server with JetStream (make events)"),
 }
 
 
@@ -163,10 +165,13 @@ def run(*, tls: bool = False) -> int:
             raise
         with (DATA_DIR / "mail.log").open("ab") as mail_log:
             mail_sink = start_mail_sink(ports["SMTP_PORT"], MAIL_DIR, log=mail_log)
+        with (DATA_DIR / "nats.log").open("ab") as nats_log:
+            nats = start_nats(ports["NATS_PORT"], DATA_DIR / "nats", log=nats_log)
         server = start_server(
             {
                 "DATABASE_URL": database_url,
                 "SMTP_URL": f"smtp://127.0.0.1:{ports['SMTP_PORT']}",
+                "NATS_URL": nats_url(ports["NATS_PORT"]),
                 "MARKETPLACE_JWT_SECRET": secret,
                 "GRPC_PORT": str(grpc_port),
                 # Set here, not left to the settings' default, so the banner names the real port.
@@ -190,6 +195,7 @@ def run(*, tls: bool = False) -> int:
             wait_for_grpc(grpc_port, server, credentials=credentials)
             wait_for_envoy(admin_port, envoy)
             wait_for_mail_sink(ports["SMTP_PORT"], mail_sink)
+            wait_for_nats(ports["NATS_PORT"], nats)
             customer = issue_development_token(
                 secret,
                 "demo-customer",
@@ -221,12 +227,14 @@ def run(*, tls: bool = False) -> int:
                 f"  a card: make card CARD={SUCCESS_CARD}\n"
                 f"  mail   smtp://127.0.0.1:{ports['SMTP_PORT']} keeps every email in"
                 f" {_shown(MAIL_DIR)}/   make mail lists them, make mail N=1 prints the latest\n"
+                f"  NATS   {nats_url(ports['NATS_PORT'])}, JetStream in"
+                f" {_shown(DATA_DIR / 'nats')}/   make events tails the events\n"
                 f"\n  export CUSTOMER_TOKEN={customer}\n"
                 f"  export ADMIN_TOKEN={admin}\n"
                 f"\nCtrl-C stops everything.\n",
                 flush=True,
             )
-            while all(p.poll() is None for p in (server, envoy, localstripe, mail_sink)):
+            while all(p.poll() is None for p in (server, envoy, localstripe, mail_sink, nats)):
                 time.sleep(0.5)
             print("a component exited; stopping", file=sys.stderr)
             return 1
@@ -238,6 +246,7 @@ def run(*, tls: bool = False) -> int:
             stop_process(server)
             stop_process(localstripe)
             stop_process(mail_sink)
+            stop_process(nats)
 
 
 def development_email(subject: str) -> str:

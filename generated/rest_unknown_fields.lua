@@ -5,6 +5,7 @@
 -- message, and where the body is in the request message (field paths start there).
 local ROUTES = {
   { "PATCH", "^/v1/products/[^/:]+$", "marketplace.catalog.v1.Product", "product" },  -- CatalogService.UpdateProduct
+  { "POST", "^/v1/deadLetters/[^/:]+%:replay$", "marketplace.events.v1.ReplayDeadLetterRequest", "" },  -- DeadLetterService.ReplayDeadLetter
   { "POST", "^/v1/orders$", "marketplace.order.v1.CreateOrderRequest", "" },  -- OrderService.CreateOrder
   { "POST", "^/v1/orders/[^/:]+%:cancel$", "marketplace.order.v1.CancelOrderRequest", "" },  -- OrderService.CancelOrder
   { "POST", "^/v1/orders/[^/:]+/payments$", "marketplace.payment.v1.CreatePaymentRequest", "" },  -- PaymentService.CreatePayment
@@ -37,6 +38,10 @@ local MESSAGES = {
     ["createTime"] = false, ["create_time"] = false,
     ["updateTime"] = false, ["update_time"] = false,
     ["inventorySource"] = false, ["inventory_source"] = false,
+  },
+  ["marketplace.events.v1.ReplayDeadLetterRequest"] = {
+    ["id"] = false,
+    ["requestId"] = false, ["request_id"] = false,
   },
   ["marketplace.order.v1.CancelOrderRequest"] = {
     ["id"] = false,

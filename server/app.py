@@ -19,12 +19,14 @@ from prometheus_client import start_http_server
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from marketplace.catalog.v1 import catalog_pb2_grpc
+from marketplace.events.v1 import dead_letter_service_pb2_grpc
 from marketplace.order.v1 import order_pb2_grpc
 from marketplace.payment.v1 import payment_pb2_grpc
 from server.adapters.stripe_provider import StripeProvider
 from server.adapters.stripe_webhooks import StripeWebhooks
 from server.api.auth import TokenVerifier
 from server.api.catalog import CatalogServicer
+from server.api.dead_letters import DeadLetterServicer
 from server.api.health import DatabaseHealth
 from server.api.interceptor import InFlightBudget, RequestContextInterceptor
 from server.api.orders import OrderServicer
@@ -32,6 +34,7 @@ from server.api.payments import PaymentServicer
 from server.api.policy import (
     ACCESS_POLICIES,
     CATALOG_SERVICE,
+    DEAD_LETTER_SERVICE,
     HEALTH_SERVICE,
     ORDER_SERVICE,
     PAYMENT_SERVICE,
@@ -42,6 +45,11 @@ from server.domain.catalog import Product
 from server.domain.errors import ErrorReason
 from server.domain.identity import Customer
 from server.domain.orders import Order, OrderRequest
+from server.events.consumers import ConsumerMetrics, Consumers, ConsumerSettings, Inbox
+from server.events.dead_letters import DeadLetters
+from server.events.nats import NatsConnection
+from server.events.registry import ConsumerContext, consumer_specs
+from server.events.relay import OutboxMetrics, Relay, RelaySettings
 from server.observability import Metrics, configure_logging
 from server.services.batching import GroupCommitter
 from server.services.catalog import Catalog
@@ -134,6 +142,23 @@ async def _start(
         server, use_cases.catalog, product_cache, settings, metrics
     )
     order_committer = _add_order_and_payment_services(server, use_cases, settings, metrics)
+    # NATS is connected in the background: the server serves without it (server/events/).
+    nats_connection = NatsConnection(settings.nats_url)
+    consumers = _consumers(
+        nats_connection,
+        ConsumerContext(
+            settings=settings,
+            engine=engine,
+            inbox=Inbox(engine),
+            use_cases=use_cases,
+            metrics=metrics,
+            products_changed=product_cache.forget,
+        ),
+        settings,
+    )
+    dead_letter_service_pb2_grpc.add_DeadLetterServiceServicer_to_server(
+        DeadLetterServicer(DeadLetters(nats_connection, engine, consumers.specs)), server
+    )
     _add_health_service(server, health_servicer)
     port = _listen(server, settings)
 
@@ -151,7 +176,7 @@ async def _start(
         _run_in_background(
             running,
             follow_product_changes(
-                _product_changes_connection(settings),
+                _dedicated_connection(settings),
                 product_cache,
                 warm_from=use_cases.catalog.list_products,
                 queue_usage=metrics.notification_queue_usage.set,
@@ -164,6 +189,10 @@ async def _start(
         running, use_cases.upkeep.run_forever(settings.background_interval_seconds), name="upkeep"
     )
     _run_in_background(running, database_health.run(), name="database-health")
+    # Stopped in the reverse order: the consumers and the relay before their connection.
+    _run_in_background(running, nats_connection.run(), name="nats")
+    _run_in_background(running, _relay(settings, nats_connection, metrics).run(), name="relay")
+    _run_in_background(running, consumers.run(), name="consumers")
     return port
 
 
@@ -198,7 +227,7 @@ def _hot_path_pool(settings: Settings) -> DriverPool:
     )
 
 
-def _product_changes_connection(
+def _dedicated_connection(
     settings: Settings,
 ) -> Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]:
     return functools.partial(
@@ -212,6 +241,38 @@ def _product_changes_connection(
         keepalives_idle=10,
         keepalives_interval=5,
         keepalives_count=3,
+    )
+
+
+def _relay(settings: Settings, nats_connection: NatsConnection, metrics: Metrics) -> Relay:
+    return Relay(
+        # Its own session: the advisory lock that makes it the leader lives and dies with it.
+        _dedicated_connection(settings),
+        nats_connection,
+        OutboxMetrics.create(metrics.registry),
+        RelaySettings(
+            batch_size=settings.outbox_batch,
+            idle_poll_seconds=settings.outbox_idle_poll_seconds,
+            leader_retry_seconds=settings.outbox_leader_retry_seconds,
+            outbox_retention_seconds=settings.outbox_retention_seconds,
+            inbox_retention_seconds=settings.inbox_retention_seconds,
+            prune_interval_seconds=settings.outbox_prune_interval_seconds,
+        ),
+    )
+
+
+def _consumers(
+    nats_connection: NatsConnection, context: ConsumerContext, settings: Settings
+) -> Consumers:
+    return Consumers(
+        nats_connection,
+        consumer_specs(context),
+        ConsumerSettings(
+            max_deliver=settings.consumer_max_deliver,
+            ack_wait_seconds=settings.consumer_ack_wait_seconds,
+            retry_delay_seconds=settings.consumer_retry_delay_seconds,
+        ),
+        ConsumerMetrics.create(context.metrics.registry),
     )
 
 
@@ -364,7 +425,14 @@ def _add_health_service(
 ) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (CATALOG_SERVICE, ORDER_SERVICE, PAYMENT_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME),
+        (
+            CATALOG_SERVICE,
+            ORDER_SERVICE,
+            PAYMENT_SERVICE,
+            DEAD_LETTER_SERVICE,
+            HEALTH_SERVICE,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
 

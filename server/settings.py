@@ -103,10 +103,38 @@ class Settings(BaseSettings):
     )
     reconcile_after_seconds: float = Field(30.0, ge=0, validation_alias=_env("RECONCILE_AFTER"))
     background_batch_size: int = Field(100, ge=1, validation_alias=_env("BACKGROUND_BATCH"))
+
+    # Events (server/events/, docs/operations.md). NATS is reached in the background: down
+    # at start or later, the server serves and events wait in the outbox.
+    nats_url: str = Field("nats://127.0.0.1:4222", validation_alias=_env("NATS_URL"))
+    # The outbox relay: rows per poll, the longest wait between polls when idle, how often a
+    # process that is not the relay's leader tries to become it, and how long published
+    # rows (and consumers' inbox rows) are kept.
+    outbox_batch: int = Field(100, ge=1, le=10_000, validation_alias=_env("OUTBOX_BATCH"))
+    outbox_idle_poll_seconds: float = Field(0.5, gt=0, validation_alias=_env("OUTBOX_IDLE_POLL"))
+    outbox_leader_retry_seconds: float = Field(
+        2.0, gt=0, validation_alias=_env("OUTBOX_LEADER_RETRY")
+    )
+    outbox_retention_seconds: float = Field(
+        7 * 24 * 3600.0, ge=0, validation_alias=_env("OUTBOX_RETENTION")
+    )
+    outbox_prune_interval_seconds: float = Field(
+        60.0, gt=0, validation_alias=_env("OUTBOX_PRUNE_INTERVAL")
+    )
     # Bench only (`make bench` measures the order transaction with and without events in
     # one run): false writes no outbox rows, so no events are ever published. Never in
     # production.
     outbox_writes: bool = Field(True, validation_alias=_env("OUTBOX_WRITES"))
+    inbox_retention_seconds: float = Field(
+        30 * 24 * 3600.0, ge=0, validation_alias=_env("INBOX_RETENTION")
+    )
+    # Consumers: the attempt whose failure dead-letters a message, how long a delivery may
+    # go unacknowledged, and the first retry's delay (doubling per attempt, at most 60 s).
+    consumer_max_deliver: int = Field(5, ge=1, validation_alias=_env("CONSUMER_MAX_DELIVER"))
+    consumer_ack_wait_seconds: float = Field(30.0, gt=0, validation_alias=_env("CONSUMER_ACK_WAIT"))
+    consumer_retry_delay_seconds: float = Field(
+        1.0, gt=0, validation_alias=_env("CONSUMER_RETRY_DELAY")
+    )
 
     event_loop: Literal["uvloop", "asyncio"] = Field("uvloop", validation_alias=_env("EVENT_LOOP"))
 

@@ -6,9 +6,11 @@ at what localstripe actually holds bypasses Envoy, so that faults never blur the
 from __future__ import annotations
 
 import contextlib
+import signal
+import subprocess
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from devstack.localstripe import (
     start_localstripe,
     wait_for_localstripe,
 )
+from devstack.nats import nats_url, start_nats, wait_for_nats
 from devstack.processes import free_port, stop_process
 from devstack.server import start_server, wait_for_grpc
 from devstack.tls import TlsFiles
@@ -95,6 +98,47 @@ class FaultInjector:
         reply.raise_for_status()
 
 
+class NatsServer:
+    """A nats-server with JetStream on a port and store folder of its own, which a test may
+    kill (SIGKILL, as a crash) and start again with its store."""
+
+    def __init__(self, port: int, store_dir: Path, log_path: Path) -> None:
+        self.port = port
+        self.store_dir = store_dir
+        self._log_path = log_path
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return nats_url(self.port)
+
+    def start(self) -> None:
+        with self._log_path.open("ab") as log:
+            self._process = start_nats(self.port, self.store_dir, log=log)
+        wait_for_nats(self.port, self._process)
+
+    def kill(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGKILL)
+            self._process.wait()
+
+    def stop(self) -> None:
+        if self._process is not None:
+            stop_process(self._process)
+
+
+@contextlib.contextmanager
+def running_nats(scratch: Path | None = None) -> Iterator[NatsServer]:
+    """A nats-server on a free port, its store and log in `scratch` (or a folder of its own)."""
+    with contextlib.ExitStack() as cleanup:
+        if scratch is None:
+            scratch = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="nats-")))
+        nats = NatsServer(free_port(), scratch / "nats", scratch / "nats.log")
+        nats.start()
+        cleanup.callback(nats.stop)
+        yield nats
+
+
 class LocalStripe:
     """localstripe's own API on its own port (not through Envoy)."""
 
@@ -154,12 +198,18 @@ class LocalStripe:
 
 
 def server_env(
-    database_url: str, grpc_port: int, provider_proxy_port: int | None = None
+    database_url: str,
+    grpc_port: int,
+    provider_proxy_port: int | None = None,
+    nats_port: int | None = None,
 ) -> dict[str, str]:
     """The server's environment. Without a provider port (tests that make no payments) the
-    provider is a port nobody listens on: never the real Stripe."""
+    provider is a port nobody listens on: never the real Stripe; the same for NATS (the
+    server serves without it, its events wait in the outbox)."""
     if provider_proxy_port is None:
         provider_proxy_port = free_port()
+    if nats_port is None:
+        nats_port = free_port()
     return {
         "DATABASE_URL": database_url,
         "MARKETPLACE_JWT_SECRET": JWT_SECRET,
@@ -180,6 +230,11 @@ def server_env(
         "PROVIDER_BREAKER_RESET": "2",
         "BACKGROUND_INTERVAL": "0.2",
         "RECONCILE_AFTER": "1",
+        "NATS_URL": nats_url(nats_port),
+        # a takeover and a dead letter within seconds
+        "OUTBOX_LEADER_RETRY": "0.5",
+        "CONSUMER_RETRY_DELAY": "0.1",
+        "CONSUMER_ACK_WAIT": "5",
     }
 
 
@@ -196,6 +251,8 @@ class Stack:
     server_database_url: str | None
     # With TLS files, the server requires client certificates and Envoy's listener serves TLS.
     tls: TlsFiles | None = None
+    # The server's NATS (JetStream); tests may kill and start it again.
+    nats: NatsServer | None = field(default=None, compare=False)
 
     @property
     def database_url(self) -> str:
@@ -232,8 +289,9 @@ class Stack:
 def running_stack(
     database_url: str | None = None, *, tls: TlsFiles | None = None
 ) -> Iterator[Stack]:
-    """localstripe and an Envoy in front of it on free ports and, with `database_url`, the
-    server on that database, with localstripe's webhooks going to it through Envoy. With
+    """localstripe and an Envoy in front of it on free ports, a nats-server with JetStream
+    (`Stack.nats`) and, with `database_url`, the server on that database and that NATS,
+    with localstripe's webhooks going to it through Envoy. With
     `tls`, the server's port and Envoy's REST listener serve TLS, the server requires client
     certificates, and Envoy presents `tls`'s client certificate to it.
 
@@ -242,7 +300,10 @@ def running_stack(
     """
     grpc_port, http_port, admin_port = free_port(), free_port(), free_port()
     localstripe_port, provider_proxy_port = free_port(), free_port()
-    with tempfile.TemporaryDirectory(prefix="marketplace-stack-") as scratch:
+    with (
+        tempfile.TemporaryDirectory(prefix="marketplace-stack-") as scratch,
+        running_nats(Path(scratch)) as nats,
+    ):
         log_dir = Path(scratch)
         config = log_dir / "envoy.yaml"
         config.write_text(
@@ -265,7 +326,7 @@ def running_stack(
             localstripe = start_localstripe(localstripe_port, log=localstripe_log)
             server = None
             if database_url is not None:
-                env = server_env(database_url, grpc_port, provider_proxy_port)
+                env = server_env(database_url, grpc_port, provider_proxy_port, nats.port)
                 if tls is not None:
                     env |= tls.server_env()
                 server = start_server(env, log=server_log)
@@ -287,6 +348,7 @@ def running_stack(
                     log_dir,
                     database_url,
                     tls,
+                    nats,
                 )
             finally:
                 stop_process(envoy)

@@ -24,11 +24,20 @@ def upgrade() -> None:
             process_time timestamptz NOT NULL DEFAULT now(),
             PRIMARY KEY (consumer, message_id)
         );
+        -- Pruning deletes rows by age.
+        CREATE INDEX inbox_process_time ON inbox (process_time);
+        -- A replayed dead letter as it was (it is gone from the stream), for the answer to
+        -- a retry of the same request.
         CREATE TABLE dead_letter_replays (
-            request_id   uuid PRIMARY KEY,
-            dead_letter  varchar(64) NOT NULL,
-            response     bytea NOT NULL,
-            replay_time  timestamptz NOT NULL DEFAULT now()
+            caller         varchar(255) NOT NULL,
+            request_id     varchar(100) NOT NULL,
+            dead_letter_id bigint NOT NULL,
+            subject        varchar(255) NOT NULL,
+            headers        jsonb NOT NULL,
+            data           bytea NOT NULL,
+            create_time    timestamptz NOT NULL,
+            replay_time    timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (caller, request_id)
         );
         """
     )

@@ -22,6 +22,7 @@ from server.domain.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from server.events.nats import EventsUnavailable
 from server.services.circuit import CircuitOpen
 from server.services.providers import (
     InvalidSignature,
@@ -158,6 +159,13 @@ def infrastructure_error_status(error: BaseException) -> grpc.Status | None:
             "the database is unavailable; retry shortly",
             _error_info(ErrorReason.DATABASE_UNAVAILABLE),
             _retry_after(error.retry_after_seconds),
+        )
+    if isinstance(error, EventsUnavailable):
+        return _status(
+            code_pb2.UNAVAILABLE,
+            "the event streams (NATS) are unavailable; retry shortly",
+            _error_info(ErrorReason.EVENTS_UNAVAILABLE),
+            _retry_after(1.0),
         )
     if is_retryable_conflict(error):
         return _status(

