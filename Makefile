@@ -18,6 +18,8 @@ help:
 	@echo "make card CARD=4242424242424242 - print a PaymentMethod id from the running localstripe"
 	@echo "                                  (4000000000000341 is declined when charged)"
 	@echo "make mail   - the emails make run's SMTP sink kept; make mail N=1 prints the latest"
+	@echo "make events - tail make run's events, decoded; FROM=start for the stored ones too,"
+	@echo "              STREAM=MARKETPLACE_DLQ for the dead letters, STREAM=WAREHOUSE"
 	@echo "make bench  - throughput, latency and CPU against same-run baselines (not part of test)"
 
 $(STAMP): pyproject.toml
@@ -104,6 +106,15 @@ N ?=
 HTML ?= 0
 mail: $(STAMP)
 	@$(PY) -m devstack.mail $(if $(N),show '$(N)' $(if $(filter-out 0,$(HTML)),--html),list)
+
+# Tails a stream of make run's NATS (NATS_URL for another), each event decoded from the
+# descriptor set in generated/ by its Marketplace-Event-Type header: new ones, or with
+# FROM=start every stored one first. Reads with a consumer of its own; nothing is acked.
+.PHONY: events
+FROM ?= new
+STREAM ?= MARKETPLACE
+events: $(STAMP)
+	@$(PY) -m server.tools.events_tail --from '$(FROM)' --stream '$(STREAM)'
 
 bench: $(STAMP)
 	$(PY) -m tests.bench

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 
 import nats
 import structlog
@@ -55,6 +56,7 @@ STREAMS = (
         duplicate_window=DUPLICATE_WINDOW_SECONDS,
     ),
 )
+_ERROR_LOG_INTERVAL_SECONDS = 30.0
 # JetStream's error code for "stream name already in use with a different configuration".
 _STREAM_NAME_IN_USE = 10058
 
@@ -99,6 +101,7 @@ class NatsConnection:
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()
         self._generation = 0
+        self._next_error_log = 0.0
 
     @property
     def is_ready(self) -> bool:
@@ -175,7 +178,12 @@ class NatsConnection:
             _log.info("nats reconnected", url=self._url)
 
         async def error(error: Exception) -> None:
-            _log.debug("nats error", error=repr(error))
+            # nats-py retries every reconnect wait and reports each failure: said once a
+            # while, not every second.
+            now = time.monotonic()
+            if now >= self._next_error_log:
+                self._next_error_log = now + _ERROR_LOG_INTERVAL_SECONDS
+                _log.warning("nats unavailable", url=self._url, error=repr(error))
 
         return await nats.connect(
             self._url,
