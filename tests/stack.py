@@ -24,6 +24,7 @@ from devstack.localstripe import (
     start_localstripe,
     wait_for_localstripe,
 )
+from devstack.mail import MailSink
 from devstack.nats import nats_url, start_nats, wait_for_nats
 from devstack.processes import free_port, stop_process
 from devstack.server import start_server, wait_for_grpc
@@ -253,6 +254,8 @@ class Stack:
     tls: TlsFiles | None = None
     # The server's NATS (JetStream); tests may kill and start it again.
     nats: NatsServer | None = field(default=None, compare=False)
+    # The SMTP sink the server's emails go to; tests may stop it (SMTP down) and start it.
+    mail: MailSink | None = field(default=None, compare=False)
 
     @property
     def database_url(self) -> str:
@@ -303,6 +306,7 @@ def running_stack(
     with (
         tempfile.TemporaryDirectory(prefix="marketplace-stack-") as scratch,
         running_nats(Path(scratch)) as nats,
+        MailSink.running(Path(scratch)) as mail,
     ):
         log_dir = Path(scratch)
         config = log_dir / "envoy.yaml"
@@ -327,6 +331,7 @@ def running_stack(
             server = None
             if database_url is not None:
                 env = server_env(database_url, grpc_port, provider_proxy_port, nats.port)
+                env["SMTP_URL"] = mail.url
                 if tls is not None:
                     env |= tls.server_env()
                 server = start_server(env, log=server_log)
@@ -349,6 +354,7 @@ def running_stack(
                     database_url,
                     tls,
                     nats,
+                    mail,
                 )
             finally:
                 stop_process(envoy)
