@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
+import aiosmtplib
 import psycopg
 import pytest
+from aiosmtpd.controller import Controller
 from aiosmtplib import SMTPConnectError
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -346,3 +348,43 @@ async def test_a_shipment_lists_what_the_parcel_holds_by_name(
     assert "(shipment SHP-1)" in kept.text()
     assert f"  2 x Blue mug ({mug_sku})\n" in kept.text()
     assert "Green tea" not in kept.text()
+
+
+class RefusingRecipients:
+    """An SMTP server that answers RCPT TO with `reply`."""
+
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+
+    async def handle_RCPT(
+        self, server: object, session: object, envelope: object, address: str, options: object
+    ) -> str:
+        return self.reply
+
+
+@pytest.mark.parametrize(
+    ("reply", "outcome"),
+    [
+        ("451 4.3.0 mailbox busy, try again later", aiosmtplib.SMTPRecipientsRefused),
+        ("550 5.1.1 no such user", Unprocessable),
+    ],
+)
+async def test_a_refused_recipient_is_retried_unless_the_refusal_is_permanent(
+    use_cases: UseCases,
+    database_url: str,
+    engine: AsyncEngine,
+    metrics: NotificationMetrics,
+    reply: str,
+    outcome: type[Exception],
+) -> None:
+    order_id = await place(use_cases, database_url, email="alice@example.com")
+    delivery = delivery_of(database_url, order_id, "marketplace.order.created")
+    port = free_port()
+    controller = Controller(RefusingRecipients(reply), hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        with pytest.raises(outcome):
+            await notifier_to(engine, port, metrics).handle(delivery)
+    finally:
+        controller.stop()
+    assert not inbox_has(database_url, delivery.message_id)
