@@ -14,7 +14,6 @@ import aiosmtplib
 import psycopg
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtplib import SMTPConnectError
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -232,7 +231,7 @@ async def test_smtp_down_raises_for_a_retry_and_leaves_the_event_unapplied(
     delivery = delivery_of(database_url, order_id, "marketplace.order.created")
     nobody_listens = notifier_to(engine, free_port(), metrics)
 
-    with pytest.raises(SMTPConnectError):
+    with pytest.raises(aiosmtplib.SMTPConnectError):
         await nobody_listens.handle(delivery)
 
     assert not inbox_has(database_url, delivery.message_id)
