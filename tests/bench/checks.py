@@ -41,6 +41,13 @@ SELECT count(*)
 """
 
 
+# order.created events of this scenario's orders: one per order with events, none without.
+_ORDER_EVENTS = """
+SELECT count(*) FROM outbox
+ WHERE subject = 'marketplace.order.created' AND create_time >= %(since)s
+"""
+
+
 @dataclass(frozen=True)
 class Mark:
     """The database before a scenario: its order count and clock."""
@@ -73,11 +80,13 @@ def check(
     *,
     client_successes: int,
     client_unknown: int = 0,
+    events: bool | None = None,
 ) -> CheckResult:
     """No oversell, stock + sold == initial for every product, and the orders created since
     `before` are exactly the successes the client counted. `client_unknown` is how many
     requests the client abandoned without an answer (wrk at its deadline): each may or may
-    not have produced an order."""
+    not have produced an order. `events`: whether the server writes events (each new order
+    then has its order.created; without, none); None: not checked (pgbench)."""
     with database.connect() as conn:
         oversold, unbalanced, touched = conn.execute(
             _STOCK_LEDGER, {"initial": INITIAL_STOCK}
@@ -85,6 +94,7 @@ def check(
         orders_now = conn.execute("SELECT count(*) FROM orders").fetchone()[0]  # type: ignore[index]
         bad_orders = conn.execute(_BAD_ORDERS, {"since": before.time}).fetchone()[0]  # type: ignore[index]
         bad_lines = conn.execute(_BAD_LINES, {"since": before.time}).fetchone()[0]  # type: ignore[index]
+        order_events = conn.execute(_ORDER_EVENTS, {"since": before.time}).fetchone()[0]  # type: ignore[index]
     created = orders_now - before.orders
     problems = []
     if oversold:
@@ -95,6 +105,11 @@ def check(
         problems.append(f"{bad_orders} order(s) without lines or with a wrong total/status")
     if bad_lines:
         problems.append(f"{bad_lines} line(s) whose sku/price/currency is not the product's")
+    if events is not None and order_events != (created if events else 0):
+        problems.append(
+            f"{order_events} order.created event(s) for {created} new orders"
+            f" (events {'on' if events else 'off'})"
+        )
     if not client_successes <= created <= client_successes + client_unknown:
         expected = (
             f"{client_successes}"
@@ -113,4 +128,6 @@ def check(
         detail = f"{created} orders = the client's {client_successes} successes"
     if not problems:
         detail += f"; {touched} products sold from, none oversold, stock + sold = initial"
+        if events:
+            detail += "; an order.created per order"
     return CheckResult(not problems, created, detail)

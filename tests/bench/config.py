@@ -17,6 +17,12 @@ Environment variables (all optional):
   BENCH_PGBENCH_THREADS / BENCH_WRK_THREADS    their -j / -t (2 / 2)
   BENCH_OUTPUT                     the JSON report (bench-results.json in the repository)
   BENCH_ONLY                       comma-separated scenario names, for development
+  BENCH_RELAY                      1 (default): a nats-server the outbox relay publishes to;
+                                   0: none, so events stay in the outbox (the writes alone)
+
+order-spread and flash-sale each run again at once on a second server with
+OUTBOX_WRITES=false (the `:no-outbox` rows): the order transaction without its events,
+measured in the same run, so the report can say what writing (and publishing) them costs.
 """
 
 from __future__ import annotations
@@ -48,10 +54,13 @@ SCENARIO_NAMES = (
     "catalog-read",
     "pgbench:order-spread",
     "order-spread",
+    "order-spread:no-outbox",
     "pgbench:flash-sale@64",
     "flash-sale@64",
+    "flash-sale@64:no-outbox",
     "pgbench:flash-sale@256",
     "flash-sale@256",
+    "flash-sale@256:no-outbox",
     "rest",
     "order-spread:workers",
     "catalog-read:uncached",
@@ -129,6 +138,8 @@ class BenchConfig:
     # writes one speedscope profile per worker there. Sampling costs CPU, so figures from a
     # profiled run are for finding hot spots, not for the table.
     profile_dir: str | None = field(default_factory=lambda: os.environ.get("BENCH_PROFILE") or None)
+    # Whether the server's outbox relay has a NATS to publish the events to.
+    relay: bool = field(default_factory=lambda: os.environ.get("BENCH_RELAY", "1") != "0")
     # Comma-separated subset of SCENARIO_NAMES (development); empty runs them all.
     only: tuple[str, ...] = field(
         default_factory=lambda: tuple(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import signal
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from server.api.auth import issue_development_token
@@ -44,7 +44,13 @@ class Bench:
         self.rows: list[Row] = []
         self.order_sql = order_sql()
         self.database: Database | None = None
+        self.nats_url: str | None = None
         self.server: ServerProcess | None = None
+        # Whether `server` writes events (OUTBOX_WRITES), for the checks.
+        self.outbox_writes = True
+        # A second server beside the main one, writing no events (OUTBOX_WRITES=false), so
+        # runs with and without events can alternate without a restart between them.
+        self.without_events: ServerProcess | None = None
         self.envoy: EnvoyProcess | None = None
 
     @property
@@ -63,17 +69,38 @@ class Bench:
 
     def start_server(self, workers: int, settings: Mapping[str, str] | None = None) -> None:
         """The server with `workers` processes and any other `settings` (environment)."""
-        extra = dict(settings or {})
+        self.server = self._started(workers, settings or {})
+        self.outbox_writes = True
+
+    def start_server_without_events(self) -> None:
+        """The second server, OUTBOX_WRITES=false, as many processes as the main one."""
+        if self.without_events is None:
+            settings = {"OUTBOX_WRITES": "false"}
+            self.without_events = self._started(self.config.server_workers, settings)
+
+    @contextlib.contextmanager
+    def serving_without_events(self) -> Iterator[None]:
+        """Scenarios in the block run against the server that writes no events (the main
+        one idles meanwhile)."""
+        self.start_server_without_events()
+        saved, self.server, self.outbox_writes = self.server, self.without_events, False
+        try:
+            yield
+        finally:
+            self.server, self.outbox_writes = saved, True
+
+    def _started(self, workers: int, settings: Mapping[str, str]) -> ServerProcess:
+        extra = dict(settings)
         shown = " ".join(f"{name}={value}" for name, value in extra.items())
         progress(f"starting the server (SERVER_WORKERS={workers} {shown}) ...")
-        self.server = start_bench_server(
+        return start_bench_server(
             self.db,
             secret=self.secret,
             workers=workers,
             pool_size=self.config.db_pool_size,
             max_overflow=self.config.db_max_overflow,
             log_path=self.scratch / f"server-{workers}{'-'.join(['', *extra.values()])}.log",
-            settings=extra,
+            settings={**extra, **({"NATS_URL": self.nats_url} if self.nats_url else {})},
         )
 
     def running_server(self) -> ServerProcess:
@@ -89,17 +116,20 @@ class Bench:
         return server
 
     def stop_server(self) -> None:
+        """Stops the server (and the one without events, and Envoy)."""
         if self.envoy is not None:
             self.envoy.stop()
             self.envoy = None
-        if self.server is not None:
-            server, self.server = self.server, None
+        for server in (self.server, self.without_events):
+            if server is None:
+                continue
             server.stop()
             if server.process.returncode not in (0, -signal.SIGTERM):
                 progress(
                     f"the server exited with {server.process.returncode}; its log ends with:\n"
                     + server.log_tail()
                 )
+        self.server = self.without_events = None
 
     def announce_product_changes(self, on: bool) -> None:
         with self.db.connect() as conn:

@@ -24,11 +24,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import uvloop
 
+from server.domain.identity import Customer
+from server.domain.orders import OrderRequest
 from server.services.orders import placement
 from server.services.orders.placement import OrderPlacement
 from tests.bench.order_batch import order_batches
@@ -60,6 +64,17 @@ def _orders_module_at(revision: str, scratch: Path) -> ModuleType:
     return module
 
 
+Batch = list[tuple[Customer, OrderRequest]]
+
+
+def _as_pairs(batch: Batch) -> list[tuple[str, OrderRequest]]:
+    return [(customer.id, request) for customer, request in batch]
+
+
+def _unchanged(batch: Batch) -> Batch:
+    return batch
+
+
 async def _compare(url: str, postmaster_pid: int, old: ModuleType, sizes: list[int]) -> None:
     engine = sqlalchemy_engine(url, pool_size=2)
     try:
@@ -68,11 +83,16 @@ async def _compare(url: str, postmaster_pid: int, old: ModuleType, sizes: list[i
                 "A": old.OrderPlacement(engine, pool),
                 "B": OrderPlacement(engine, pool),
             }
+            # Before Customer (issue 15), place_orders took (customer id, request) pairs.
+            batches_for: dict[str, Callable[[Batch], Any]] = {
+                "A": _as_pairs if not hasattr(old, "Customer") else _unchanged,
+                "B": _unchanged,
+            }
             rng = random.Random(1)
             for size in sizes:
-                for orders in versions.values():  # warm-up: connections, prepared statements
+                for name, orders in versions.items():  # warm-up: connections, statements
                     for batch in order_batches(size, 20, rng):
-                        await orders.place_orders(batch)
+                        await orders.place_orders(batches_for[name](batch))
                 client: dict[str, list[float]] = {"A": [], "B": []}
                 postgres: dict[str, list[float]] = {"A": [], "B": []}
                 batches = order_batches(size, ORDERS_PER_SIZE // size, rng)
@@ -82,7 +102,7 @@ async def _compare(url: str, postmaster_pid: int, old: ModuleType, sizes: list[i
                     block = batches[start : start + per_block]
                     cpu, pg = time.process_time(), tree_cpu_seconds(postmaster_pid)
                     for batch in block:
-                        await versions[version].place_orders(batch)
+                        await versions[version].place_orders(batches_for[version](batch))
                     client[version].append((time.process_time() - cpu) / len(block))
                     postgres[version].append((tree_cpu_seconds(postmaster_pid) - pg) / len(block))
                 for version in versions:

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]
 import uvloop
 
+from server.domain.identity import Customer
 from server.domain.orders import OrderRequest, order_request
 from server.services.orders.placement import OrderPlacement
 from tests.bench.config import PRODUCT_COUNT, product_id
@@ -33,12 +34,12 @@ RUNS = 3
 
 def order_batches(
     size: int, count: int, rng: random.Random
-) -> list[list[tuple[str, OrderRequest]]]:
+) -> list[list[tuple[Customer, OrderRequest]]]:
     """Like order-spread: 1-3 distinct random products, one unit each, fresh request ids."""
     return [
         [
             (
-                f"customer-{rng.randrange(1000)}",
+                Customer(f"customer-{rng.randrange(1000)}"),
                 order_request(
                     os.urandom(8).hex(),
                     [

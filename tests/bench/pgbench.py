@@ -110,7 +110,7 @@ def order_sql() -> OrderSql:
         raise RuntimeError(
             f"{placement.__name__} binds {sorted(unbound)}; extend PARAMETERS to build them"
         )
-    return OrderSql(statements, placement.__name__)
+    return OrderSql(statements, f"{placement.__name__}, without events")
 
 
 def script(kind: str, sql: OrderSql) -> str:

@@ -22,6 +22,9 @@ OTHER_SHARE_WARNING = 0.10
 # Server workers are flagged as unevenly loaded when the least busy used less than this
 # fraction of the busiest one's CPU.
 WORKER_IMBALANCE = 0.5
+# The issue's bound on what events may cost the order transaction: at least this share of
+# the throughput without them (OUTBOX_WRITES=false), in the same run.
+OUTBOX_RATIO_TARGET = 0.85
 
 
 @dataclass
@@ -142,6 +145,35 @@ def link_baselines(rows: list[Row], baselines: dict[str, str]) -> None:
         row.ratio = row.throughput / base.throughput if base.throughput else None
 
 
+def link_outbox_comparisons(rows: list[Row], comparisons: dict[str, str]) -> None:
+    """Puts into each scenario with events its throughput as a share of the same scenario
+    without them (extra: outbox_ratio, without_events, without_events_throughput)."""
+    by_name = {row.scenario: row for row in rows}
+    for with_events, without in comparisons.items():
+        row, base = by_name.get(with_events), by_name.get(without)
+        if row is None or base is None or not base.throughput:
+            continue
+        row.extra["without_events"] = base.scenario
+        row.extra["without_events_throughput"] = round(base.throughput, 1)
+        row.extra["outbox_ratio"] = round(row.throughput / base.throughput, 3)
+
+
+def _outbox_notes(rows: Sequence[Row]) -> list[str]:
+    lines = []
+    for row in rows:
+        ratio = row.extra.get("outbox_ratio")
+        if ratio is None:
+            continue
+        verdict = "met" if ratio >= OUTBOX_RATIO_TARGET else "MISSED"
+        lines.append(
+            f"events: {row.scenario} {row.throughput:.0f}/s with them,"
+            f" {row.extra['without_events_throughput']:.0f}/s without"
+            f" ({row.extra['without_events']}): ratio {ratio:.2f},"
+            f" target ≥ {OUTBOX_RATIO_TARGET:.2f} {verdict}"
+        )
+    return lines
+
+
 def _cell(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -254,6 +286,7 @@ def notes(rows: Sequence[Row], cores: int) -> list[str]:
                     f"{share:.0%} of the machine's CPU in {row.scenario} went to neither the"
                     " generator, the server, Envoy nor PostgreSQL (the kernel, or another job)"
                 )
+    lines.extend(_outbox_notes(rows))
     lines.extend(_half_notes(rows))
     rss = [size for row in rows for size in row.server_rss_mb]
     if rss:

@@ -3,6 +3,7 @@ Entry point: `python -m tests.bench`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import tempfile
@@ -10,17 +11,24 @@ import time
 import traceback
 from pathlib import Path
 
+from devstack.processes import free_port
 from tests.bench.config import REPO_ROOT, BenchConfig
 from tests.bench.harness import Bench
 from tests.bench.progress import progress
-from tests.bench.report import format_table, link_baselines, notes, write_json
+from tests.bench.report import (
+    format_table,
+    link_baselines,
+    link_outbox_comparisons,
+    notes,
+    write_json,
+)
 from tests.bench.scenarios import (
     bare_grpc_scenario,
     grpc_scenario,
     pgbench_scenario,
     rest_scenario,
 )
-from tests.bench.stack import bench_database
+from tests.bench.stack import bench_database, bench_nats
 
 # The row each scenario's throughput is compared with.
 BASELINES = {
@@ -30,6 +38,17 @@ BASELINES = {
     "flash-sale@64": "pgbench:flash-sale@64",
     "flash-sale@256": "pgbench:flash-sale@256",
     "rest": "order-spread",
+    # The same runs without events, against the same baselines; the events' own cost is
+    # OUTBOX_COMPARISONS' ratio (report.link_outbox_comparisons).
+    "order-spread:no-outbox": "pgbench:order-spread",
+    "flash-sale@64:no-outbox": "pgbench:flash-sale@64",
+    "flash-sale@256:no-outbox": "pgbench:flash-sale@256",
+}
+# A scenario with events -> the same without (OUTBOX_WRITES=false).
+OUTBOX_COMPARISONS = {
+    "order-spread": "order-spread:no-outbox",
+    "flash-sale@64": "flash-sale@64:no-outbox",
+    "flash-sale@256": "flash-sale@256:no-outbox",
 }
 
 
@@ -57,13 +76,24 @@ def run(bench: Bench) -> None:
         grpc_scenario(bench, "catalog-read", "catalog-read", concurrency)
     if wants("pgbench:order-spread"):
         pgbench_scenario(bench, "pgbench:order-spread", "order-spread", concurrency)
+    if any(wants(name) for name in OUTBOX_COMPARISONS.values()):
+        # Started before pgbench, so the connections it keeps open count against its room.
+        bench.start_server_without_events()
+    # Each order scenario runs with events, then at once without them on the second server
+    # (this machine's speed drifts over minutes: adjacent runs compare best).
     if wants("order-spread"):
         grpc_scenario(bench, "order-spread", "order-spread", concurrency)
+    if wants("order-spread:no-outbox"):
+        with bench.serving_without_events():
+            grpc_scenario(bench, "order-spread:no-outbox", "order-spread", concurrency)
     for clients in (low, high):
         if wants(f"pgbench:flash-sale@{clients}"):
             pgbench_scenario(bench, f"pgbench:flash-sale@{clients}", "flash-sale", clients)
         if wants(f"flash-sale@{clients}"):
             grpc_scenario(bench, f"flash-sale@{clients}", "flash-sale", clients)
+        if wants(name := f"flash-sale@{clients}:no-outbox"):
+            with bench.serving_without_events():
+                grpc_scenario(bench, name, "flash-sale", clients)
     if wants("rest"):
         rest_scenario(bench, "rest", concurrency)
     if wants("order-spread:workers"):
@@ -101,8 +131,13 @@ def main() -> int:
             f" scratch {scratch_name}"
         )
         try:
-            with bench_database(bench.scratch, config.database_url) as database:
+            with (
+                bench_database(bench.scratch, config.database_url) as database,
+                bench_nats(bench.scratch) if config.relay else contextlib.nullcontext() as nats,
+            ):
                 bench.database = database
+                # Without one, the server's NATS_URL points nowhere: events stay in the outbox.
+                bench.nats_url = nats or f"nats://127.0.0.1:{free_port()}"
                 progress("database ready: 10,000 products + 1 flash-sale product seeded")
                 if database.postmaster_pid is None:
                     progress("PostgreSQL is not on this machine: its CPU is not measured")
@@ -122,6 +157,7 @@ def main() -> int:
     if not rows:
         return 1
     link_baselines(rows, baselines(config))
+    link_outbox_comparisons(rows, OUTBOX_COMPARISONS)
     print()
     print(
         f"Marketplace bench, {time.strftime('%Y-%m-%d %H:%M')}, {cores} cores,"

@@ -83,7 +83,12 @@ def _checked_grpc_load(
         sample=bench.sample,
         rate=rate,
     )
-    result = check(bench.db, before, client_successes=load.ok_total if orders else 0)
+    result = check(
+        bench.db,
+        before,
+        client_successes=load.ok_total if orders else 0,
+        events=bench.outbox_writes if orders else None,
+    )
     return load, first, last, result
 
 
@@ -133,11 +138,13 @@ def bare_grpc_scenario(bench: Bench, scenario: str, concurrency: int) -> None:
 
 def pgbench_scenario(bench: Bench, scenario: str, kind: str, clients: int) -> None:
     config, db = bench.config, bench.db
-    # The server's pool stays connected meanwhile; keep room for it.
+    # The servers' pools stay connected meanwhile (the second one's too); keep room for them.
+    servers = 2 if bench.without_events is not None else 1
     room = (
         db.max_connections
         - 10
-        - max(config.server_workers, config.compare_workers)
+        - servers
+        * max(config.server_workers, config.compare_workers)
         * (config.db_pool_size + config.db_max_overflow)
     )
     if clients > room:
@@ -224,6 +231,7 @@ def rest_scenario(bench: Bench, scenario: str, concurrency: int) -> None:
         before,
         client_successes=run.ok_total,
         client_unknown=run.unanswered_total,
+        events=bench.outbox_writes,
     )
     measured = run.measured
     row = bench.keep(

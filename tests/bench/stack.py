@@ -21,6 +21,7 @@ from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import make_url
 
 from devstack.envoy import EdgeLimits, render_envoy_config, start_envoy, wait_for_envoy
+from devstack.nats import nats_url, start_nats, wait_for_nats
 from devstack.postgres import EmbeddedPostgres, create_database, drop_database
 from devstack.processes import free_port, stop_process
 from devstack.server import start_server, wait_for_grpc
@@ -188,6 +189,20 @@ def bench_database(scratch: Path, server_url: str | None) -> Iterator[Database]:
         stack.callback(drop_database, server_url, url)
         _seed(url)
         yield Database(url, _local_postmaster(url), max_connections)
+
+
+@contextlib.contextmanager
+def bench_nats(scratch: Path) -> Iterator[str]:
+    """A nats-server with JetStream for the bench's server (its URL): the outbox relay
+    publishes the events of the runs with events, as in production."""
+    port = free_port()
+    with (scratch / "nats.log").open("ab") as log:
+        process = start_nats(port, scratch / "nats", log=log)
+        try:
+            wait_for_nats(port, process)
+            yield nats_url(port)
+        finally:
+            stop_process(process)
 
 
 # --- the server and Envoy -------------------------------------------------------------------
