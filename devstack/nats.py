@@ -36,6 +36,9 @@ def start_nats(
         ],
         stdout=log,
         stderr=subprocess.STDOUT if log is not None else None,
+        # Out of the terminal's process group, like PostgreSQL: Ctrl-C reaches the server,
+        # which drains while NATS is still up; make run stops NATS after it.
+        start_new_session=True,
     )
 
 

@@ -102,6 +102,7 @@ class NatsConnection:
         self._changed = asyncio.Event()
         self._generation = 0
         self._next_error_log = 0.0
+        self._closing = False
 
     @property
     def is_ready(self) -> bool:
@@ -156,6 +157,7 @@ class NatsConnection:
                         await self._changed.wait()
         finally:
             self._ready.clear()
+            self._closing = True
             if self._client is not None and not self._client.is_closed:
                 # Best effort on the way out: whatever closing fails on, the process goes on
                 # stopping.
@@ -171,7 +173,8 @@ class NatsConnection:
         async def disconnected() -> None:
             self._ready.clear()
             self._changed.set()
-            _log.warning("nats disconnected", url=self._url)
+            if not self._closing:  # closing it ourselves is no news
+                _log.warning("nats disconnected", url=self._url)
 
         async def reconnected() -> None:
             self._changed.set()
