@@ -7,7 +7,7 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed-stamp
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: help install proto check-generated lint typecheck test test-unit test-integration test-e2e run token card mail bench clean
+.PHONY: help install proto check-generated lint typecheck test test-unit test-integration test-e2e run token card mail stock-level bench clean
 
 help:
 	@echo "make run    - start PostgreSQL, localstripe, the gRPC server and Envoy (Ctrl-C stops all)"
@@ -20,6 +20,7 @@ help:
 	@echo "make mail   - the emails make run's SMTP sink kept; make mail N=1 prints the latest"
 	@echo "make events - tail make run's events, decoded; FROM=start for the stored ones too,"
 	@echo "              STREAM=MARKETPLACE_DLQ for the dead letters, STREAM=WAREHOUSE"
+	@echo "make stock-level SKU=TEE-BLACK-M ON_HAND=40 [WAREHOUSE=main] - publish a warehouse level"
 	@echo "make bench  - throughput, latency and CPU against same-run baselines (not part of test)"
 
 $(STAMP): pyproject.toml
@@ -83,9 +84,11 @@ test-e2e: $(STAMP)
 	$(BIN)/pytest -q tests/e2e
 
 # TLS=1: a development CA and certificates under .data/tls/; plaintext on loopback otherwise.
+# WAREHOUSE=0: without the stand-in warehouse (WAREHOUSE_SHIP_DELAY: its seconds to ship).
 TLS ?= 0
+WAREHOUSE ?=
 run: $(STAMP)
-	$(PY) -m devstack $(if $(filter-out 0,$(TLS)),--tls)
+	$(PY) -m devstack $(if $(filter-out 0,$(TLS)),--tls) $(if $(filter 0,$(WAREHOUSE)),--no-warehouse)
 
 ROLE ?= customer
 SUB ?= demo-customer
@@ -115,6 +118,14 @@ FROM ?= new
 STREAM ?= MARKETPLACE
 events: $(STAMP)
 	@$(PY) -m server.tools.events_tail --from '$(FROM)' --stream '$(STREAM)'
+
+# A stock level as the warehouse sends it, on warehouse.stock_levels of make run's NATS
+# (NATS_URL elsewhere): the catalog follows once the server applies it.
+SKU ?=
+ON_HAND ?=
+stock-level: $(STAMP)
+	@$(PY) -m devstack.warehouse stock-level --sku '$(SKU)' --on-hand '$(ON_HAND)' \
+	  --warehouse '$(or $(WAREHOUSE),main)'
 
 bench: $(STAMP)
 	$(PY) -m tests.bench

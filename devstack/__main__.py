@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,12 @@ from devstack.postgres import database, seed_demo_catalog
 from devstack.processes import port_holder, port_is_taken, stop_process
 from devstack.server import ensure_jwt_secret, start_server, wait_for_grpc
 from devstack.tls import SERVER_TLS_SETTINGS, TlsFiles, ensure_development_tls
+from devstack.warehouse import (
+    STATE_FILE,
+    seed_demo_warehouse,
+    ship_delay_from_environment,
+    start_warehouse,
+)
 from server.api.auth import issue_development_token
 from server.db.engine import upgrade_schema
 from server.domain.identity import Role
@@ -100,7 +107,7 @@ def _how_to_call(tls: TlsFiles | None, grpc_port: int, http_port: int) -> str:
     )
 
 
-def run(*, tls: bool = False) -> int:
+def run(*, tls: bool = False, warehouse: bool = True) -> int:
     # Ctrl-C and `kill` both stop the whole stack, even where SIGINT was inherited ignored.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
@@ -135,6 +142,8 @@ def run(*, tls: bool = False) -> int:
         print(f"PostgreSQL: {database_url}", flush=True)
         upgrade_schema(database_url)
         seed_demo_catalog(database_url)
+        if warehouse:
+            seed_demo_warehouse(database_url)
         config_path = DATA_DIR / "envoy.yaml"
         config_path.write_text(
             render_envoy_config(
@@ -190,12 +199,18 @@ def run(*, tls: bool = False) -> int:
         )
         with (DATA_DIR / "envoy.log").open("ab") as envoy_log:
             envoy = start_envoy(config_path, log=envoy_log)
+        stand_ins: list[subprocess.Popen[bytes]] = []  # the stand-in warehouse, unless off
         try:
             credentials = tls_files.channel_credentials() if tls_files is not None else None
             wait_for_grpc(grpc_port, server, credentials=credentials)
             wait_for_envoy(admin_port, envoy)
             wait_for_mail_sink(ports["SMTP_PORT"], mail_sink)
             wait_for_nats(ports["NATS_PORT"], nats)
+            if warehouse:
+                with (DATA_DIR / "warehouse.log").open("ab") as warehouse_log:
+                    stand_ins.append(
+                        start_warehouse(nats_url(ports["NATS_PORT"]), log=warehouse_log)
+                    )
             customer = issue_development_token(
                 secret,
                 "demo-customer",
@@ -229,12 +244,14 @@ def run(*, tls: bool = False) -> int:
                 f" {_shown(MAIL_DIR)}/   make mail lists them, make mail N=1 prints the latest\n"
                 f"  NATS   {nats_url(ports['NATS_PORT'])}, JetStream in"
                 f" {_shown(DATA_DIR / 'nats')}/   make events tails the events\n"
+                f"  warehouse {_warehouse_line(warehouse)}\n"
                 f"\n  export CUSTOMER_TOKEN={customer}\n"
                 f"  export ADMIN_TOKEN={admin}\n"
                 f"\nCtrl-C stops everything.\n",
                 flush=True,
             )
-            while all(p.poll() is None for p in (server, envoy, localstripe, mail_sink, nats)):
+            running = (server, envoy, localstripe, mail_sink, nats, *stand_ins)
+            while all(p.poll() is None for p in running):
                 time.sleep(0.5)
             print("a component exited; stopping", file=sys.stderr)
             return 1
@@ -242,11 +259,24 @@ def run(*, tls: bool = False) -> int:
             print("\nstopping...", flush=True)
             return 0
         finally:
+            for stand_in in stand_ins:
+                stop_process(stand_in)
             stop_process(envoy)
             stop_process(server)
             stop_process(localstripe)
             stop_process(mail_sink)
             stop_process(nats)
+
+
+def _warehouse_line(on: bool) -> str:
+    if not on:
+        return "off (WAREHOUSE=0); make stock-level still publishes levels"
+    return (
+        f"the stand-in ships paid orders after {ship_delay_from_environment():g} s"
+        f" (WAREHOUSE_SHIP_DELAY), state {_shown(STATE_FILE)}"
+        f"   log: {_shown(DATA_DIR / 'warehouse.log')}\n"
+        f"         make stock-level SKU=TEE-BLACK-M ON_HAND=40 publishes a level by hand"
+    )
 
 
 def development_email(subject: str) -> str:
@@ -328,6 +358,9 @@ def main() -> int:
     emulator = commands.add_parser("localstripe", help="run localstripe (used by `make run`)")
     emulator.add_argument("--port", type=int, default=8420)
     emulator.add_argument("--store", type=Path, help="keep the store in this file across runs")
+    parser.add_argument(
+        "--no-warehouse", action="store_true", help="without the stand-in warehouse"
+    )
     options = parser.parse_args()
     if options.command == "token":
         return print_token(options.role, options.sub, options.email)
@@ -336,7 +369,7 @@ def main() -> int:
     if options.command == "localstripe":
         serve_localstripe(options.port, options.store)
         return 0
-    return run(tls=options.tls)
+    return run(tls=options.tls, warehouse=not options.no_warehouse)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ stock it ships from next. Its state (levels, orders shipped, messages not yet pu
 is a JSON file, .data/warehouse.json under make run.
 
     python -m devstack.warehouse serve --state .data/warehouse.json   # make run starts this
-    python -m devstack.warehouse stock-level --sku MUG-CLASSIC --on-hand 40   # make stock-level
+    python -m devstack.warehouse stock-level --sku TEE-BLACK-M --on-hand 40   # make stock-level
 
 Versions are `max(last + 1, now in microseconds)`: the stand-in's and the hand-pushed
 levels only grow, without the two sharing any state.
@@ -36,13 +36,13 @@ from typing import IO, Any
 import nats
 import psycopg
 from google.protobuf import json_format
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError
 
 from devstack import DATA_DIR, REPO_ROOT
 from marketplace.events.v1 import events_pb2
 from marketplace.warehouse.v1 import warehouse_pb2
+from server.domain.inventory import WarehouseMessageRefused, stock_level
 
 STATE_FILE = DATA_DIR / "warehouse.json"
 DEFAULT_SITE = "main"
@@ -55,8 +55,8 @@ LEVELS_CONSUMER = "standin-warehouse-levels"
 # Demo products (devstack/postgres.py) the development stack has the warehouse manage, with
 # their starting on-hand at site "main".
 DEMO_WAREHOUSE_PRODUCTS = {
-    "00000000-0000-4000-8000-000000000001": ("MUG-CLASSIC", 100),
-    "00000000-0000-4000-8000-000000000003": ("SNEAKER-LTD", 10),
+    "00000000-0000-4000-8000-000000000002": ("TEE-BLACK-M", 50),
+    "00000000-0000-4000-8000-000000000004": ("POSTER-A2", 200),
 }
 
 
@@ -206,7 +206,7 @@ class StandInWarehouse:
                 # database learns them (a repeated version changes nothing there).
                 for sku, sites in self._state.levels.items():
                     for site, (on_hand, version) in sites.items():
-                        await _publish(js, level_message(sku, site, on_hand, version))
+                        await _publish_until_acked(js, level_message(sku, site, on_hand, version))
                 await self._flush(js)
             await asyncio.gather(self._follow_levels(js), self._follow_orders(js))
         finally:
@@ -224,13 +224,13 @@ class StandInWarehouse:
                 try:
                     level = json_format.Parse(message.data, warehouse_pb2.StockLevel())
                 except json_format.ParseError:
-                    await message.ack()  # not ours to judge; the marketplace dead-letters it
+                    await _ack(message)  # not ours to judge; the marketplace dead-letters it
                     continue
                 async with self._lock:
                     if self._state.adopt(level):
                         self._state.save(self._state_path)
                         print(f"level {level.sku}@{level.warehouse}: {level.on_hand}", flush=True)
-                await message.ack()
+                await _ack(message)
 
     async def _follow_orders(self, js: Any) -> None:
         subscription = await js.pull_subscribe(
@@ -255,7 +255,7 @@ class StandInWarehouse:
             self._state.outgoing.extend(outgoing)
             self._state.save(self._state_path)
             await self._flush(js)
-        await message.ack()
+        await _ack(message)
         if outgoing:
             print(f"shipped order {request.order_id}", flush=True)
 
@@ -263,7 +263,7 @@ class StandInWarehouse:
         """Publishes the saved outgoing messages in order; each leaves the file once
         JetStream has it (its Nats-Msg-Id makes a repeat after a crash harmless)."""
         while self._state.outgoing:
-            await _publish(js, self._state.outgoing[0])
+            await _publish_until_acked(js, self._state.outgoing[0])
             self._state.outgoing.pop(0)
             self._state.save(self._state_path)
 
@@ -275,15 +275,41 @@ async def _wait_for_streams(js: Any) -> None:
             await js.stream_info("MARKETPLACE")
             await js.stream_info("WAREHOUSE")
             return
-        except (NotFoundError, NatsTimeout):
+        except (NotFoundError, TimeoutError, nats.errors.Error):
             await asyncio.sleep(0.5)
 
 
 async def _fetch(subscription: Any) -> list[Any]:
-    with contextlib.suppress(NatsTimeout):
+    """The next messages, or none after a second without any. While NATS is away (the
+    client reconnects by itself) it waits a moment rather than spin."""
+    try:
         messages: list[Any] = await subscription.fetch(10, timeout=1)
-        return messages
-    return []
+    except TimeoutError:  # asyncio's, which nats-py's own TimeoutError extends
+        return []
+    except nats.errors.Error:
+        await asyncio.sleep(1)
+        return []
+    return messages
+
+
+async def _ack(message: Any) -> None:
+    # An ack lost with the connection only means a redelivery, which changes nothing.
+    with contextlib.suppress(TimeoutError, nats.errors.Error):
+        await message.ack()
+
+
+async def _publish_until_acked(js: Any, message: Outgoing) -> None:
+    """Publishes until JetStream acknowledges: NATS down only delays what the warehouse
+    says (its state file keeps the message meanwhile)."""
+    pause = 0.2
+    while True:
+        try:
+            await _publish(js, message)
+            return
+        except (TimeoutError, nats.errors.Error) as error:
+            print(f"cannot publish yet ({error!r}); retrying", flush=True)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
 
 async def _publish(js: Any, message: Outgoing) -> None:
@@ -384,6 +410,13 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _push_stock_level(nats_url: str, sku: str, on_hand: int, site: str) -> int:
+    try:
+        # Only its shape is checked here: a level the marketplace refuses (an unknown SKU, a
+        # product it manages itself) goes to its dead letters, which is worth seeing too.
+        stock_level(sku=sku, warehouse=site, on_hand=on_hand, version=next_version(0))
+    except WarehouseMessageRefused as refused:
+        print(f"not a stock level: {refused.reason}", file=sys.stderr)
+        return 2
     try:
         sent = asyncio.run(publish_stock_level(nats_url, sku, on_hand, site))
     except (OSError, nats.errors.Error) as error:
