@@ -203,11 +203,13 @@ class NatsConnection:
 
 
 async def ensure_streams(jetstream: JetStreamContext) -> None:
-    """Creates the streams, or brings their configuration up to date: idempotent, and safe
-    with every server process doing it at once."""
+    """Creates the streams, or puts back their subjects and duplicate window: idempotent,
+    safe with every server process doing it at once, and leaving alone what an operator
+    set (limits, replicas)."""
     for config in STREAMS:
+        name = config.name or ""
         try:
-            await jetstream.stream_info(config.name or "")
+            current = (await jetstream.stream_info(name)).config
         except NotFoundError:
             try:
                 await jetstream.add_stream(config)
@@ -215,4 +217,11 @@ async def ensure_streams(jetstream: JetStreamContext) -> None:
             except BadRequestError as error:
                 if error.err_code != _STREAM_NAME_IN_USE:
                     raise
-        await jetstream.update_stream(config)
+            current = (await jetstream.stream_info(name)).config
+        if (
+            sorted(current.subjects or []) != sorted(config.subjects or [])
+            or current.duplicate_window != config.duplicate_window
+        ):
+            current.subjects = config.subjects
+            current.duplicate_window = config.duplicate_window
+            await jetstream.update_stream(current)

@@ -17,13 +17,20 @@ import pytest
 
 from devstack.postgres import create_database, drop_database
 from server.db.engine import libpq_url
-from server.events.nats import NatsConnection
+from server.events.nats import (
+    DEAD_LETTER_STREAM,
+    MARKETPLACE_STREAM,
+    WAREHOUSE_STREAM,
+    NatsConnection,
+    ensure_streams,
+)
 from server.events.relay import Relay
 from tests.conftest import eventually
 from tests.integration.events import (
     Event,
     StoredMessage,
     all_published,
+    nats_client,
     outbox_counts,
     relay_for,
     stream_messages,
@@ -32,6 +39,13 @@ from tests.integration.events import (
 from tests.stack import NatsServer, running_nats
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+MARKETPLACE_SUBJECTS = [
+    "marketplace.order.>",
+    "marketplace.payment.>",
+    "marketplace.inventory.>",
+    "marketplace.fulfilment.>",
+]
 
 
 @pytest.fixture
@@ -216,3 +230,24 @@ async def test_published_rows_are_pruned_after_the_retention(
         remaining = await (await conn.execute("SELECT count(*) FROM outbox")).fetchone()
     assert remaining == (len(events) - 2000,)
     assert await outbox_counts(events_database) == (500, 500)
+
+
+async def test_streams_are_made_once_and_an_operators_limits_stay(nats_server: NatsServer) -> None:
+    async with nats_client(nats_server.url) as client:
+        jetstream = client.jetstream()
+        await asyncio.gather(*(ensure_streams(jetstream) for _ in range(4)))
+        marketplace = (await jetstream.stream_info(MARKETPLACE_STREAM)).config
+        assert sorted(marketplace.subjects or []) == sorted(MARKETPLACE_SUBJECTS)
+        assert marketplace.duplicate_window == 120
+        assert (await jetstream.stream_info(DEAD_LETTER_STREAM)).config.subjects == [
+            "marketplace.dlq.>"
+        ]
+        assert (await jetstream.stream_info(WAREHOUSE_STREAM)).config.subjects == ["warehouse.>"]
+        # An operator bounds the stream's age; someone narrowed its subjects by mistake.
+        marketplace.max_age = 3600
+        marketplace.subjects = ["marketplace.order.>"]
+        await jetstream.update_stream(marketplace)
+        await ensure_streams(jetstream)
+        after = (await jetstream.stream_info(MARKETPLACE_STREAM)).config
+    assert after.max_age == 3600
+    assert sorted(after.subjects or []) == sorted(MARKETPLACE_SUBJECTS)
