@@ -214,9 +214,7 @@ async def test_an_order_created_paid_and_refunded_numbers_its_events_1_2_3(
         0,
     )
     assert [(line.product_id, line.quantity) for line in created.lines] == [(product, 2)]
-    assert created.expire_time.ToDatetime().replace(microsecond=0) == order.expire_time.replace(
-        tzinfo=None, microsecond=0
-    )
+    assert created.expire_time.ToDatetime(tzinfo=order.expire_time.tzinfo) == order.expire_time
     assert created.metadata.occur_time.ToDatetime(tzinfo=order.create_time.tzinfo) == (
         order.create_time
     )
@@ -335,7 +333,7 @@ async def test_expiry_writes_one_stock_change_per_product_for_the_whole_sweep(
     engine: AsyncEngine, hot_path: DriverPool, database_url: str
 ) -> None:
     hot = insert_product(database_url, stock=10)
-    quick = wired(engine, hot_path, payment_window_seconds=0.01)
+    quick = wired(engine, hot_path, payment_window_seconds=0.012345)
     orders = [
         await quick.placement.place_order(f"exp-{n}", order_request(f"exp-{n}", [(hot, 1)]))
         for n in range(3)
@@ -345,6 +343,11 @@ async def test_expiry_writes_one_stock_change_per_product_for_the_whole_sweep(
         pass
     ids = [order.id for order in orders]
     written = events_of(database_url, hot, *ids)
+    # The event's deadline, computed in Python, is the one the database stored.
+    created = {w.aggregate_id: w.message for w in written if w.subject.endswith("created")}
+    for order in orders:
+        deadline = created[order.id].expire_time.ToDatetime(tzinfo=order.expire_time.tzinfo)
+        assert deadline == order.expire_time
     expired = [w for w in written if w.subject == "marketplace.order.expired"]
     assert sorted((w.aggregate_id, w.sequence) for w in expired) == sorted((i, 2) for i in ids)
     stock = [w for w in written if w.aggregate_type == "inventory"]
