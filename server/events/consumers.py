@@ -283,8 +283,12 @@ class Consumers:
                         await subscription.unsubscribe()
             except (NatsError, OSError) as error:
                 _log.warning("consumer waits for NATS", consumer=spec.name, error=repr(error))
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, 10.0)
+            # The loop outlives any one failure (a bug included) and says what it was: one
+            # consumer's trouble must not stop the others, nor this one for good.
+            except Exception:
+                _log.exception("consumer failed", consumer=spec.name)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, 10.0)
 
     async def _process(self, spec: ConsumerSpec, jetstream: JetStreamContext, msg: Msg) -> None:
         metadata = msg.metadata

@@ -167,6 +167,10 @@ class Relay:
                     await self._follow_then_lead(conn)
             except (psycopg.Error, OSError) as error:
                 _log.warning("outbox relay lost the database", error=repr(error))
+            # The loop outlives any one failure (a bug included) and says what it was; its
+            # session, and so the lead, ended with the block.
+            except Exception:
+                _log.exception("outbox relay failed")
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, _RETRY_MAX_SECONDS)
 

@@ -10,6 +10,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -299,3 +300,35 @@ async def test_every_committed_event_is_applied_once_through_a_nats_killed_mid_l
 
 async def _applied_at_least(engine: AsyncEngine, count: int) -> bool:
     return len(await effects(engine)) >= count
+
+
+async def test_a_consumer_outlives_a_failure_of_its_own_and_the_others_go_on(
+    engine: AsyncEngine, nats_server: NatsServer, nats_connection: NatsConnection
+) -> None:
+    """A bug in the runner itself (here: its first message for `fragile` raises) is logged
+    and retried; neither that consumer nor the other one stops for good."""
+    fragile = RecordingConsumer(Inbox(engine), name="fragile")
+    steady = RecordingConsumer(Inbox(engine), name="steady")
+
+    class FailingOnce(Consumers):
+        failed = False
+
+        async def _process(self, spec: ConsumerSpec, jetstream: Any, msg: Any) -> None:
+            if spec.name == "fragile" and not FailingOnce.failed:
+                FailingOnce.failed = True
+                raise ValueError("a bug")
+            await super()._process(spec, jetstream, msg)
+
+    consumers = FailingOnce(
+        nats_connection,
+        [fragile.spec(), steady.spec()],
+        ConsumerSettings(ack_wait_seconds=1, retry_delay_seconds=0.1),
+        ConsumerMetrics.create(CollectorRegistry()),
+    )
+    await publish(nats_server.url, b"one", b"two")
+    async with running(consumers):
+        await eventually(
+            lambda: _applied_at_least(engine, 4), within=30, what="both consumers' effects"
+        )
+    assert FailingOnce.failed
+    assert sorted(data for _, data in await effects(engine)) == [b"one", b"one", b"two", b"two"]
