@@ -481,8 +481,10 @@ async def test_rest_speaks_lower_camel_case_with_int64_as_strings(
         "stock",
         "createTime",
         "updateTime",
+        "inventorySource",
     }
     assert product["stock"] == "3"
+    assert product["inventorySource"] == "INVENTORY_SOURCE_MANAGED_HERE"  # enums by name
     assert product["price"] == {"currencyCode": "GBP", "units": "20", "nanos": 500_000_000}
 
     adjusted = await rest.post(
