@@ -167,6 +167,11 @@ class Settings(BaseSettings):
     # One message's whole SMTP conversation; the consumer's inbox transaction stays open
     # while it lasts.
     mail_send_timeout_seconds: float = Field(10.0, gt=0, validation_alias=_env("MAIL_SEND_TIMEOUT"))
+    # Older events send no email: switching SMTP_URL on later must not mail every past order
+    # still on the stream, and news a day late is no longer news.
+    mail_max_event_age_seconds: float = Field(
+        86400.0, gt=0, validation_alias=_env("MAIL_MAX_EVENT_AGE")
+    )
     log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"))
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", validation_alias=_env("LOG_FORMAT")

@@ -16,7 +16,9 @@ order is paid once, while its payments (a failed one, then a good one) are sever
 
 from __future__ import annotations
 
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -98,7 +100,8 @@ class NotificationMetrics:
             skipped=Counter(
                 "marketplace_notifications_skipped_total",
                 "Order events no email was sent for, by reason: no_email (the customer's token"
-                " had no email claim), invalid_email",
+                " had no email claim), invalid_email, stale (the event is older than"
+                " MAIL_MAX_EVENT_AGE)",
                 ["reason"],
                 registry=registry,
             ),
@@ -222,7 +225,11 @@ class Notifier:
         mail_from: str,
         templates: EmailTemplates,
         metrics: NotificationMetrics,
+        max_event_age_seconds: float = 86400.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self._max_event_age_seconds = max_event_age_seconds
+        self._clock = clock
         self._inbox = inbox
         self._sender = sender
         self._mail_from = mail_from
@@ -234,6 +241,12 @@ class Notifier:
         event_id, order_id = _ids(event)
         kind = subscription.kind
         log = _log.bind(kind=str(kind), order_id=str(order_id), event_id=str(event_id))
+        occurred = event.metadata.occur_time.ToNanoseconds() / 1e9
+        if event.metadata.HasField("occur_time") and (
+            self._clock() - occurred > self._max_event_age_seconds
+        ):
+            self._skip(log, "stale")
+            return
         async with self._inbox.once(CONSUMER_NAME, delivery.message_id) as conn:
             if conn is None:
                 return  # sent before: a redelivery, or a replayed dead letter
@@ -289,6 +302,7 @@ def notification_consumer(context: ConsumerContext) -> ConsumerSpec | None:
         mail_from=settings.mail_from,
         templates=EmailTemplates(),
         metrics=NotificationMetrics.create(context.metrics.registry),
+        max_event_age_seconds=settings.mail_max_event_age_seconds,
     )
     return ConsumerSpec(
         name=CONSUMER_NAME,

@@ -5,6 +5,7 @@ here (tests/e2e/test_notifications.py runs the whole way)."""
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -200,6 +201,35 @@ async def test_an_order_without_an_address_sends_nothing_and_counts_a_skip(
     skipped = "marketplace_notifications_skipped_total"
     assert registry.get_sample_value(skipped, {"reason": "no_email"}) == 1
     assert inbox_has(database_url, delivery.message_id)  # decided once, not at every delivery
+
+
+async def test_an_event_older_than_the_mail_age_limit_sends_nothing(
+    engine: AsyncEngine,
+    use_cases: UseCases,
+    database_url: str,
+    mail_dir: Path,
+    sink_port: int,
+    metrics: NotificationMetrics,
+    registry: CollectorRegistry,
+) -> None:
+    """Switching email on later must not mail every past order still on the stream."""
+    order_id = await place(use_cases, database_url, email="late@shop.example")
+    delivery = delivery_of(database_url, order_id, "marketplace.order.created")
+    a_day_later = Notifier(
+        Inbox(engine),
+        SmtpSender(SmtpServer("127.0.0.1", sink_port, SmtpSecurity.NONE), timeout_seconds=5),
+        mail_from=MAIL_FROM,
+        templates=EmailTemplates(),
+        metrics=metrics,
+        max_event_age_seconds=3600,
+        clock=lambda: time.time() + 3601,
+    )
+
+    await a_day_later.handle(delivery)
+
+    assert kept_messages(mail_dir) == []
+    skipped = "marketplace_notifications_skipped_total"
+    assert registry.get_sample_value(skipped, {"reason": "stale"}) == 1
 
 
 async def test_a_product_name_with_markup_is_escaped_in_the_html_part(
