@@ -146,6 +146,9 @@ async def test_while_the_database_is_known_down_calls_fail_within_100_ms(
 
         postgres.stop()
         await eventually(lambda: health_is(channel, NOT_SERVING), within=20, what="down")
+        # One unmeasured round first: on a loaded machine the first burst also paid for
+        # this client's own start (a fresh-clone CI run measured a p99 of 117 ms).
+        await asyncio.gather(*(timed(calls[n % len(calls)]) for n in range(50)))
         latencies: list[float] = []
         for _ in range(4):
             latencies += await asyncio.gather(*(timed(calls[n % len(calls)]) for n in range(50)))
