@@ -334,6 +334,7 @@ class Relay:
             return []
         stored: list[int] = []
         failed: set[tuple[str, str]] = set()
+        aggregates = len({row.aggregate for row in rows})
         for group in _pipelined_groups(rows):
             sendable = [row for row in group if row.aggregate not in failed]
             futures: list[asyncio.Future[int]] = []
@@ -352,7 +353,7 @@ class Relay:
                     stored.append(row.position)
                 else:
                     failed.add(row.aggregate)
-            if len(failed) == len({row.aggregate for row in rows}):
+            if len(failed) == aggregates:
                 break
         if failed:
             _log.warning("outbox publish unacknowledged", events=len(rows) - len(stored))
