@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import statistics
 import tempfile
 import time
@@ -149,11 +150,22 @@ async def test_while_the_database_is_known_down_calls_fail_within_100_ms(
         # One unmeasured round first: on a loaded machine the first burst also paid for
         # this client's own start (a fresh-clone CI run measured a p99 of 117 ms).
         await asyncio.gather(*(timed(calls[n % len(calls)]) for n in range(50)))
-        latencies: list[float] = []
-        for _ in range(4):
-            latencies += await asyncio.gather(*(timed(calls[n % len(calls)]) for n in range(50)))
+        rounds: list[list[float]] = []
+        # The server's answer time, not this process's: late in a whole-suite run, a full
+        # garbage collection of the test process's heap can stall every call in flight.
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(4):
+                rounds.append(
+                    await asyncio.gather(*(timed(calls[n % len(calls)]) for n in range(50)))
+                )
+        finally:
+            gc.enable()
+        latencies = [latency for round_ in rounds for latency in round_]
         p99 = statistics.quantiles(latencies, n=100)[98]
-        assert p99 < 0.1, f"p99 {p99 * 1000:.0f} ms, slowest {max(latencies) * 1000:.0f} ms"
+        slowest = [f"{max(round_) * 1000:.0f}" for round_ in rounds]
+        assert p99 < 0.1, f"p99 {p99 * 1000:.0f} ms; each round's slowest (ms): {slowest}"
 
         postgres.start()
 
