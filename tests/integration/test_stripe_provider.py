@@ -212,8 +212,9 @@ async def test_an_outage_is_unavailable_after_max_attempts_and_creates_nothing(
 async def test_half_the_requests_failing_still_charges_each_order_once(
     make_provider: MakeProvider, localstripe: LocalStripe, faults: FaultInjector
 ) -> None:
-    # Enough attempts that 50% aborts almost never exhaust them (2**-12 per call).
-    provider = make_provider(max_attempts=12)
+    # 12 provider calls at 50% aborts: 12 attempts each failed one CI run in the whole suite
+    # (12 * 2**-12 per run); 24 make that 12 * 2**-24. Jittered backoff keeps the usual run short.
+    provider = make_provider(max_attempts=24)
     aborts_before = await faults.stat("fault.aborts_injected")
     await faults.abort(http_status=503, percent=50)
     orders = [new_key() for _ in range(6)]
