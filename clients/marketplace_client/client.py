@@ -10,6 +10,7 @@ from typing import Generic, NamedTuple, Self, TypeVar
 
 import grpc
 from google.protobuf import field_mask_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from marketplace.order.v1 import order_pb2, order_pb2_grpc
@@ -85,6 +86,7 @@ class MarketplaceClient:
         self._catalog = catalog_pb2_grpc.CatalogServiceStub(self._channel)
         self._orders = order_pb2_grpc.OrderServiceStub(self._channel)
         self._payments = payment_pb2_grpc.PaymentServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def __aenter__(self) -> Self:
         return self
@@ -304,6 +306,16 @@ class MarketplaceClient:
         if amount is not None and currency is not None:
             request.amount.CopyFrom(to_money(amount, currency))
         return (await self._call(self._payments.RefundPayment, request)).payment
+
+    # Health
+
+    async def check_health(self, service: str = "") -> str:
+        """The grpc.health.v1 status of `service` (a full service name such as
+        ``marketplace.order.v1.OrderService``; "" is the whole server) by name: SERVING,
+        NOT_SERVING, ... An unknown service raises NotFoundError."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = await self._call(self._health.Check, request)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     async def _call(
         self,

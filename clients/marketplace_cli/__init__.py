@@ -1,0 +1,1 @@
+"""The `marketplace` command line, on the typed async client (marketplace_client)."""

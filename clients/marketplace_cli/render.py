@@ -1,0 +1,159 @@
+"""Tables for people, proto3 JSON for scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Mapping
+from decimal import Decimal
+from typing import Any
+
+import iso4217
+from google.protobuf import json_format, timestamp_pb2
+from google.protobuf.message import Message
+from google.type import money_pb2
+from rich.console import Console
+from rich.table import Table
+
+from marketplace.catalog.v1 import catalog_pb2
+from marketplace.order.v1 import order_pb2
+from marketplace.payment.v1 import payment_pb2
+from marketplace_client import to_decimal
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    """The message in protobuf's JSON mapping, as the REST API sends it (camelCase, int64
+    as strings, enums by name)."""
+    return json_format.MessageToDict(message)
+
+
+def print_json(value: Mapping[str, Any] | list[Any]) -> None:
+    # Plain stdout, not Rich: a terminal's width must never wrap what a script parses.
+    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def money(value: money_pb2.Money) -> str:
+    """12.50 USD: the currency's own minor units where that loses nothing."""
+    amount = to_decimal(value)
+    try:
+        exponent = iso4217.Currency(value.currency_code).exponent
+    except ValueError:
+        exponent = None
+    if exponent is not None:
+        shown = amount.quantize(Decimal(1).scaleb(-exponent))
+        if shown == amount:
+            amount = shown
+    else:
+        amount = amount.normalize()
+    return f"{amount:f} {value.currency_code}"
+
+
+def when(value: timestamp_pb2.Timestamp) -> str:
+    if not value.seconds and not value.nanos:
+        return ""
+    return value.ToDatetime().strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def short_enum(name: str, prefix: str) -> str:
+    return name.removeprefix(prefix)
+
+
+def order_status(order: order_pb2.Order) -> str:
+    return short_enum(order_pb2.OrderStatus.Name(order.status), "ORDER_STATUS_")
+
+
+def payment_status(payment: payment_pb2.Payment) -> str:
+    return short_enum(payment_pb2.PaymentStatus.Name(payment.status), "PAYMENT_STATUS_")
+
+
+def inventory(product: catalog_pb2.Product) -> str:
+    name = catalog_pb2.InventorySource.Name(product.inventory_source)
+    return short_enum(name, "INVENTORY_SOURCE_").lower().replace("_", " ")
+
+
+def products_table(products: Iterable[catalog_pb2.Product]) -> Table:
+    table = Table("SKU", "Name", "Price", "Stock", "Stock kept", "ID")
+    table.columns[2].justify = table.columns[3].justify = "right"
+    for p in products:
+        table.add_row(p.sku, p.name, money(p.price), str(p.stock), inventory(p), p.id)
+    return table
+
+
+def product_table(product: catalog_pb2.Product) -> Table:
+    table = Table(show_header=False, box=None)
+    for label, value in (
+        ("ID", product.id),
+        ("SKU", product.sku),
+        ("Name", product.name),
+        ("Description", product.description),
+        ("Price", money(product.price)),
+        ("Stock", str(product.stock)),
+        ("Stock kept", inventory(product)),
+        ("Created", when(product.create_time)),
+        ("Updated", when(product.update_time)),
+    ):
+        table.add_row(f"[bold]{label}[/]", value)
+    return table
+
+
+def orders_table(orders: Iterable[order_pb2.Order]) -> Table:
+    table = Table("ID", "Status", "Total", "Lines", "Placed", "Expires")
+    table.columns[2].justify = "right"
+    for o in orders:
+        lines = ", ".join(f"{item.sku} x{item.quantity}" for item in o.items)
+        table.add_row(
+            o.id, order_status(o), money(o.total), lines, when(o.create_time), when(o.expire_time)
+        )
+    return table
+
+
+def order_tables(order: order_pb2.Order) -> list[Table]:
+    head = Table(show_header=False, box=None)
+    for label, value in (
+        ("ID", order.id),
+        ("Customer", order.customer_id),
+        ("Status", order_status(order)),
+        ("Total", money(order.total)),
+        ("Placed", when(order.create_time)),
+        ("Updated", when(order.update_time)),
+        ("Expires", when(order.expire_time)),
+    ):
+        head.add_row(f"[bold]{label}[/]", value)
+    lines = Table("SKU", "Quantity", "Unit price", "Line total", "Product ID")
+    for column in lines.columns[1:4]:
+        column.justify = "right"
+    for item in order.items:
+        lines.add_row(
+            item.sku,
+            str(item.quantity),
+            money(item.unit_price),
+            money(item.line_total),
+            item.product_id,
+        )
+    return [head, lines]
+
+
+def payments_table(payments: Iterable[payment_pb2.Payment]) -> Table:
+    table = Table("ID", "Status", "Amount", "Refunded", "Failure", "Created", "Order ID")
+    table.columns[2].justify = table.columns[3].justify = "right"
+    for p in payments:
+        failure = f"{p.failure_code}: {p.failure_message}" if p.failure_code else ""
+        refunded = money(p.amount_refunded) if p.HasField("amount_refunded") else ""
+        table.add_row(
+            p.id,
+            payment_status(p),
+            money(p.amount),
+            refunded,
+            failure,
+            when(p.create_time),
+            p.order_id,
+        )
+    return table
+
+
+def print_page_hint(console: Console, next_page_token: str, command: str) -> None:
+    if next_page_token:
+        console.print(
+            f"More: [bold]{command} --page-token {next_page_token}[/] (or --all)",
+            highlight=False,
+        )
