@@ -41,6 +41,9 @@ SPECIAL_JSON = frozenset(
 )
 # A body the method takes as it comes (the provider's webhook): not JSON of ours to check.
 HTTP_BODY = "google.api.HttpBody"
+# The OpenAPI plugin (server/tools/openapi.py) also reads these, for their comments: the
+# error body and its details, and Money.
+OPENAPI_EXTRA_INPUTS = ("google/type/money.proto", *EXTRA_DESCRIPTOR_INPUTS)
 
 
 def _googleapis_include() -> str:
@@ -86,6 +89,19 @@ def generate(out: Path) -> None:
             *EXTRA_DESCRIPTOR_INPUTS,
         ]
     )
+    with tempfile.TemporaryDirectory() as plugin_dir:
+        # protoc runs a plugin by path: a script that starts this interpreter on the module.
+        plugin = Path(plugin_dir) / "protoc-gen-openapi"
+        plugin.write_text(f"#!/bin/sh\nexec '{sys.executable}' -m server.tools.openapi\n")
+        plugin.chmod(0o700)
+        _protoc(
+            [
+                f"--plugin=protoc-gen-openapi={plugin}",
+                f"--openapi_out={out}",
+                *protos,
+                *OPENAPI_EXTRA_INPUTS,
+            ]
+        )
     image = (out / DESCRIPTOR_NAME).read_bytes()
     (out / REST_CHECK_NAME).write_text(rest_unknown_fields_lua(image))
     # Regular packages (not namespace ones) so setuptools and mypy find them plainly.
