@@ -32,6 +32,7 @@ ERROR_DETAILS_FILE = "google/rpc/error_details.proto"
 STATUS = "google.rpc.Status"
 ANY = "google.protobuf.Any"
 HTTP_BODY = "google.api.HttpBody"
+FIELD_MASK = "google.protobuf.FieldMask"
 BEARER = "bearerAuth"
 
 Field = descriptor_pb2.FieldDescriptorProto
@@ -436,14 +437,24 @@ class _Builder:
         request_body: Schema = {}
         if description := self.comments.get((request, field.name)):
             request_body["description"] = description
-        if field.type_name.removeprefix(".") == HTTP_BODY:
+        body_type = field.type_name.removeprefix(".")
+        if body_type == HTTP_BODY:
             # The method reads the body as sent, whatever its type (the provider's webhook).
             content: Schema = {"*/*": {"schema": {"type": "string"}}}
+        elif body_type in self.messages and self._partial_update(request):
+            # A partial update (AIP-134) reads only the fields its mask names, so none of
+            # the resource's required fields is required in its body.
+            schema = self._message_schema(body_type)
+            schema.pop("required", None)
+            content = {"application/json": {"schema": schema}}
         else:
             content = {"application/json": {"schema": self._value(field)}}
         request_body["required"] = field_behavior_pb2.REQUIRED in _behaviors(field)
         request_body["content"] = content
         return request_body
+
+    def _partial_update(self, request: str) -> bool:
+        return any(f.type_name == f".{FIELD_MASK}" for f in self.messages[request].field)
 
     # -- the document -------------------------------------------------------------------
 

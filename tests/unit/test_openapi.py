@@ -152,6 +152,13 @@ def test_a_body_of_one_field_is_that_fields_message(document: dict[str, Any]) ->
     assert create["required"] is True
     product = create["content"]["application/json"]["schema"]
     assert product == {"$ref": "#/components/schemas/marketplace.catalog.v1.Product"}
+    # A partial update reads only the fields its mask names: the same fields, none required.
+    update = document["paths"]["/v1/products/{product.id}"]["patch"]["requestBody"]
+    partial = update["content"]["application/json"]["schema"]
+    whole = _resolve(document, product)
+    assert partial["properties"] == whole["properties"]
+    assert "required" not in partial
+    assert whole["required"]
 
 
 def test_json_mapping_of_fields(document: dict[str, Any]) -> None:
