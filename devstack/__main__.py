@@ -31,6 +31,7 @@ from devstack.nats import nats_url, start_nats, wait_for_nats
 from devstack.postgres import database, seed_demo_catalog
 from devstack.processes import port_holder, port_is_taken, stop_process
 from devstack.server import ensure_jwt_secret, start_server, wait_for_grpc
+from devstack.stripejs import teach_payment_methods
 from devstack.tls import SERVER_TLS_SETTINGS, TlsFiles, ensure_development_tls
 from devstack.warehouse import (
     STATE_FILE,
@@ -38,6 +39,7 @@ from devstack.warehouse import (
     ship_delay_from_environment,
     start_warehouse,
 )
+from devstack.web import dev_token_endpoint, development_email
 from server.api.auth import issue_development_token
 from server.db.engine import upgrade_schema
 from server.domain.identity import Role
@@ -138,7 +140,7 @@ def run(*, tls: bool = False, warehouse: bool = True) -> int:
     DATA_DIR.mkdir(exist_ok=True)
     tls_files = ensure_development_tls(DATA_DIR / "tls") if tls else None
     scheme = "https" if tls_files is not None else "http"
-    with database() as database_url:
+    with database() as database_url, dev_token_endpoint(secret) as dev_token_port:
         print(f"PostgreSQL: {database_url}", flush=True)
         upgrade_schema(database_url)
         seed_demo_catalog(database_url)
@@ -153,6 +155,8 @@ def run(*, tls: bool = False, warehouse: bool = True) -> int:
                 provider_proxy_port=provider_proxy_port,
                 localstripe_port=localstripe_port,
                 tls=tls_files,
+                # The storefront's "sign in as a name": this copy of envoy.yaml only.
+                dev_token_port=dev_token_port,
             )
         )
         if tls_files is not None:
@@ -233,6 +237,8 @@ def run(*, tls: bool = False, warehouse: bool = True) -> int:
             print(
                 f"\nMarketplace is up.\n"
                 f"{_how_to_call(tls_files, grpc_port, http_port)}"
+                f"  web    {scheme}://127.0.0.1:{http_port}/ (the storefront; sign in with any"
+                f" name)   {scheme}://127.0.0.1:{http_port}/docs (Swagger UI)\n"
                 f"  metrics {metrics}\n"
                 f"  Envoy admin http://127.0.0.1:{admin_port}"
                 f"   envoy log: {_shown(DATA_DIR / 'envoy.log')}\n"
@@ -277,12 +283,6 @@ def _warehouse_line(on: bool) -> str:
         f"   log: {_shown(DATA_DIR / 'warehouse.log')}\n"
         f"         make stock-level SKU=TEE-BLACK-M ON_HAND=40 publishes a level by hand"
     )
-
-
-def development_email(subject: str) -> str:
-    """The email claim of make run's and make token's tokens unless told otherwise: where
-    the notifications of the orders they place go (the SMTP sink keeps them)."""
-    return f"{subject}@example.com"
 
 
 def print_token(role: str, subject: str, email: str | None) -> int:
@@ -367,6 +367,8 @@ def main() -> int:
     if options.command == "card":
         return print_card(options.number)
     if options.command == "localstripe":
+        # The storefront makes its PaymentMethods in the browser, through this Stripe.js.
+        teach_payment_methods()
         serve_localstripe(options.port, options.store)
         return 0
     return run(tls=options.tls, warehouse=not options.no_warehouse)

