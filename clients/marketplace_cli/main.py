@@ -185,6 +185,8 @@ def call(
         return asyncio.run(run())
     except MarketplaceError as error:
         print_error(err, error, as_json=settings.as_json, labels=labels)
+        if error.code == grpc.StatusCode.UNAVAILABLE and not settings.as_json:
+            err.print(f"Is the server at {settings.server} up? (--server or ${SERVER_ENV})")
         raise typer.Exit(exit_code_of(error)) from None
 
 
@@ -428,7 +430,7 @@ def orders_create(
         return await client.create_order(resolved, request_id=key)
 
     if not settings.as_json:
-        err.print(f"request id {key} (retry with --request-id {key}: placed once)")
+        err.print(f"request id {key} (retry with --request-id {key}: placed once)", soft_wrap=True)
     order = call(settings, work, labels)
     print_message(settings, order, *render.order_tables(order))
 
@@ -497,7 +499,7 @@ def payments_create(
     settings = settings_of(ctx, as_json)
     key = request_id or str(uuid.uuid4())
     if not settings.as_json:
-        err.print(f"request id {key} (retry with --request-id {key}: charged once)")
+        err.print(f"request id {key} (retry with --request-id {key}: charged once)", soft_wrap=True)
     payment = call(
         settings, lambda client: client.create_payment(order_id, payment_method, request_id=key)
     )

@@ -12,8 +12,9 @@ import iso4217
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 from google.type import money_pb2
+from rich import box
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from marketplace.catalog.v1 import catalog_pb2
 from marketplace.order.v1 import order_pb2
@@ -71,16 +72,40 @@ def inventory(product: catalog_pb2.Product) -> str:
     return short_enum(name, "INVENTORY_SOURCE_").lower().replace("_", " ")
 
 
+def stock(product: catalog_pb2.Product) -> str:
+    """The units, marked when the warehouse counts them (adjust-stock is refused then)."""
+    if product.inventory_source == catalog_pb2.INVENTORY_SOURCE_WAREHOUSE:
+        return f"{product.stock} (warehouse)"
+    return str(product.stock)
+
+
+def table(*columns: str | Column) -> Table:
+    # No vertical rules: the width goes to the ids and SKUs people copy.
+    return Table(*columns, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+
+
+def id_column(header: str = "ID") -> Column:
+    # Ids are what people copy into the next command: never cut or wrapped.
+    return Column(header, no_wrap=True, min_width=36)
+
+
+def amount_column(header: str) -> Column:
+    return Column(header, no_wrap=True, justify="right")
+
+
+def sku_column() -> Column:
+    return Column("SKU", no_wrap=True)
+
+
 def products_table(products: Iterable[catalog_pb2.Product]) -> Table:
-    table = Table("SKU", "Name", "Price", "Stock", "Stock kept", "ID")
-    table.columns[2].justify = table.columns[3].justify = "right"
+    rows = table(sku_column(), "Name", amount_column("Price"), amount_column("Stock"), id_column())
     for p in products:
-        table.add_row(p.sku, p.name, money(p.price), str(p.stock), inventory(p), p.id)
-    return table
+        rows.add_row(p.sku, p.name, money(p.price), stock(p), p.id)
+    return rows
 
 
 def product_table(product: catalog_pb2.Product) -> Table:
-    table = Table(show_header=False, box=None)
+    fields = Table(show_header=False, box=None)
     for label, value in (
         ("ID", product.id),
         ("SKU", product.sku),
@@ -92,19 +117,23 @@ def product_table(product: catalog_pb2.Product) -> Table:
         ("Created", when(product.create_time)),
         ("Updated", when(product.update_time)),
     ):
-        table.add_row(f"[bold]{label}[/]", value)
-    return table
+        fields.add_row(f"[bold]{label}[/]", value)
+    return fields
 
 
 def orders_table(orders: Iterable[order_pb2.Order]) -> Table:
-    table = Table("ID", "Status", "Total", "Lines", "Placed", "Expires")
-    table.columns[2].justify = "right"
+    rows = table(
+        id_column(),
+        Column("Status", no_wrap=True),
+        amount_column("Total"),
+        Column("Lines", no_wrap=True),
+        Column("Placed (UTC)", no_wrap=True),
+    )
     for o in orders:
-        lines = ", ".join(f"{item.sku} x{item.quantity}" for item in o.items)
-        table.add_row(
-            o.id, order_status(o), money(o.total), lines, when(o.create_time), when(o.expire_time)
-        )
-    return table
+        lines = "\n".join(f"{item.sku} x{item.quantity}" for item in o.items)
+        placed = o.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M")
+        rows.add_row(o.id, order_status(o), money(o.total), lines, placed)
+    return rows
 
 
 def order_tables(order: order_pb2.Order) -> list[Table]:
@@ -119,9 +148,13 @@ def order_tables(order: order_pb2.Order) -> list[Table]:
         ("Expires", when(order.expire_time)),
     ):
         head.add_row(f"[bold]{label}[/]", value)
-    lines = Table("SKU", "Quantity", "Unit price", "Line total", "Product ID")
-    for column in lines.columns[1:4]:
-        column.justify = "right"
+    lines = table(
+        sku_column(),
+        amount_column("Quantity"),
+        amount_column("Unit price"),
+        amount_column("Line total"),
+        id_column("Product ID"),
+    )
     for item in order.items:
         lines.add_row(
             item.sku,
@@ -134,12 +167,19 @@ def order_tables(order: order_pb2.Order) -> list[Table]:
 
 
 def payments_table(payments: Iterable[payment_pb2.Payment]) -> Table:
-    table = Table("ID", "Status", "Amount", "Refunded", "Failure", "Created", "Order ID")
-    table.columns[2].justify = table.columns[3].justify = "right"
+    rows = table(
+        id_column(),
+        "Status",
+        amount_column("Amount"),
+        amount_column("Refunded"),
+        "Failure",
+        "Created",
+        id_column("Order ID"),
+    )
     for p in payments:
         failure = f"{p.failure_code}: {p.failure_message}" if p.failure_code else ""
         refunded = money(p.amount_refunded) if p.HasField("amount_refunded") else ""
-        table.add_row(
+        rows.add_row(
             p.id,
             payment_status(p),
             money(p.amount),
@@ -148,12 +188,15 @@ def payments_table(payments: Iterable[payment_pb2.Payment]) -> Table:
             when(p.create_time),
             p.order_id,
         )
-    return table
+    return rows
 
 
 def print_page_hint(console: Console, next_page_token: str, command: str) -> None:
     if next_page_token:
+        # soft_wrap: a token cut across lines could not be pasted back
         console.print(
-            f"More: [bold]{command} --page-token {next_page_token}[/] (or --all)",
+            f"More: {command} --page-token {next_page_token} (or --all)",
             highlight=False,
+            markup=False,
+            soft_wrap=True,
         )
