@@ -41,12 +41,13 @@ Schema = dict[str, Any]
 _SCALARS: dict[int, Schema] = {
     Field.TYPE_DOUBLE: {"type": "number", "format": "double"},
     Field.TYPE_FLOAT: {"type": "number", "format": "float"},
-    # proto3 JSON prints 64-bit integers as strings: a double cannot hold them all.
-    Field.TYPE_INT64: {"type": "string", "format": "int64"},
-    Field.TYPE_SINT64: {"type": "string", "format": "int64"},
-    Field.TYPE_SFIXED64: {"type": "string", "format": "int64"},
-    Field.TYPE_UINT64: {"type": "string", "format": "uint64"},
-    Field.TYPE_FIXED64: {"type": "string", "format": "uint64"},
+    # proto3 JSON prints 64-bit integers as strings: a double cannot hold them all. The
+    # example keeps Swagger UI from offering "string", which the transcoder refuses.
+    Field.TYPE_INT64: {"type": "string", "format": "int64", "example": "0"},
+    Field.TYPE_SINT64: {"type": "string", "format": "int64", "example": "0"},
+    Field.TYPE_SFIXED64: {"type": "string", "format": "int64", "example": "0"},
+    Field.TYPE_UINT64: {"type": "string", "format": "uint64", "example": "0"},
+    Field.TYPE_FIXED64: {"type": "string", "format": "uint64", "example": "0"},
     Field.TYPE_INT32: {"type": "integer", "format": "int32"},
     Field.TYPE_SINT32: {"type": "integer", "format": "int32"},
     Field.TYPE_SFIXED32: {"type": "integer", "format": "int32"},
