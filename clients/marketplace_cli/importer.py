@@ -17,6 +17,8 @@ from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Any
 
+import grpc
+
 from marketplace.catalog.v1 import catalog_pb2
 from marketplace_cli.exits import UNAVAILABILITIES, error_json, error_lines
 from marketplace_client import (
@@ -30,6 +32,10 @@ from marketplace_client import (
 COLUMNS = ("sku", "name", "description", "price", "currency", "stock")
 # Stock adjustments' request ids are uuid5 names in this namespace (a fixed, random uuid4).
 STOCK_REQUEST_NAMESPACE = uuid.UUID("6f1c0f5e-3f59-4c39-9a55-8f3f8c6f2e11")
+
+
+# Failures that are no row's fault: the import stops instead of refusing every row alike.
+STOPS = UNAVAILABILITIES | {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 
 
 class ImportFileError(ValueError):
@@ -191,11 +197,12 @@ async def import_row(
     reason: str,
 ) -> RowResult:
     """Makes the catalog agree with one row. A refusal becomes the row's result; an
-    unavailable server raises (every later row would fail the same way)."""
+    unavailable server or a token that may not write raises (every later row would fail
+    the same way)."""
     try:
         return await _apply(client, row, existing, reason=reason)
     except MarketplaceError as error:
-        if error.code in UNAVAILABILITIES:
+        if error.code in STOPS:
             raise
         return RowResult(row.line, row.sku, Outcome.REFUSED, "; ".join(error_lines(error)))
 
@@ -244,7 +251,8 @@ async def import_rows(
     advance: Callable[[RowResult], None],
 ) -> Summary:
     """Imports the rows in file order, calling `advance` after each; stops at the first
-    row the server could not be reached for (the summary says so in `stopped_by`)."""
+    row the server could not be reached for, or refused for the token (the summary says so
+    in `stopped_by`)."""
     summary = Summary()
     try:
         catalog = await catalog_by_sku(client)
@@ -257,7 +265,7 @@ async def import_rows(
             summary.results.append(result)
             advance(result)
     except MarketplaceError as error:
-        if error.code not in UNAVAILABILITIES:
+        if error.code not in STOPS:
             raise
         summary.stopped_by = error
     return summary

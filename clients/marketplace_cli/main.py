@@ -659,8 +659,13 @@ def import_products(
         )
     print_summary(settings, summary)
     if summary.stopped_by is not None:
-        print_error(err, summary.stopped_by, as_json=settings.as_json)
-        err.print(f"stopped after {len(summary.results)} of {len(rows)} rows; run it again")
+        # --json: the summary on stdout carries the error as stoppedBy
+        if not settings.as_json:
+            print_error(err, summary.stopped_by, as_json=False)
+            err.print(
+                f"Stopped after {len(summary.results)} of {len(rows)} rows; the same import"
+                " again goes on where this one stopped."
+            )
         raise typer.Exit(exit_code_of(summary.stopped_by))
     if summary.refused:
         raise typer.Exit(Exit.REFUSED)

@@ -40,13 +40,10 @@ def money(value: money_pb2.Money) -> str:
         exponent = iso4217.Currency(value.currency_code).exponent
     except ValueError:
         exponent = None
-    if exponent is not None:
-        shown = amount.quantize(Decimal(1).scaleb(-exponent))
-        if shown == amount:
-            amount = shown
-    else:
-        amount = amount.normalize()
-    return f"{amount:f} {value.currency_code}"
+    minor = amount.quantize(Decimal(1).scaleb(-exponent)) if exponent is not None else None
+    # More places than the currency has are shown, never rounded away.
+    shown = minor if minor is not None and minor == amount else amount.normalize()
+    return f"{shown:f} {value.currency_code}"
 
 
 def when(value: timestamp_pb2.Timestamp) -> str:

@@ -483,3 +483,25 @@ def test_the_installed_console_script(stack: Stack, tokens: Tokens, tmp_path: Pa
     )
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout)["price"] == {"currencyCode": "JPY", "units": "1800"}
+
+
+def test_an_import_without_the_admin_role_stops_at_once(
+    stack: Stack, tokens: Tokens, tmp_path: Path
+) -> None:
+    skus = [unique("CLI-DENIED") for _ in range(2)]
+    path = write_csv(tmp_path, "denied.csv", *(f"{sku},Denied,,1.00,USD,1" for sku in skus))
+    result = cli(stack, tokens.customer(), "import", str(path))
+    assert result.exit_code == REFUSED, result.output
+    assert "PERMISSION_DENIED" in result.stderr
+    assert "Stopped after 0 of 2 rows" in result.stderr
+    assert products_by_sku(stack, set(skus)) == {}
+
+
+def test_an_import_against_an_unreachable_server_exits_unavailable(
+    stack: Stack, tokens: Tokens, tmp_path: Path
+) -> None:
+    path = write_csv(tmp_path, "down.csv", f"{unique('CLI-DOWN')},Down,,1.00,USD,1")
+    nobody = f"127.0.0.1:{free_port()}"
+    result = cli(stack, tokens.admin(), "--json", "import", str(path), server=nobody)
+    assert result.exit_code == UNAVAILABLE, result.output
+    assert json.loads(result.stdout)["stoppedBy"]["code"] == "UNAVAILABLE"
