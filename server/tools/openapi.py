@@ -211,7 +211,11 @@ class _Builder:
     def _enum_schema(self, name: str) -> Schema:
         values = self.enums[name].value
         lines = [self.comments.get((name,), ""), ""]
-        lines += [f"- `{v.name}`: {self.comments.get((name, v.name), '')}" for v in values]
+        # One line per value, so that a comment of several lines stays one Markdown item.
+        lines += [
+            f"- `{v.name}`: " + " ".join(self.comments.get((name, v.name), "").split())
+            for v in values
+        ]
         return {
             "type": "string",
             "description": "\n".join(lines).strip(),
