@@ -24,6 +24,7 @@ from google.api import annotations_pb2, field_behavior_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 from google.protobuf.compiler import plugin_pb2
 
+from server.api.policy import ACCESS_POLICIES
 from server.domain.identity import Access
 
 OUTPUT_NAME = "openapi.json"
@@ -511,10 +512,6 @@ def _first_sentence(comment: str) -> str:
 
 
 def main() -> None:
-    # Imported here, not at the top: the policy imports the generated code, which the
-    # functions above do not need (tests build documents from a descriptor set alone).
-    from server.api.policy import ACCESS_POLICIES
-
     request = plugin_pb2.CodeGeneratorRequest.FromString(sys.stdin.buffer.read())
     document = openapi_document(request.proto_file, request.file_to_generate, ACCESS_POLICIES)
     response = plugin_pb2.CodeGeneratorResponse(
