@@ -70,7 +70,7 @@ def error_lines(error: MarketplaceError, labels: Mapping[str, str] | None = None
     unmet precondition (an out-of-stock order: one per short line). `labels` names the
     subjects the caller knows better (``products/<id>`` -> the SKU it typed)."""
     head = f"{error.code.name}: {error.message}"
-    if error.reason:
+    if error.reason and error.reason != error.code.name:
         head += f" ({error.reason})"
     lines = [head]
     lines += [f"  {v.field}: {v.description}" for v in error.field_violations]
@@ -80,6 +80,17 @@ def error_lines(error: MarketplaceError, labels: Mapping[str, str] | None = None
             subject = f"{labels[subject]} ({subject})"
         lines.append(f"  {subject}: {violation.description}")
     return lines
+
+
+def error_summary(error: MarketplaceError) -> str:
+    """The refusal on one line, for a table cell: the bad fields or unmet preconditions
+    when the server named them (its message repeats them), else the message."""
+    details = [f"{v.field}: {v.description}" for v in error.field_violations] + [
+        f"{v.subject}: {v.description}" for v in error.precondition_violations
+    ]
+    if details:
+        return "; ".join(details)
+    return error_lines(error)[0]
 
 
 def error_json(error: MarketplaceError) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from marketplace.catalog.v1 import catalog_pb2
-from marketplace_cli.exits import UNAVAILABILITIES, error_json, error_lines
+from marketplace_cli.exits import UNAVAILABILITIES, error_json, error_summary
 from marketplace_client import (
     AlreadyExistsError,
     MarketplaceClient,
@@ -204,7 +204,7 @@ async def import_row(
     except MarketplaceError as error:
         if error.code in STOPS:
             raise
-        return RowResult(row.line, row.sku, Outcome.REFUSED, "; ".join(error_lines(error)))
+        return RowResult(row.line, row.sku, Outcome.REFUSED, error_summary(error))
 
 
 async def _apply(

@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from marketplace.catalog.v1 import catalog_pb2
 from marketplace.order.v1 import order_pb2
@@ -601,7 +601,7 @@ def health(
     if settings.as_json:
         render.print_json({"statuses": statuses})
     else:
-        table = Table("Service", "Status")
+        table = render.table("Service", "Status")
         for name, status in statuses.items():
             colour = "green" if status == "SERVING" else "red"
             table.add_row(name or "(server)", f"[{colour}]{status}[/]")
@@ -675,12 +675,12 @@ def print_summary(settings: Settings, summary: Summary) -> None:
     if settings.as_json:
         render.print_json(summary.as_json())
         return
-    changed = [r for r in summary.results if r.outcome is not Outcome.UNCHANGED]
-    if changed:
-        table = Table("Line", "SKU", "Outcome", "Detail")
-        table.columns[0].justify = "right"
-        colours = {Outcome.CREATED: "green", Outcome.UPDATED: "cyan", Outcome.REFUSED: "red"}
-        for r in changed:
+    # Created and unchanged rows are counted; the rows to read are what changed and why not.
+    noted = [r for r in summary.results if r.outcome in (Outcome.UPDATED, Outcome.REFUSED)]
+    if noted:
+        table = render.table(Column("Line", justify="right"), "SKU", "Outcome", "Detail")
+        colours = {Outcome.UPDATED: "cyan", Outcome.REFUSED: "red"}
+        for r in noted:
             outcome = f"[{colours[r.outcome]}]{r.outcome}[/]"
             table.add_row(str(r.line), escape(r.sku), outcome, escape(r.detail))
         out.print(table)

@@ -78,7 +78,9 @@ def stock(product: catalog_pb2.Product) -> str:
 
 def table(*columns: str | Column) -> Table:
     # No vertical rules: the width goes to the ids and SKUs people copy.
-    return Table(*columns, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    return Table(
+        *columns, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True
+    )
 
 
 def id_column(header: str = "ID") -> Column:
