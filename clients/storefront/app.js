@@ -14,8 +14,19 @@ const orderStatus = (s) => statusName(s, "ORDER_STATUS_");
 const paymentStatus = (s) => statusName(s, "PAYMENT_STATUS_");
 const productLink = (p) => h("a", { href: `#/product/${encodeURIComponent(p.id)}` }, p.name);
 
+let generation = 0; // which route's view is current
+
 function show(...children) {
   view.replaceChildren(...children);
+}
+
+// A show() for a view that renders after waiting: it does nothing once the person has
+// moved on, so a slow answer never replaces the view they went to.
+function showing() {
+  const mine = generation;
+  return (...children) => {
+    if (mine === generation) show(...children);
+  };
 }
 
 function every(ms, task) {
@@ -49,7 +60,7 @@ function renderHeader() {
         h("button", { type: "button", class: "link", onclick: signOut }, "Sign out"),
       ]
     : [h("a", { href: "#/signin" }, "Sign in")];
-  document.getElementById("nav").replaceChildren(...links);
+  document.getElementById("nav").replaceChildren(...links.filter(Boolean));
   document.getElementById("account").replaceChildren(...account);
 }
 
@@ -62,6 +73,7 @@ function signOut() {
 // --- catalog ------------------------------------------------------------------------------
 
 async function catalogPage(params) {
+  const show = showing();
   const pageToken = params.get("page") ?? "";
   show(h("h1", {}, "Catalog"), h("p", { class: "muted" }, "Loading…"));
   let answer;
@@ -124,6 +136,7 @@ function addToCart(product, quantity) {
 }
 
 async function productPage(id) {
+  const show = showing();
   let product;
   try {
     ({ product } = await api.getProduct(id));
@@ -362,7 +375,7 @@ async function orderPage(id) {
       h("p", {}, "Total: ", h("strong", {}, money(order.total))),
       order.status === "ORDER_STATUS_PENDING_PAYMENT" && order.expireTime
         ? h("p", { class: "muted" }, `Unpaid orders expire at ${new Date(order.expireTime).toLocaleTimeString()}.`)
-        : null,
+        : "",
     );
     payments.replaceChildren(
       paymentList.length ? h("h2", {}, "Payments") : "",
@@ -618,6 +631,7 @@ async function adminPage() {
 // --- routing ------------------------------------------------------------------------------
 
 async function route() {
+  generation += 1;
   for (const stop of leaving) stop();
   leaving = [];
   renderHeader();
