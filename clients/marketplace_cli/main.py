@@ -503,7 +503,7 @@ def payments_create(
     payment = call(
         settings, lambda client: client.create_payment(order_id, payment_method, request_id=key)
     )
-    print_message(settings, payment, render.payments_table([payment]))
+    print_message(settings, payment, render.payment_table(payment))
     if payment.status == payment_pb2.PAYMENT_STATUS_FAILED:
         if not settings.as_json:
             err.print(
@@ -547,7 +547,7 @@ def payments_get(
     """One payment."""
     settings = settings_of(ctx, as_json)
     payment = call(settings, lambda client: client.get_payment(payment_id))
-    print_message(settings, payment, render.payments_table([payment]))
+    print_message(settings, payment, render.payment_table(payment))
 
 
 @payments_app.command("refund")
@@ -575,7 +575,7 @@ def payments_refund(
             request_id=key,
         ),
     )
-    print_message(settings, payment, render.payments_table([payment]))
+    print_message(settings, payment, render.payment_table(payment))
 
 
 # Health

@@ -165,29 +165,43 @@ def order_tables(order: order_pb2.Order) -> list[Table]:
     return [head, lines]
 
 
+def failure(payment: payment_pb2.Payment) -> str:
+    if not payment.failure_code:
+        return ""
+    return f"{payment.failure_message} ({payment.failure_code})"
+
+
 def payments_table(payments: Iterable[payment_pb2.Payment]) -> Table:
+    """Newest first, as listed; `payments get` shows one in full (times, provider)."""
     rows = table(
         id_column(),
-        "Status",
+        Column("Status", no_wrap=True),
         amount_column("Amount"),
         amount_column("Refunded"),
         "Failure",
-        "Created",
-        id_column("Order ID"),
     )
     for p in payments:
-        failure = f"{p.failure_code}: {p.failure_message}" if p.failure_code else ""
-        refunded = money(p.amount_refunded) if p.HasField("amount_refunded") else ""
         rows.add_row(
-            p.id,
-            payment_status(p),
-            money(p.amount),
-            refunded,
-            failure,
-            when(p.create_time),
-            p.order_id,
+            p.id, payment_status(p), money(p.amount), money(p.amount_refunded), p.failure_code
         )
     return rows
+
+
+def payment_table(payment: payment_pb2.Payment) -> Table:
+    fields = Table(show_header=False, box=None)
+    for label, value in (
+        ("ID", payment.id),
+        ("Order", payment.order_id),
+        ("Status", payment_status(payment)),
+        ("Amount", money(payment.amount)),
+        ("Refunded", money(payment.amount_refunded)),
+        ("Failure", failure(payment)),
+        ("Provider", f"{payment.provider} {payment.provider_reference}".strip()),
+        ("Created", when(payment.create_time)),
+        ("Updated", when(payment.update_time)),
+    ):
+        fields.add_row(f"[bold]{label}[/]", value)
+    return fields
 
 
 def print_page_hint(console: Console, next_page_token: str, command: str) -> None:
