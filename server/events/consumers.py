@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -275,7 +276,15 @@ class Consumers:
                             )
                         except TimeoutError:
                             continue
-                        for message in messages:
+                        fetched = time.monotonic()
+                        for index, message in enumerate(messages):
+                            if time.monotonic() - fetched > self._settings.ack_wait_seconds / 2:
+                                # Slow handlers (a blackholed SMTP server): the rest of the
+                                # batch must not outlive its ack wait before its turn and be
+                                # delivered again, an attempt counted though none was made.
+                                for waiting in messages[index:]:
+                                    await waiting.in_progress()
+                                fetched = time.monotonic()
                             await self._process(spec, jetstream, message)
                         delay = self._settings.retry_delay_seconds
                 finally:

@@ -332,3 +332,31 @@ async def test_a_consumer_outlives_a_failure_of_its_own_and_the_others_go_on(
         )
     assert FailingOnce.failed
     assert sorted(data for _, data in await effects(engine)) == [b"one", b"one", b"two", b"two"]
+
+
+async def test_a_slow_handler_does_not_let_the_rest_of_its_batch_be_delivered_again(
+    engine: AsyncEngine, nats_server: NatsServer, nats_connection: NatsConnection
+) -> None:
+    """One fetch takes several messages; handled one by one, slowly (a blackholed SMTP
+    server), the last ones would outlive the ack wait before their turn and come again,
+    an attempt counted against them though nothing failed."""
+
+    class Slow(RecordingConsumer):
+        async def handle(self, delivery: Delivery) -> None:
+            await asyncio.sleep(0.4)
+            await super().handle(delivery)
+
+    consumer = Slow(Inbox(engine))
+    payloads = [f"slow-{n}".encode() for n in range(6)]
+    await publish(nats_server.url, *payloads)
+    consumers = Consumers(
+        nats_connection,
+        [consumer.spec()],
+        ConsumerSettings(ack_wait_seconds=1, retry_delay_seconds=0.1),
+        ConsumerMetrics.create(CollectorRegistry()),
+    )
+    async with running(consumers):
+        await eventually(lambda: _applied_at_least(engine, 6), within=30, what="6 effects")
+        await asyncio.sleep(1.5)  # an ack wait and a half: a redelivery would have come
+
+    assert [attempt for _, attempt in consumer.calls] == [1] * 6, consumer.calls
