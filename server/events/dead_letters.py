@@ -163,7 +163,9 @@ class DeadLetters:
         after = 0
         if position is not None:
             after = position.get("after", 0)
-            if not isinstance(after, int) or after < 0:
+            # Within a stream sequence (JetStream refuses 2**64 - 1 and up as a bad request,
+            # which would read as UNAVAILABLE): tokens are not signed, so this is input.
+            if type(after) is not int or not 0 <= after < 2**63:
                 raise invalid_page_token()
         subjects = DEAD_LETTER_SUBJECT_PREFIX + (consumer or ">")
         jetstream = await self._jetstream()

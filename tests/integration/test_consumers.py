@@ -18,8 +18,15 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from devstack.postgres import create_database, drop_database
-from server.domain.errors import ErrorReason, FailedPrecondition, NotFound, RequestIdReused
+from server.domain.errors import (
+    ErrorReason,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    RequestIdReused,
+)
 from server.domain.identity import Principal, Role
+from server.domain.pagination import encode_page_token
 from server.events.consumers import (
     ConsumerMetrics,
     Consumers,
@@ -256,6 +263,12 @@ async def test_dead_letters_are_listed_in_pages_per_consumer(
     assert {letter.consumer for letter in page + rest} == {"second"}
     with pytest.raises(Exception, match="page_token"):
         await dead_letters.list_dead_letters(2, token, "first")
+    # Tokens are base64 JSON, not signed: a made-up position is a bad token, not a NATS
+    # error answered UNAVAILABLE.
+    for after in (2**64 - 1, -1, True, "1"):
+        forged = encode_page_token("deadLetters", "second", {"after": after})
+        with pytest.raises(InvalidArgument, match="page_token"):
+            await dead_letters.list_dead_letters(2, forged, "second")
 
 
 async def test_every_committed_event_is_applied_once_through_a_nats_killed_mid_load(
