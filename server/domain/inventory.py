@@ -252,8 +252,9 @@ _RECORDED_AS_IS = frozenset(
 def plan_shipment(
     shipment: Shipment, status: OrderStatus, ordered: Sequence[OrderedProduct]
 ) -> ShipmentPlan:
-    """Matches a shipment to its order. Refused: a line for a SKU the order does not have,
-    more units than the order has left to ship, an order not paid yet (the warehouse is
+    """Matches a shipment to its order. Refused: a line for a SKU the order does not have
+    or for a product managed here, more units than the order has left to ship, an order
+    not paid yet (the warehouse is
     asked to ship only paid orders). A paid order becomes SHIPPED once every line of a
     warehouse-managed product has shipped in full (lines managed here are not the
     warehouse's to ship; an order may ship from several warehouses, one shipment each)."""
@@ -268,6 +269,11 @@ def plan_shipment(
         order_line = by_sku.get(line.sku)
         if order_line is None:
             problems.append(f"order {shipment.order_id} has no line for sku {line.sku!r}")
+            continue
+        if order_line.source is not InventorySource.WAREHOUSE:
+            # Recorded, it would count against the product's stock if the warehouse took it
+            # over later; refused, as a level for it is.
+            problems.append(f"{line.sku!r} is not managed by the warehouse")
             continue
         left = order_line.quantity - order_line.shipped
         if line.quantity > left:

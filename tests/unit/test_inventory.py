@@ -227,6 +227,12 @@ def test_a_shipment_of_an_ended_order_is_recorded_as_it_is(status: OrderStatus) 
         (shipped(2, 5), OrderStatus.PAID, _ordered(3, 2), "has 1 left to ship"),
         (shipped(1, 5, sku="OTHER"), OrderStatus.PAID, _ordered(), "no line for sku 'OTHER'"),
         (shipped(1, 5), OrderStatus.SHIPPED, _ordered(3, 3), "has 0 left to ship"),
+        (
+            shipped(1, 5),
+            OrderStatus.PAID,
+            [OrderedProduct("p", SKU, 3, 0, InventorySource.MANAGED_HERE)],
+            "is not managed by the warehouse",
+        ),
     ],
 )
 def test_shipments_that_do_not_fit_their_order_are_refused(
