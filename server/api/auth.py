@@ -6,6 +6,8 @@ import json
 import re
 import time
 from collections.abc import Sequence
+from email.errors import HeaderParseError
+from email.headerregistry import Address
 from pathlib import Path
 from typing import Any
 
@@ -177,9 +179,15 @@ def _principal(claims: dict[str, Any]) -> Principal:
 def email_claim(value: object) -> str | None:
     """The token's `email` claim when it looks like an address, else None: it only says where
     notifications go, so an odd one is ignored rather than refusing the caller."""
-    if isinstance(value, str) and len(value) <= _MAX_EMAIL_LENGTH and _EMAIL.fullmatch(value):
-        return value
-    return None
+    if not (isinstance(value, str) and len(value) <= _MAX_EMAIL_LENGTH and _EMAIL.fullmatch(value)):
+        return None
+    # The email package must be able to address it too (the pattern lets `a..b@` through):
+    # an order must not keep an address its notifications cannot be sent to.
+    try:
+        Address(addr_spec=value)
+    except (ValueError, HeaderParseError):
+        return None
+    return value
 
 
 def issue_development_token(

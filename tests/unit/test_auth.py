@@ -239,6 +239,10 @@ def test_email_claim_that_looks_like_an_address_is_the_principals(
         "alice@example.com\nBcc: eve@example.com",
         "x" * 250 + "@example.com",
         "élise@example.com",
+        # dots the pattern lets through and a To header cannot hold (RFC 5322 dot-atom)
+        "a..b@example.com",
+        ".a@example.com",
+        "a.@example.com",
         7,
         ["alice@example.com"],
         {"address": "alice@example.com"},
