@@ -108,6 +108,8 @@ class EmailTemplates:
             trim_blocks=True,
             lstrip_blocks=True,
             keep_trailing_newline=True,
+            # Templates ship with the code: no stat of every file (base, lines) per render.
+            auto_reload=False,
         )
         self._environment.filters["money"] = format_money
         self._environment.filters["time"] = format_time
