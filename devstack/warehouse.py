@@ -36,6 +36,7 @@ from typing import IO, Any
 import nats
 import psycopg
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError
 
@@ -248,7 +249,13 @@ class StandInWarehouse:
                 task.add_done_callback(shipping.discard)
 
     async def _ship_later(self, js: Any, message: Any) -> None:
-        request = events_pb2.FulfilmentRequested.FromString(message.data)
+        try:
+            request = events_pb2.FulfilmentRequested.FromString(message.data)
+        except DecodeError as error:
+            # Unacked, it would come back after every ack wait, forever.
+            print(f"not a FulfilmentRequested, dropped: {error}", flush=True)
+            await _ack(message)
+            return
         await asyncio.sleep(self._ship_delay)
         async with self._lock:
             outgoing = self._state.ship(request)

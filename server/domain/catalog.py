@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 
-from server.domain.inventory import InventorySource
+from server.domain.inventory import SKU_PATTERN, InventorySource
 from server.domain.money import Money, money_problems
 from server.domain.payments import chargeable_exponent, is_chargeable
 from server.domain.validation import (
@@ -19,7 +18,6 @@ from server.domain.validation import (
     check_text,
 )
 
-SKU_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_NAME = 200
 MAX_DESCRIPTION = 5_000
 MAX_REASON = 500

@@ -39,8 +39,9 @@ class InventorySource(enum.StrEnum):
     WAREHOUSE = "WAREHOUSE"  # an external warehouse's levels and shipments
 
 
-SKU_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
-WAREHOUSE_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+SKU_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")  # the catalog's too
+# A warehouse's name has a SKU's shape.
+WAREHOUSE_PATTERN = SKU_PATTERN
 MAX_SHIPMENT_ID = 100
 # Beyond these a number is a broken sender, not a warehouse (and would overflow bigint sums).
 MAX_ON_HAND = 1_000_000_000_000

@@ -275,6 +275,7 @@ class Notifier:
             await self._sender.send(message)
         except RecipientRefused as refused:
             self._metrics.failed.labels(kind).inc()
+            log.warning("notification_failed", error=f"recipient refused: {refused}")
             raise Unprocessable(f"the SMTP server refused the recipient: {refused}") from None
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
             self._metrics.failed.labels(kind).inc()
