@@ -407,7 +407,7 @@ def orders_create(
     lines: Annotated[
         list[str],
         typer.Argument(
-            metavar="PRODUCT[:QUANTITY]...",
+            metavar="PRODUCT[:QUANTITY]",
             help="Product id or SKU, and units (default 1): MUG-01:2 TEE-M",
         ),
     ],

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,11 @@ from marketplace_cli.main import app
 from typer.testing import CliRunner, Result
 
 from devstack.localstripe import create_test_payment_method
+from devstack.postgres import create_database, drop_database
 from devstack.processes import free_port
+from devstack.tls import TlsFiles, make_development_tls
 from tests.conftest import Tokens, insert_product, stock_of
-from tests.stack import Stack
+from tests.stack import Stack, running_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -505,3 +508,49 @@ def test_an_import_against_an_unreachable_server_exits_unavailable(
     result = cli(stack, tokens.admin(), "--json", "import", str(path), server=nobody)
     assert result.exit_code == UNAVAILABLE, result.output
     assert json.loads(result.stdout)["stoppedBy"]["code"] == "UNAVAILABLE"
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return make_development_tls(tmp_path_factory.mktemp("cli-tls"))
+
+
+@pytest.fixture(scope="module")
+def tls_stack(postgres_server_url: str, tls_files: TlsFiles) -> Iterator[Stack]:
+    """The server requiring client certificates (TLS_CLIENT_CA_FILE), as in test_tls.py."""
+    url = create_database(postgres_server_url, "marketplace_cli_tls")
+    try:
+        with running_stack(url, tls=tls_files) as stack:
+            yield stack
+    finally:
+        drop_database(postgres_server_url, url)
+
+
+def test_tls_with_a_client_certificate(tls_stack: Stack, tls_files: TlsFiles) -> None:
+    certificates = [
+        "--ca-cert",
+        str(tls_files.ca_cert),
+        "--client-cert",
+        str(tls_files.client_cert),
+        "--client-key",
+        str(tls_files.client_key),
+    ]
+    healthy = cli(tls_stack, None, *certificates, "--json", "health")
+    assert healthy.exit_code == 0, healthy.output
+    assert set(json.loads(healthy.stdout)["statuses"].values()) == {"SERVING"}
+
+    # Without a client certificate the server ends the handshake: unavailable, not refused.
+    anonymous = cli(tls_stack, None, "--ca-cert", str(tls_files.ca_cert), "products", "list")
+    assert anonymous.exit_code == UNAVAILABLE, anonymous.output
+
+    half = cli(
+        tls_stack,
+        None,
+        "--ca-cert",
+        str(tls_files.ca_cert),
+        "--client-cert",
+        str(tls_files.client_cert),
+        "health",
+    )
+    assert half.exit_code == USAGE
+    assert "give --client-cert and --client-key together" in half.stderr
