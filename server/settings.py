@@ -110,7 +110,8 @@ class Settings(BaseSettings):
     # The outbox relay: rows per poll, the longest wait between polls when idle, how often a
     # process that is not the relay's leader tries to become it, and how long published
     # rows (and consumers' inbox rows) are kept.
-    # 500: each round pays a read, a mark and its acks' wait once (100 cost 0.04 of order-spread)
+    # Each round pays a read, a mark and its acks' wait once: larger rounds cost the order
+    # path less (docs/benchmarks.md).
     outbox_batch: int = Field(500, ge=1, le=10_000, validation_alias=_env("OUTBOX_BATCH"))
     outbox_idle_poll_seconds: float = Field(0.5, gt=0, validation_alias=_env("OUTBOX_IDLE_POLL"))
     outbox_leader_retry_seconds: float = Field(

@@ -78,8 +78,9 @@ def set_money(target: money_pb2.Money, value: Money) -> None:
 
 
 def set_timestamp(target: Timestamp, moment: datetime) -> None:
-    """Timestamp.FromDatetime's result at a tenth of its cost (the order transaction builds
-    several per order): whole seconds and nanoseconds since the epoch, for an aware time."""
+    """Timestamp.FromDatetime's result, cheaper (the order transaction builds several per
+    order; docs/benchmarks.md): whole seconds and nanoseconds since the epoch, for an aware
+    time."""
     since = moment - _EPOCH
     target.seconds = since.days * 86_400 + since.seconds
     target.nanos = since.microseconds * 1_000
@@ -95,7 +96,8 @@ def _outbox_event(
     occur_time: datetime,
 ) -> OutboxEvent:
     """Fills `message`'s metadata and serializes it. Messages are filled by assignment,
-    not keyword arguments: half the CPU in upb, which counts on the order transaction."""
+    not keyword arguments, which cost more in upb on the order transaction
+    (docs/benchmarks.md)."""
     if sequence < 1:
         raise ValueError(f"{event_type} of {aggregate_id}: sequence {sequence}, must start at 1")
     event_id = uuid.uuid4()

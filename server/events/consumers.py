@@ -44,7 +44,7 @@ from server.events.nats import (
     raise_if_cancelled,
 )
 
-# The event id B1's relay puts on every MARKETPLACE message; a replay keeps it even when it
+# The event id the relay puts on every MARKETPLACE message; a replay keeps it even when it
 # must be published under a fresh Nats-Msg-Id.
 EVENT_ID_HEADER = "Marketplace-Event-Id"
 EVENT_TYPE_HEADER = "Marketplace-Event-Type"
