@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import uuid
 from collections.abc import Awaitable, Callable
@@ -32,7 +33,13 @@ from marketplace_cli.importer import (
     import_rows,
     parse_rows,
 )
-from marketplace_client import MarketplaceClient, MarketplaceError, NotFoundError, Page
+from marketplace_client import (
+    MarketplaceClient,
+    MarketplaceError,
+    NotFoundError,
+    Page,
+    follow_pages,
+)
 
 T = TypeVar("T")
 ItemT = TypeVar("ItemT")
@@ -100,7 +107,7 @@ JsonFlag = Annotated[
 ]
 PageSize = Annotated[int, typer.Option(min=0, max=1000, help="Items per page (0: the server's).")]
 PageToken = Annotated[str, typer.Option(help="The next page, as a previous listing printed.")]
-AllPages = Annotated[bool, typer.Option("--all", help="Follow the pages to the end.")]
+AllPages = Annotated[bool, typer.Option("--all", help="Every page, from the first.")]
 RequestId = Annotated[
     str | None,
     typer.Option(
@@ -164,9 +171,7 @@ def main(
 def settings_of(ctx: typer.Context, as_json: bool) -> Settings:
     settings = ctx.find_object(Settings)
     assert settings is not None, "the app's callback sets the settings"
-    if as_json and not settings.as_json:
-        return Settings(**{**settings.__dict__, "as_json": True})
-    return settings
+    return dataclasses.replace(settings, as_json=True) if as_json else settings
 
 
 def call(
@@ -207,16 +212,16 @@ Amount = Annotated[
 
 
 def looks_like_id(reference: str) -> bool:
+    """Only the canonical form (8-4-4-4-12 hex): uuid.UUID also takes 32 bare hex digits,
+    which are a valid SKU too."""
     try:
-        uuid.UUID(reference)
+        return str(uuid.UUID(reference)) == reference.lower()
     except ValueError:
         return False
-    return True
 
 
 async def resolve_product(client: MarketplaceClient, reference: str) -> str:
-    """A product id from an id or a SKU (SKUs cannot look like UUIDs: no braces, but
-    hyphenated hex is possible, so an id is tried as such first)."""
+    """A product id from an id or a SKU (looked up in the catalog: there is no RPC by SKU)."""
     if looks_like_id(reference):
         return reference
     async for product in client.list_products(page_size=1000):
@@ -231,16 +236,14 @@ async def one_or_all(
     page_token: str,
     every: bool,
 ) -> Page[ItemT]:
+    """The page asked for, or with `every` all of them from the first (as one page)."""
     if not every:
         return await fetch(page_size, page_token)
-    items: list[ItemT] = []
-    token = page_token
-    while True:
-        page = await fetch(page_size, token)
-        items += page.items
-        if not page.next_page_token:
-            return Page(items, "")
-        token = page.next_page_token
+    return Page([item async for item in follow_pages(fetch, page_size)], "")
+
+
+def listing_command(command: str, page_size: int) -> str:
+    return f"{command} --page-size {page_size}" if page_size else command
 
 
 def print_page(
@@ -282,7 +285,9 @@ def products_list(
         lambda client: one_or_all(client.list_products_page, page_size, page_token, every),
     )
     table = render.products_table(page.items)
-    print_page(settings, "products", page, table, "marketplace products list")
+    print_page(
+        settings, "products", page, table, listing_command("marketplace products list", page_size)
+    )
 
 
 @products_app.command("get")
@@ -450,7 +455,9 @@ def orders_list(
         lambda client: one_or_all(client.list_orders_page, page_size, page_token, every),
     )
     table = render.orders_table(page.items)
-    print_page(settings, "orders", page, table, "marketplace orders list")
+    print_page(
+        settings, "orders", page, table, listing_command("marketplace orders list", page_size)
+    )
 
 
 @orders_app.command("get")
@@ -525,17 +532,21 @@ def payments_list(
     """An order's payments, newest first."""
     settings = settings_of(ctx, as_json)
 
-    async def fetch(size: int, token: str, client: MarketplaceClient) -> Page[payment_pb2.Payment]:
-        return await client.list_payments_page(order_id, size, token)
+    async def work(client: MarketplaceClient) -> Page[payment_pb2.Payment]:
+        async def fetch(size: int, token: str) -> Page[payment_pb2.Payment]:
+            return await client.list_payments_page(order_id, size, token)
 
-    page = call(
-        settings,
-        lambda client: one_or_all(
-            lambda size, token: fetch(size, token, client), page_size, page_token, every
-        ),
-    )
+        return await one_or_all(fetch, page_size, page_token, every)
+
+    page = call(settings, work)
     table = render.payments_table(page.items)
-    print_page(settings, "payments", page, table, f"marketplace payments list {order_id}")
+    print_page(
+        settings,
+        "payments",
+        page,
+        table,
+        listing_command(f"marketplace payments list {order_id}", page_size),
+    )
 
 
 @payments_app.command("get")
