@@ -15,7 +15,6 @@ from server.db.driver import DriverPool, psycopg_sql
 from server.db.engine import autocommit_reads
 from server.db.transactions import UNIQUE_VIOLATION, in_transaction, sqlstate
 from server.domain.catalog import (
-    SKU_PATTERN,
     Product,
     ProductChanges,
     ProductDraft,
@@ -29,7 +28,7 @@ from server.domain.errors import (
     PreconditionViolation,
     check_replay,
 )
-from server.domain.inventory import InventorySource, stock_managed_by_warehouse
+from server.domain.inventory import SKU_PATTERN, InventorySource, stock_managed_by_warehouse
 from server.domain.pagination import decode_page_token, encode_page_token, invalid_page_token
 from server.events.builders import PRODUCT_CREATED_SEQUENCE, StockChangeCause, stock_changed
 from server.events.outbox import Outbox
