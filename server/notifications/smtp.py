@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -71,37 +72,74 @@ class RecipientRefused(Exception):
 
 
 class SmtpSender:
-    """One connection per message: notifications are few, and a fresh connection has no
-    state to lose when the server restarts between them."""
+    """One connection, kept open across messages: a flash sale sends thousands, and each new
+    connection costs a TCP handshake and, in production, a TLS handshake and a login. It is
+    made again whenever the server closed it meanwhile (an idle timeout, a restart), and
+    dropped after any failure, whose state it cannot know."""
 
     def __init__(self, server: SmtpServer, *, timeout_seconds: float) -> None:
         self._server = server
         self._timeout_seconds = timeout_seconds
-
-    @property
-    def server(self) -> SmtpServer:
-        return self._server
+        self._client: aiosmtplib.SMTP | None = None
+        self._lock = asyncio.Lock()  # one SMTP transaction at a time on the connection
 
     async def send(self, message: EmailMessage) -> None:
         """Delivers `message` to its To address, or raises: RecipientRefused when the
         server refuses it for good, aiosmtplib's errors, OSError or TimeoutError otherwise
         (the server down, slow, or refusing for now). Within the timeout, all steps together."""
-        server = self._server
+        async with self._lock:
+            try:
+                async with asyncio.timeout(self._timeout_seconds):
+                    await self._send(message)
+            except BaseException as error:
+                self._drop()
+                if isinstance(error, aiosmtplib.SMTPRecipientsRefused) and all(
+                    500 <= recipient.code < 600 for recipient in error.recipients
+                ):
+                    reasons = "; ".join(f"{r.code} {r.message}" for r in error.recipients)
+                    raise RecipientRefused(reasons) from error
+                raise
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            client, self._client = self._client, None
+            if client is not None and client.is_connected:
+                with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                    async with asyncio.timeout(self._timeout_seconds):
+                        await client.quit()
+
+    async def _send(self, message: EmailMessage) -> None:
+        reused = self._client is not None and self._client.is_connected
         try:
-            async with asyncio.timeout(self._timeout_seconds):
-                await aiosmtplib.send(
-                    message,
-                    hostname=server.host,
-                    port=server.port,
-                    username=server.username,
-                    password=server.password,
-                    use_tls=server.security is SmtpSecurity.TLS,
-                    # smtp:// is plaintext as written: never an opportunistic STARTTLS.
-                    start_tls=server.security is SmtpSecurity.STARTTLS,
-                    timeout=self._timeout_seconds,
-                )
-        except aiosmtplib.SMTPRecipientsRefused as refused:
-            if all(500 <= recipient.code < 600 for recipient in refused.recipients):
-                reasons = "; ".join(f"{r.code} {r.message}" for r in refused.recipients)
-                raise RecipientRefused(reasons) from refused
-            raise
+            await (await self._connected()).send_message(message)
+        except aiosmtplib.SMTPServerDisconnected:
+            if not reused:
+                raise
+            # Closed by the server while it sat idle, unnoticed until now: once more on a new
+            # connection (should the first have been accepted after all, the copy carries
+            # the same Message-ID).
+            self._drop()
+            await (await self._connected()).send_message(message)
+
+    async def _connected(self) -> aiosmtplib.SMTP:
+        if self._client is not None and self._client.is_connected:
+            return self._client
+        server = self._server
+        client = aiosmtplib.SMTP(
+            hostname=server.host,
+            port=server.port,
+            username=server.username,
+            password=server.password,
+            use_tls=server.security is SmtpSecurity.TLS,
+            # smtp:// is plaintext as written: never an opportunistic STARTTLS.
+            start_tls=server.security is SmtpSecurity.STARTTLS,
+            timeout=self._timeout_seconds,
+        )
+        await client.connect()
+        self._client = client
+        return client
+
+    def _drop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import psycopg
@@ -18,7 +19,7 @@ from aiosmtpd.controller import Controller
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from devstack.mail import KeptMessage, kept_messages, mail_sink_in_thread
+from devstack.mail import KeptMessage, MailFolder, kept_messages, mail_sink_in_thread
 from devstack.processes import free_port
 from marketplace.events.v1 import events_pb2
 from server.db.engine import libpq_url
@@ -417,3 +418,53 @@ async def test_a_refused_recipient_is_retried_unless_the_refusal_is_permanent(
     finally:
         controller.stop()
     assert not inbox_has(database_url, delivery.message_id)
+
+
+class PeerRecordingFolder(MailFolder):
+    """The sink, noting which client connection (address, port) brought each message."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        self.peers: list[object] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.peers.append(session.peer)
+        return await super().handle_DATA(server, session, envelope)
+
+
+def plain_message(n: int) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = MAIL_FROM
+    message["To"] = "alice@example.com"
+    message["Subject"] = f"message {n}"
+    message.set_content("hello")
+    return message
+
+
+async def test_messages_share_one_connection_which_is_made_again_after_a_server_restart(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    sender = SmtpSender(SmtpServer("127.0.0.1", port, SmtpSecurity.NONE), timeout_seconds=5)
+    first = PeerRecordingFolder(tmp_path / "first")
+    controller = Controller(first, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        for n in range(3):
+            await sender.send(plain_message(n))
+    finally:
+        controller.stop()
+    assert len(first.peers) == 3
+    assert len(set(first.peers)) == 1, first.peers  # one connection brought all three
+
+    # The server went away with the connection still held open here: the next message
+    # notices and goes over a new one.
+    second = PeerRecordingFolder(tmp_path / "second")
+    controller = Controller(second, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        await sender.send(plain_message(3))
+        await sender.aclose()
+    finally:
+        controller.stop()
+    assert [kept.subject for kept in kept_messages(tmp_path / "second")] == ["message 3"]
