@@ -511,6 +511,12 @@ def payments_create(
         settings, lambda client: client.create_payment(order_id, payment_method, request_id=key)
     )
     print_message(settings, payment, render.payment_table(payment))
+    if payment.status == payment_pb2.PAYMENT_STATUS_PENDING and not settings.as_json:
+        err.print(
+            "pending: the payment provider has not answered yet;"
+            f" `marketplace payments get {payment.id}` shows the outcome once it does",
+            soft_wrap=True,
+        )
     if payment.status == payment_pb2.PAYMENT_STATUS_FAILED:
         if not settings.as_json:
             err.print(
