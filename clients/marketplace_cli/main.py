@@ -220,14 +220,23 @@ def looks_like_id(reference: str) -> bool:
         return False
 
 
+async def resolve_products(client: MarketplaceClient, references: list[str]) -> list[str]:
+    """Product ids for ids or SKUs; the SKUs are found in one pass over the catalog (there
+    is no RPC by SKU)."""
+    skus = {r for r in references if not looks_like_id(r)}
+    found: dict[str, str] = {}
+    if skus:
+        async for product in client.list_products(page_size=1000):
+            if product.sku in skus:
+                found[product.sku] = product.id
+    for reference in references:
+        if reference in skus and reference not in found:
+            raise NotFoundError(grpc.StatusCode.NOT_FOUND, f"no product has the SKU {reference!r}")
+    return [found.get(r, r) for r in references]
+
+
 async def resolve_product(client: MarketplaceClient, reference: str) -> str:
-    """A product id from an id or a SKU (looked up in the catalog: there is no RPC by SKU)."""
-    if looks_like_id(reference):
-        return reference
-    async for product in client.list_products(page_size=1000):
-        if product.sku == reference:
-            return product.id
-    raise NotFoundError(grpc.StatusCode.NOT_FOUND, f"no product has the SKU {reference!r}")
+    return (await resolve_products(client, [reference]))[0]
 
 
 async def one_or_all(
@@ -427,11 +436,10 @@ def orders_create(
     labels: dict[str, str] = {}
 
     async def work(client: MarketplaceClient) -> order_pb2.Order:
-        resolved: list[tuple[str, int]] = []
-        for reference, quantity in items:
-            product_id = await resolve_product(client, reference)
+        product_ids = await resolve_products(client, [reference for reference, _ in items])
+        for product_id, (reference, _) in zip(product_ids, items, strict=True):
             labels[f"products/{product_id}"] = reference
-            resolved.append((product_id, quantity))
+        resolved = [(pid, quantity) for pid, (_, quantity) in zip(product_ids, items, strict=True)]
         return await client.create_order(resolved, request_id=key)
 
     if not settings.as_json:

@@ -514,6 +514,17 @@ def test_the_installed_console_script(stack: Stack, tokens: Tokens, tmp_path: Pa
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout)["price"] == {"currencyCode": "JPY", "units": "1800"}
 
+    # The exit codes reach the shell from the real process, not only through CliRunner.
+    for args, code in (
+        (["products", "get", "NO-SUCH-SKU"], REFUSED),
+        (["products", "list", "--page-size", "many"], USAGE),
+        (["--server", f"127.0.0.1:{free_port()}", "health"], UNAVAILABLE),
+    ):
+        failed = subprocess.run(
+            [str(script), *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert failed.returncode == code, (args, failed.stderr)
+
 
 def test_an_import_without_the_admin_role_stops_at_once(
     stack: Stack, tokens: Tokens, tmp_path: Path
