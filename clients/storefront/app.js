@@ -398,6 +398,11 @@ async function orderPage(id) {
         : "",
     );
     const payable = order.status === "ORDER_STATUS_PENDING_PAYMENT";
+    if (!payable && attempt) {
+      // The attempt whose answer was lost went through after all: nothing to send again.
+      attempt = null;
+      message.replaceChildren(notice(`The order is ${orderStatus(order.status).toLowerCase()}.`, "info"));
+    }
     payForm.hidden = !payable;
     cancelButton.hidden = !["ORDER_STATUS_PENDING_PAYMENT", "ORDER_STATUS_PAID"].includes(order.status);
     if (payable && !card) {
@@ -432,7 +437,9 @@ async function orderPage(id) {
         message.replaceChildren(notice(`Payment ${paymentStatus(payment.status).toLowerCase()}.`, "info"));
       }
     } catch (error) {
-      // Unreachable or overloaded: the same attempt is sent again by the next click.
+      // Unreachable, overloaded or timed out (no answer, UNAVAILABLE, DEADLINE_EXCEEDED,
+      // ABORTED, RESOURCE_EXHAUSTED): the next click sends the same attempt again. Any other
+      // refusal is final for this attempt.
       if (error instanceof ApiError && ![14, 4, 10, 8].includes(error.code)) attempt = null;
       message.replaceChildren(notice(describe(error)));
     } finally {

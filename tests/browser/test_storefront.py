@@ -3,12 +3,15 @@ declined), run out of stock, cancel; the admin view's products in the catalog.""
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
+from typing import Any
 
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Page, Route, expect
 
 from tests.browser.conftest import Shop
+from tests.conftest import Tokens
 
 GOOD_CARD = "4242424242424242"
 DECLINED_CARD = "4000000000000341"
@@ -212,3 +215,82 @@ def test_the_admin_view_adds_a_product_the_catalog_shows(page: Page) -> None:
     expect(row).to_contain_text("Admin teapot")
     expect(row).to_contain_text("$19.90")
     expect(row).to_contain_text("7 in stock")
+
+
+def test_a_lost_answer_is_retried_with_the_same_request_id(
+    page: Page, shop: Shop, tokens: Tokens
+) -> None:
+    """The order is made, its answer lost on the way back; the customer's second click sends
+    the same request id, and the server answers with the same one order."""
+    clock = shop.product("Retry clock", stock=5)
+    name = sign_in(page)
+    add_to_cart(page, clock, 2)
+    sent: list[dict[str, Any]] = []
+
+    def lose_the_first_answer(route: Route) -> None:
+        sent.append(json.loads(route.request.post_data or "{}"))
+        if len(sent) == 1:
+            route.fetch()  # the server makes the order...
+            route.abort("connectionreset")  # ...and the page never hears of it
+        else:
+            route.continue_()
+
+    page.route("**/v1/orders", lose_the_first_answer)
+    page.click("#cart-link")
+    page.click("#place-order")
+    expect(page.locator("#order-message [role=alert]")).to_contain_text("could not be reached")
+    page.click("#place-order")
+    expect(page.locator("#order-status")).to_have_text("PENDING PAYMENT")
+
+    assert len(sent) == 2
+    assert sent[0] == sent[1]
+    uuid.UUID(sent[0]["requestId"])  # made in the browser: crypto.randomUUID()
+    orders = shop.rest.get(
+        "/v1/orders", headers={"authorization": f"Bearer {tokens.customer(name)}"}
+    ).json()["orders"]
+    assert len(orders) == 1
+    assert page.url.endswith(orders[0]["id"])
+    stock = shop.rest.get(f"/v1/products/{clock['id']}").json()["product"]["stock"]
+    assert stock == "3"  # taken once
+
+
+def test_a_payment_retried_after_a_lost_request_or_answer(page: Page, shop: Shop) -> None:
+    """A payment request that never arrived is sent again as it was (the same PaymentMethod
+    and request id); one whose answer was lost is found paid, with one payment."""
+    sign_in(page)
+    sent: list[dict[str, Any]] = []
+    lose: list[str] = []  # what to do to the next POST: "request" or "answer"
+
+    def flaky_network(route: Route) -> None:
+        if route.request.method != "POST":
+            route.continue_()
+            return
+        sent.append(json.loads(route.request.post_data or "{}"))
+        if lose and lose.pop() == "answer":
+            route.fetch()  # the server charges the card...
+            route.abort("connectionreset")  # ...and the page never hears of it
+        elif len(sent) == 1:  # the first payment request never arrives
+            route.abort("connectionrefused")
+        else:
+            route.continue_()
+
+    page.route("**/v1/orders/*/payments", flaky_network)
+    add_to_cart(page, shop.product("Retry bell", price="8.00"))
+    place_order(page)
+    pay(page, GOOD_CARD)
+    expect(page.locator("#payment-message [role=alert]")).to_contain_text("could not be reached")
+    page.click("#pay")
+    expect(page.locator("#order-status")).to_have_text("PAID")
+    assert len(sent) == 2
+    assert sent[0] == sent[1]
+    assert sent[0]["paymentMethod"].startswith("pm_")
+    expect(page.locator("#payments li")).to_have_count(1)
+
+    lose.append("answer")
+    add_to_cart(page, shop.product("Retry gong", price="3.00"))
+    place_order(page)
+    pay(page, GOOD_CARD)
+    expect(page.locator("#order-status")).to_have_text("PAID")
+    expect(page.locator("#payment-message")).to_have_text("The order is paid.")
+    expect(page.locator("#payments li")).to_have_count(1)
+    expect(page.locator("#payments")).to_contain_text("$3.00: SUCCEEDED")
