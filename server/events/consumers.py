@@ -44,9 +44,6 @@ from server.events.nats import (
     raise_if_cancelled,
 )
 
-# The event id the relay puts on every MARKETPLACE message; a replay keeps it even when it
-# must be published under a fresh Nats-Msg-Id.
-EVENT_ID_HEADER = "Marketplace-Event-Id"
 EVENT_TYPE_HEADER = "Marketplace-Event-Type"
 MSG_ID_HEADER = "Nats-Msg-Id"
 
@@ -61,7 +58,7 @@ class Delivery:
     # 1 on the first delivery; the message is dead-lettered after the attempt that reaches
     # CONSUMER_MAX_DELIVER fails. A replay of a dead letter runs with the attempt it died on + 1.
     attempt: int
-    # What the inbox keys on: the Marketplace-Event-Id header, else Nats-Msg-Id, else
+    # What the inbox keys on: the Nats-Msg-Id header (an event's id), else
     # "<stream>:<stream sequence>" (stable across redeliveries of one stored message).
     message_id: str
 
@@ -166,9 +163,7 @@ class ConsumerMetrics:
 
 def message_id(headers: Mapping[str, str], stream: str, stream_sequence: int) -> str:
     """The inbox key of a message (see Delivery.message_id)."""
-    return (
-        headers.get(EVENT_ID_HEADER) or headers.get(MSG_ID_HEADER) or f"{stream}:{stream_sequence}"
-    )
+    return headers.get(MSG_ID_HEADER) or f"{stream}:{stream_sequence}"
 
 
 def dead_letter_headers(

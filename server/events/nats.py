@@ -191,6 +191,9 @@ class NatsConnection:
         return await nats.connect(
             self._url,
             name=self._name,
+            # Every subject this connection uses is the server's own (outbox rows, stream
+            # and consumer names): two regex searches per relayed event spared.
+            skip_subject_validation=True,
             connect_timeout=int(max(1, self._connect_timeout)),
             reconnect_time_wait=int(max(1, self._reconnect_wait)),
             # Once connected, nats-py reconnects forever by itself.

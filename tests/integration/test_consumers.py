@@ -147,7 +147,7 @@ async def publish(url: str, *payloads: bytes) -> list[str]:
         jetstream = client.jetstream()
         for payload in payloads:
             event_id = str(uuid.uuid4())
-            headers = {"Nats-Msg-Id": event_id, "Marketplace-Event-Id": event_id}
+            headers = {"Nats-Msg-Id": event_id}
             await jetstream.publish(SUBJECT, payload, headers=headers)
             ids.append(event_id)
     return ids

@@ -26,8 +26,8 @@ from server.db.engine import libpq_url
 from server.domain.identity import Principal, Role
 from server.domain.orders import cancel_request, order_request
 from server.events.consumers import (
-    EVENT_ID_HEADER,
     EVENT_TYPE_HEADER,
+    MSG_ID_HEADER,
     Delivery,
     Inbox,
     Unprocessable,
@@ -99,7 +99,7 @@ def delivery_of(database_url: str, order_id: str, subject: str) -> Delivery:
     event_id, type_name, payload = str(row[0]), row[1], bytes(row[2])
     return Delivery(
         subject=subject,
-        headers={EVENT_TYPE_HEADER: type_name, EVENT_ID_HEADER: event_id},
+        headers={EVENT_TYPE_HEADER: type_name, MSG_ID_HEADER: event_id},
         data=payload,
         attempt=1,
         message_id=event_id,
@@ -364,7 +364,7 @@ async def test_a_shipment_lists_what_the_parcel_holds_by_name(
         subject="marketplace.order.shipped",
         headers={
             EVENT_TYPE_HEADER: events_pb2.OrderShipped.DESCRIPTOR.full_name,
-            EVENT_ID_HEADER: event_id,
+            MSG_ID_HEADER: event_id,
         },
         data=shipped.SerializeToString(),
         attempt=1,
