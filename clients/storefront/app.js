@@ -153,6 +153,7 @@ async function productPage(id) {
     h("p", { class: "price" }, money(product.price)),
     h("p", { class: "stock" }, Number(product.stock) > 0 ? `${product.stock} in stock` : "sold out"),
     h("div", { id: "added", "aria-live": "polite" }),
+    Number(product.stock) > 0 ? "" : h("p", { class: "muted" }, "Sold out: nothing to add."),
     h(
       "form",
       {
@@ -164,7 +165,7 @@ async function productPage(id) {
       },
       h("label", { for: "quantity" }, "Quantity "),
       quantity,
-      h("button", { type: "submit" }, "Add to cart"),
+      h("button", { type: "submit", disabled: Number(product.stock) <= 0 }, "Add to cart"),
     ),
   );
 }
@@ -279,13 +280,14 @@ function orderRefusal(error, lines) {
 
 // --- orders -------------------------------------------------------------------------------
 
-async function ordersPage() {
+async function ordersPage(params) {
   if (!requireSignIn("Orders")) return;
+  const pageToken = params.get("page") ?? "";
   const body = h("div", {}, h("p", { class: "muted" }, "Loading…"));
   show(h("h1", {}, "Orders"), body);
   const refresh = async () => {
     try {
-      const { orders = [] } = await api.listOrders(session.token());
+      const { orders = [], nextPageToken } = await api.listOrders(session.token(), pageToken);
       body.replaceChildren(
         orders.length
           ? h(
@@ -309,6 +311,14 @@ async function ordersPage() {
               ),
             )
           : h("p", {}, "No orders yet."),
+        h(
+          "nav",
+          { class: "paging" },
+          pageToken ? h("button", { type: "button", onclick: () => history.back() }, "Newer orders") : null,
+          nextPageToken
+            ? h("a", { class: "button", href: `#/orders?page=${encodeURIComponent(nextPageToken)}` }, "Older orders")
+            : null,
+        ),
       );
     } catch (error) {
       body.replaceChildren(notice(describe(error)));
@@ -650,7 +660,7 @@ async function route() {
     else if (parts[0] === "product" && parts[1]) await productPage(parts[1]);
     else if (parts[0] === "cart") cartPage();
     else if (parts[0] === "orders" && parts[1]) await orderPage(parts[1]);
-    else if (parts[0] === "orders") await ordersPage();
+    else if (parts[0] === "orders") await ordersPage(params);
     else if (parts[0] === "signin") signInPage();
     else if (parts[0] === "admin") await adminPage();
     else show(h("h1", {}, "Not found"), h("a", { href: "#/" }, "Catalog"));

@@ -105,6 +105,15 @@ def test_signing_in_by_name(page: Page) -> None:
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_role("link", name="Sign in")).to_be_visible()
 
+    # A name the sign-in refuses: its own words, nobody signed in.
+    page.goto("/#/signin")
+    page.fill("#name", "no spaces allowed")
+    page.click("#sign-in")
+    expect(page.locator("#signin-message [role=alert]")).to_have_text(
+        re.compile(r"^a name is 1 to 64 letters, digits")
+    )
+    expect(page.get_by_role("link", name="Sign in")).to_be_visible()
+
 
 def test_two_products_ordered_and_paid(page: Page, shop: Shop) -> None:
     mug, poster = (
@@ -294,3 +303,28 @@ def test_a_payment_retried_after_a_lost_request_or_answer(page: Page, shop: Shop
     expect(page.locator("#payment-message")).to_have_text("The order is paid.")
     expect(page.locator("#payments li")).to_have_count(1)
     expect(page.locator("#payments")).to_contain_text("$3.00: SUCCEEDED")
+
+
+def test_order_history_pages_and_follows_statuses(page: Page, shop: Shop, tokens: Tokens) -> None:
+    name = sign_in(page)
+    token = {"authorization": f"Bearer {tokens.customer(name)}"}
+    pen = shop.product("History pen", stock=100, price="1.00")
+    for n in range(21):
+        body = {"requestId": f"{name}-{n}", "items": [{"productId": pen["id"], "quantity": 1}]}
+        assert shop.rest.post("/v1/orders", json=body, headers=token).status_code == 200
+    page.get_by_role("link", name="Orders").first.click()
+    rows = page.locator("table.orders tbody tr")
+    expect(rows).to_have_count(20)
+    expect(rows.first.locator("td.status")).to_have_text("PENDING PAYMENT")
+    newest = rows.first.get_attribute("data-order-id")
+    page.get_by_role("link", name="Older orders").click()
+    expect(rows).to_have_count(1)
+    page.get_by_role("button", name="Newer orders").click()
+    expect(rows).to_have_count(20)
+
+    # A change made elsewhere shows without a reload: the page refreshes itself.
+    cancelled = shop.rest.post(
+        f"/v1/orders/{newest}:cancel", json={"requestId": f"cancel-{newest}"}, headers=token
+    )
+    assert cancelled.status_code == 200, cancelled.text
+    expect(page.locator(f'tr[data-order-id="{newest}"] td.status')).to_have_text("CANCELLED")

@@ -9,9 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jwt
 import pytest
 
 from devstack.envoy import OPENAPI_DOCUMENT, STOREFRONT_DIR, SWAGGER_UI_DIR, render_envoy_config
+from devstack.web import dev_token_endpoint
+from tests.conftest import JWT_SECRET
 from tests.stack import Stack
 
 HTML = "text/html; charset=utf-8"
@@ -124,3 +127,40 @@ def test_only_a_rendering_with_a_dev_port_has_the_sign_in_route() -> None:
     assert 'match: {path: "/dev/token"}' in with_dev
     assert "port_value: 6}" in with_dev
     assert '\\"devSignIn\\": true' in with_dev or '"devSignIn": true' in with_dev
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"name": "a b"}, "a name is 1 to 64 letters"),
+        ({"name": ""}, "a name is 1 to 64 letters"),
+        ({"name": "x" * 65}, "a name is 1 to 64 letters"),
+        ({"name": "carol", "role": "root"}, "the role is one of customer, admin"),
+        (["carol"], "the body is a JSON object"),
+    ],
+)
+def test_the_dev_sign_in_refuses_with_a_status(body: object, message: str) -> None:
+    with dev_token_endpoint(JWT_SECRET) as port:
+        reply = httpx.post(f"http://127.0.0.1:{port}/dev/token", json=body, timeout=10)
+    assert reply.status_code == 400
+    assert reply.json()["code"] == 3
+    assert reply.json()["message"].startswith(message)
+
+
+def test_the_dev_sign_in_mints_a_token_the_server_takes(stack: Stack) -> None:
+    with dev_token_endpoint(JWT_SECRET) as port:
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/dev/token", json={"name": "carol"}, timeout=10
+        ).json()
+    assert answer["subject"] == "carol"
+    assert answer["roles"] == ["customer"]
+    claims = jwt.decode(answer["token"], JWT_SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "carol"
+    assert claims["email"] == "carol@example.com"
+    with httpx.Client(base_url=stack.rest_base, timeout=30) as web:
+        reply = web.get("/v1/orders", headers={"authorization": f"Bearer {answer['token']}"})
+        assert reply.status_code == 200, reply.text
+        refused = web.post(
+            "/v1/products", json={}, headers={"authorization": f"Bearer {answer['token']}"}
+        )
+        assert refused.status_code == 403
