@@ -18,13 +18,13 @@ from typing import Any
 
 import psycopg
 import pytest
-from marketplace_cli.main import app
 from typer.testing import CliRunner, Result
 
 from devstack.localstripe import create_test_payment_method
 from devstack.postgres import create_database, drop_database
 from devstack.processes import free_port
 from devstack.tls import TlsFiles, make_development_tls
+from marketplace_cli.main import app
 from tests.conftest import Tokens, insert_product, stock_of
 from tests.stack import Stack, running_stack
 

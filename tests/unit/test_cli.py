@@ -10,6 +10,8 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
+
+from marketplace.catalog.v1 import catalog_pb2
 from marketplace_cli.exits import Exit, error_json, error_lines, exit_code_of
 from marketplace_cli.importer import (
     ImportFileError,
@@ -21,8 +23,6 @@ from marketplace_cli.importer import (
     stock_request_id,
 )
 from marketplace_cli.render import money
-
-from marketplace.catalog.v1 import catalog_pb2
 from marketplace_client import (
     FieldViolation,
     MarketplaceError,
