@@ -113,20 +113,23 @@ def test_unknown_paths_are_still_json_404s(web: httpx.Client) -> None:
 
 
 def test_only_a_rendering_with_a_dev_port_has_the_sign_in_route() -> None:
-    ports = {
-        "http_port": 1,
-        "grpc_port": 2,
-        "admin_port": 3,
-        "provider_proxy_port": 4,
-        "localstripe_port": 5,
-    }
+    def render(dev_token_port: int | None) -> str:
+        return render_envoy_config(
+            http_port=1,
+            grpc_port=2,
+            admin_port=3,
+            provider_proxy_port=4,
+            localstripe_port=5,
+            dev_token_port=dev_token_port,
+        )
+
     committed = Path(__file__).parents[2] / "envoy.yaml"
     assert "/dev/token" not in committed.read_text()
-    assert '"/dev/token"' not in render_envoy_config(**ports)
-    with_dev = render_envoy_config(**ports, dev_token_port=6)
+    assert '"/dev/token"' not in render(None)
+    with_dev = render(6)
     assert 'match: {path: "/dev/token"}' in with_dev
     assert "port_value: 6}" in with_dev
-    assert '\\"devSignIn\\": true' in with_dev or '"devSignIn": true' in with_dev
+    assert '"devSignIn": true' in with_dev
 
 
 @pytest.mark.parametrize(
