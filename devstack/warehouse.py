@@ -44,12 +44,12 @@ from devstack import DATA_DIR, REPO_ROOT
 from marketplace.events.v1 import events_pb2
 from marketplace.warehouse.v1 import warehouse_pb2
 from server.domain.inventory import WarehouseMessageRefused, stock_level
+from server.events.nats import MARKETPLACE_STREAM, WAREHOUSE_STREAM
+from server.events.warehouse import SHIPMENTS_SUBJECT, STOCK_LEVELS_SUBJECT
 
 STATE_FILE = DATA_DIR / "warehouse.json"
 DEFAULT_SITE = "main"
 DEFAULT_SHIP_DELAY_SECONDS = 5.0
-STOCK_LEVELS_SUBJECT = "warehouse.stock_levels"
-SHIPMENTS_SUBJECT = "warehouse.shipments"
 FULFILMENT_SUBJECT = "marketplace.fulfilment.requested"
 ORDERS_CONSUMER = "standin-warehouse"
 LEVELS_CONSUMER = "standin-warehouse-levels"
@@ -217,7 +217,7 @@ class StandInWarehouse:
         subscription = await js.pull_subscribe(
             STOCK_LEVELS_SUBJECT,
             durable=LEVELS_CONSUMER,
-            stream="WAREHOUSE",
+            stream=WAREHOUSE_STREAM,
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT),
         )
         while True:
@@ -237,7 +237,7 @@ class StandInWarehouse:
         subscription = await js.pull_subscribe(
             FULFILMENT_SUBJECT,
             durable=ORDERS_CONSUMER,
-            stream="MARKETPLACE",
+            stream=MARKETPLACE_STREAM,
             # Acked once shipped: the delay must not make JetStream deliver it again.
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self._ship_delay + 60),
         )
@@ -279,8 +279,8 @@ async def _wait_for_streams(js: Any) -> None:
     """The marketplace server creates the streams when it connects; until then, wait."""
     while True:
         try:
-            await js.stream_info("MARKETPLACE")
-            await js.stream_info("WAREHOUSE")
+            await js.stream_info(MARKETPLACE_STREAM)
+            await js.stream_info(WAREHOUSE_STREAM)
             return
         except (NotFoundError, TimeoutError, nats.errors.Error):
             await asyncio.sleep(0.5)
