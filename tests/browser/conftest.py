@@ -105,7 +105,9 @@ def base_url(stack: Stack) -> Iterator[str]:
         yield f"http://127.0.0.1:{ports.http_port}"
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: Playwright's sync API keeps its event loop marked running while
+# it is started, and pytest-asyncio could not run the async tests of later modules.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     executable = chromium_path()
     with sync_playwright() as playwright:
