@@ -119,12 +119,21 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture
 def page(browser: Browser, base_url: str, request: pytest.FixtureRequest) -> Iterator[Page]:
     """A fresh browser context (no storage: nobody signed in, an empty cart) on the
-    storefront's origin. Console errors and uncaught exceptions fail the test."""
+    storefront's origin. Uncaught exceptions and CSP violations fail the test."""
     context = browser.new_context(base_url=base_url, viewport={"width": 1280, "height": 800})
     context.set_default_timeout(15_000)
     page = context.new_page()
     problems: list[str] = []
     page.on("pageerror", lambda error: problems.append(f"uncaught: {error}"))
+    # The pages' CSP allows no inline script or style: anything it blocks is a bug.
+    page.on(
+        "console",
+        lambda message: (
+            problems.append(f"CSP: {message.text}")
+            if "Content Security Policy" in message.text
+            else None
+        ),
+    )
     yield page
     failed = any(
         getattr(getattr(request.node, f"report_{when}", None), "failed", False)

@@ -75,6 +75,7 @@ def test_pages_carry_a_content_security_policy(web: httpx.Client, stack: Stack, 
     assert stripe_origin in directives["script-src"].split()
     assert stripe_origin in directives["connect-src"].split()
     assert "'unsafe-inline'" not in directives["script-src"]
+    assert directives["style-src"] == "'self'"
 
 
 def test_the_storefront_config_names_the_stacks_stripe_js(web: httpx.Client, stack: Stack) -> None:
