@@ -3,6 +3,7 @@ stack of the end-to-end tests (server process, Envoy, localstripe, PostgreSQL) a
 Envoy in front of it with make run's development sign-in (/dev/token).
 
 Without chromium these tests fail with the command that installs it; the environment variable
+MARKETPLACE_CHROMIUM names another Chromium or Chrome binary, and
 MARKETPLACE_SKIP_BROWSER_TESTS=1 skips them instead (never in CI). A failing test leaves a
 screenshot in tests/browser/screenshots/."""
 
@@ -41,6 +42,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SKIP_VARIABLE = "MARKETPLACE_SKIP_BROWSER_TESTS"
+CHROMIUM_VARIABLE = "MARKETPLACE_CHROMIUM"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -51,15 +53,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def chromium_path() -> str:
-    """Debian's chromium, or the reason these tests cannot run (a failure unless skipped)."""
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    """Debian's chromium (or the browser MARKETPLACE_CHROMIUM names, on other systems), or the
+    reason these tests cannot run: a failure unless skipped."""
+    found = (
+        os.environ.get(CHROMIUM_VARIABLE)
+        or shutil.which("chromium")
+        or shutil.which("chromium-browser")
+    )
     if found:
         return found
     if os.environ.get(SKIP_VARIABLE) == "1":
         pytest.skip(f"no chromium, and {SKIP_VARIABLE}=1 skips the browser tests")
     pytest.fail(
         "the browser tests need Debian's chromium: sudo apt-get install chromium"
-        f" (or set {SKIP_VARIABLE}=1 to skip them explicitly; never in CI)",
+        f" (elsewhere, {CHROMIUM_VARIABLE}=/path/to/chromium; or {SKIP_VARIABLE}=1 skips"
+        " them explicitly, never in CI)",
         pytrace=False,
     )
 
