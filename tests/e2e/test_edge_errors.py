@@ -127,7 +127,10 @@ CASES = [
     Bad("unknown-version", "GET", "/v2/products", 404, code_pb2.NOT_FOUND, "ROUTE_NOT_FOUND"),
     Bad("unknown-custom-method", "POST", f"/v1/orders/{SOME_ID}:refund", 404,
         code_pb2.NOT_FOUND, "ROUTE_NOT_FOUND", b"{}"),
-    Bad("root", "GET", "/", 404, code_pb2.NOT_FOUND, "ROUTE_NOT_FOUND"),
+    # / is the storefront; a page no route serves is a JSON 404 too
+    Bad("unknown-page", "GET", "/nothing-here", 404, code_pb2.NOT_FOUND, "ROUTE_NOT_FOUND"),
+    Bad("unknown-storefront-file", "GET", "/storefront/nothing.js", 404, code_pb2.NOT_FOUND,
+        "ROUTE_NOT_FOUND"),
     Bad("delete-products", "DELETE", "/v1/products", 405, code_pb2.UNIMPLEMENTED, WRONG_METHOD),
     Bad("put-product", "PUT", f"/v1/products/{SOME_ID}", 405, code_pb2.UNIMPLEMENTED,
         WRONG_METHOD, b"{}"),
