@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     )
 
     database_url: str = Field(validation_alias=_env("DATABASE_URL"))
+    # A streaming replica of DATABASE_URL's database for catalog reads (ListProducts, GetProduct
+    # misses); unset, every read goes to the primary.
+    database_replica_url: str | None = Field(None, validation_alias=_env("DATABASE_REPLICA_URL"))
     grpc_host: str = Field("127.0.0.1", validation_alias=_env("GRPC_HOST"))
     grpc_port: int = Field(50051, validation_alias=_env("GRPC_PORT"))
     # Server processes sharing the port; 0 means one per core.
@@ -174,6 +177,13 @@ class Settings(BaseSettings):
     mail_max_event_age_seconds: float = Field(
         86400.0, gt=0, validation_alias=_env("MAIL_MAX_EVENT_AGE")
     )
+    # Tracing (OpenTelemetry): spans go over OTLP to this endpoint when it is set, else to
+    # TRACE_FILE as JSON lines when that is set (make run), else nowhere (no tracing cost).
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None, validation_alias=_env("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+    trace_file: Path | None = Field(None, validation_alias=_env("TRACE_FILE"))
+    otel_service_name: str = Field("marketplace", validation_alias=_env("OTEL_SERVICE_NAME"))
     log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"))
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", validation_alias=_env("LOG_FORMAT")
