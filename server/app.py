@@ -46,7 +46,7 @@ from server.domain.errors import ErrorReason
 from server.domain.identity import Customer
 from server.domain.orders import Order, OrderRequest
 from server.events.consumers import ConsumerMetrics, Consumers, ConsumerSettings, Inbox
-from server.events.dead_letters import DeadLetters
+from server.events.dead_letters import DeadLetterMetrics, DeadLetters, count_dead_letters
 from server.events.nats import NatsConnection
 from server.events.registry import ConsumerContext, consumer_specs
 from server.events.relay import OutboxMetrics, Relay, RelaySettings
@@ -193,6 +193,11 @@ async def _start(
     _run_in_background(running, nats_connection.run(), name="nats")
     _run_in_background(running, _relay(settings, nats_connection, metrics).run(), name="relay")
     _run_in_background(running, consumers.run(), name="consumers")
+    _run_in_background(
+        running,
+        count_dead_letters(nats_connection, DeadLetterMetrics.create(metrics.registry)),
+        name="dead-letters",
+    )
     return port
 
 

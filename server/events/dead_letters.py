@@ -20,6 +20,7 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
 from nats.js.errors import NotFoundError as StreamMessageNotFound
+from prometheus_client import CollectorRegistry, Gauge
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -57,6 +58,8 @@ from server.events.nats import (
 _log = structlog.get_logger("marketplace.dead_letters")
 _PAGE_KIND = "deadLetters"
 _WAIT_FOR_NATS_SECONDS = 2.0
+# One stream-info request per worker this often: cheap, and alerts look at minutes.
+_COUNT_INTERVAL_SECONDS = 15.0
 
 _EARLIER_REPLAY = text(
     """
@@ -264,6 +267,52 @@ class DeadLetters:
                     "create_time": letter.create_time,
                 },
             )
+
+
+@dataclass(frozen=True)
+class DeadLetterMetrics:
+    waiting: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> DeadLetterMetrics:
+        return cls(
+            waiting=Gauge(
+                "marketplace_dead_letters",
+                "Dead letters waiting in MARKETPLACE_DLQ for an admin, by consumer",
+                ["consumer"],
+                registry=registry,
+                multiprocess_mode="livemax",
+            )
+        )
+
+
+async def count_dead_letters(
+    nats: NatsConnection,
+    metrics: DeadLetterMetrics,
+    interval_seconds: float = _COUNT_INTERVAL_SECONDS,
+) -> None:
+    """Until cancelled, sets `marketplace_dead_letters` from the stream's per-subject
+    counts: the counter of dead-lettered deliveries cannot tell which were replayed since."""
+    counted: set[str] = set()
+    while True:
+        _client, jetstream = await nats.ready()
+        try:
+            info = await jetstream.stream_info(
+                DEAD_LETTER_STREAM, subjects_filter=DEAD_LETTER_SUBJECT_PREFIX + ">"
+            )
+        except (NatsError, OSError, TimeoutError) as error:
+            # The connection's own task notices a lost NATS; the next pass counts again.
+            _log.debug("dead letters not counted", error=repr(error))
+        else:
+            waiting = {
+                subject.removeprefix(DEAD_LETTER_SUBJECT_PREFIX): count
+                for subject, count in (info.state.subjects or {}).items()
+            }
+            # A consumer whose letters were all replayed drops out of the answer: back to 0.
+            for consumer in counted | waiting.keys():
+                metrics.waiting.labels(consumer).set(waiting.get(consumer, 0))
+            counted |= waiting.keys()
+        await asyncio.sleep(interval_seconds)
 
 
 def _dead_letter(message: RawStreamMsg) -> DeadLetter:
