@@ -13,6 +13,7 @@ from pathlib import Path
 import devstack
 from devstack import DATA_DIR
 from devstack.envoy import render_envoy_config, start_envoy, wait_for_envoy
+from devstack.fleet import Fleet
 from devstack.localstripe import (
     DECLINED_CARD,
     DEV_WEBHOOK_SECRET,
@@ -30,7 +31,7 @@ from devstack.mail import MAIL_DIR, start_mail_sink, wait_for_mail_sink
 from devstack.nats import nats_url, start_nats, wait_for_nats
 from devstack.postgres import database, seed_demo_catalog
 from devstack.processes import port_holder, port_is_taken, stop_process
-from devstack.server import ensure_jwt_secret, start_server, wait_for_grpc
+from devstack.server import ensure_jwt_secret, wait_for_grpc
 from devstack.stripejs import teach_payment_methods
 from devstack.tls import SERVER_TLS_SETTINGS, TlsFiles, ensure_development_tls
 from devstack.warehouse import (
@@ -73,6 +74,23 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
+def _replica_ports(ports: dict[str, int], replicas: int) -> dict[str, int]:
+    """The ports of replicas 2..N, each the one before it plus one: GRPC_PORT+1, METRICS_PORT+1
+    and so on (replica 1 has GRPC_PORT and METRICS_PORT themselves)."""
+    extra = {}
+    for index in range(1, replicas):
+        extra[f"GRPC_PORT+{index}"] = ports["GRPC_PORT"] + index
+        if ports["METRICS_PORT"]:
+            extra[f"METRICS_PORT+{index}"] = ports["METRICS_PORT"] + index
+    return extra
+
+
+def _purpose(name: str) -> str:
+    base, _, offset = name.partition("+")
+    purpose = STACK_PORTS[base][1]
+    return f"{purpose} of replica {int(offset) + 1}" if offset else purpose
+
+
 def _port_problems(ports: dict[str, int]) -> list[str]:
     """Why the stack could not listen where `ports` say, one line a port; empty when it can."""
     problems = []
@@ -80,7 +98,7 @@ def _port_problems(ports: dict[str, int]) -> list[str]:
     for name, port in ports.items():
         if port == 0:
             continue
-        purpose = STACK_PORTS[name][1]
+        purpose = _purpose(name)
         if port in first_user:
             problems.append(f"{name} and {first_user[port]} are both {port}")
         elif port_is_taken(port):
@@ -109,14 +127,14 @@ def _how_to_call(tls: TlsFiles | None, grpc_port: int, http_port: int) -> str:
     )
 
 
-def run(*, tls: bool = False, warehouse: bool = True) -> int:
+def run(*, tls: bool = False, warehouse: bool = True, replicas: int = 1) -> int:
     # Ctrl-C and `kill` both stop the whole stack, even where SIGINT was inherited ignored.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     ports = {name: _port(name) for name in STACK_PORTS}
     # Checked before anything starts: otherwise Envoy (say) dies after the rest is up, and
     # its "Address already in use" is only in its log.
-    if problems := _port_problems(ports):
+    if problems := _port_problems(ports | _replica_ports(ports, replicas)):
         print(
             "make run cannot start, nothing was started:\n  "
             + "\n  ".join(problems)
@@ -150,7 +168,7 @@ def run(*, tls: bool = False, warehouse: bool = True) -> int:
         config_path.write_text(
             render_envoy_config(
                 http_port=http_port,
-                grpc_port=grpc_port,
+                grpc_port=[grpc_port + index for index in range(replicas)],
                 admin_port=admin_port,
                 provider_proxy_port=provider_proxy_port,
                 localstripe_port=localstripe_port,
@@ -180,18 +198,12 @@ def run(*, tls: bool = False, warehouse: bool = True) -> int:
             mail_sink = start_mail_sink(ports["SMTP_PORT"], MAIL_DIR, log=mail_log)
         with (DATA_DIR / "nats.log").open("ab") as nats_log:
             nats = start_nats(ports["NATS_PORT"], DATA_DIR / "nats", log=nats_log)
-        server = start_server(
+        fleet = Fleet(
             {
                 "DATABASE_URL": database_url,
                 "SMTP_URL": f"smtp://127.0.0.1:{ports['SMTP_PORT']}",
                 "NATS_URL": nats_url(ports["NATS_PORT"]),
                 "MARKETPLACE_JWT_SECRET": secret,
-                "GRPC_PORT": str(grpc_port),
-                # Set here, not left to the settings' default, so the banner names the real port.
-                "METRICS_PORT": str(metrics_port),
-                # The workers' metric files: under .data/, so even a killed run's are found
-                # (and cleared) by the next one instead of piling up in /tmp.
-                "PROMETHEUS_MULTIPROC_DIR": str(DATA_DIR / "metrics"),
                 # The server reaches localstripe through Envoy, where faults can be injected.
                 "STRIPE_API_BASE": f"http://127.0.0.1:{provider_proxy_port}",
                 "STRIPE_API_KEY": LOCALSTRIPE_API_KEY,
@@ -199,14 +211,23 @@ def run(*, tls: bool = False, warehouse: bool = True) -> int:
                 # The development stack: the server then accepts the published webhook secret.
                 "MARKETPLACE_DEVSTACK": "1",
                 **(tls_files.server_env() if tls_files is not None else {}),
-            }
+                # Several replicas: a stopped one waits for Envoy's health check (every
+                # second) to take it out of rotation before it closes its port.
+                **({"SHUTDOWN_DELAY": "2"} if replicas > 1 else {}),
+            },
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
+            metrics_dir=DATA_DIR / "metrics",
         )
+        for _ in range(replicas):
+            fleet.start_replica()
         with (DATA_DIR / "envoy.log").open("ab") as envoy_log:
             envoy = start_envoy(config_path, log=envoy_log)
         stand_ins: list[subprocess.Popen[bytes]] = []  # the stand-in warehouse, unless off
         try:
             credentials = tls_files.channel_credentials() if tls_files is not None else None
-            wait_for_grpc(grpc_port, server, credentials=credentials)
+            for replica in fleet.replicas:
+                wait_for_grpc(replica.grpc_port, replica.process, credentials=credentials)
             wait_for_envoy(admin_port, envoy)
             wait_for_mail_sink(ports["SMTP_PORT"], mail_sink)
             wait_for_nats(ports["NATS_PORT"], nats)
@@ -234,12 +255,15 @@ def run(*, tls: bool = False, warehouse: bool = True) -> int:
                 if metrics_port
                 else "off (METRICS_PORT=0)"
             )
+            if replicas > 1:
+                metrics = f"each replica's, below{'' if metrics_port else ' (off: METRICS_PORT=0)'}"
             print(
                 f"\nMarketplace is up.\n"
                 f"{_how_to_call(tls_files, grpc_port, http_port)}"
                 f"  web    {scheme}://127.0.0.1:{http_port}/ (the storefront; sign in with any"
                 f" name)   {scheme}://127.0.0.1:{http_port}/docs (Swagger UI)\n"
                 f"  metrics {metrics}\n"
+                f"{_replica_lines(fleet, http_port) if replicas > 1 else ''}"
                 f"  Envoy admin http://127.0.0.1:{admin_port}"
                 f"   envoy log: {_shown(DATA_DIR / 'envoy.log')}\n"
                 f"  localstripe http://127.0.0.1:{localstripe_port}"
@@ -256,8 +280,10 @@ def run(*, tls: bool = False, warehouse: bool = True) -> int:
                 f"\nCtrl-C stops everything.\n",
                 flush=True,
             )
-            running = (server, envoy, localstripe, mail_sink, nats, *stand_ins)
-            while all(p.poll() is None for p in running):
+            running = (envoy, localstripe, mail_sink, nats, *stand_ins)
+            # A replica may be stopped or killed (to see Envoy route around it); the stack
+            # stops when the last one has gone.
+            while all(p.poll() is None for p in running) and fleet.watch():
                 time.sleep(0.5)
             print("a component exited; stopping", file=sys.stderr)
             return 1
@@ -268,10 +294,29 @@ def run(*, tls: bool = False, warehouse: bool = True) -> int:
             for stand_in in stand_ins:
                 stop_process(stand_in)
             stop_process(envoy)
-            stop_process(server)
+            fleet.stop()
             stop_process(localstripe)
             stop_process(mail_sink)
             stop_process(nats)
+
+
+def _replica_lines(fleet: Fleet, http_port: int) -> str:
+    """One line a replica: its gRPC port, its /metrics, its pid."""
+    lines = []
+    for replica in fleet.replicas:
+        metrics = (
+            f"http://127.0.0.1:{replica.metrics_port}/metrics" if replica.metrics_port else "-"
+        )
+        lines.append(
+            f"  replica {replica.number}  gRPC 127.0.0.1:{replica.grpc_port}   metrics {metrics}"
+            f"   pid {replica.process.pid}\n"
+        )
+    return (
+        "".join(lines)
+        + f"         behind Envoy, which takes gRPC on 127.0.0.1:{http_port} too and spreads"
+        " calls over the healthy ones;\n"
+        "         `kill -TERM <pid>` drains one, the rest serve\n"
+    )
 
 
 def _warehouse_line(on: bool) -> str:
@@ -361,6 +406,12 @@ def main() -> int:
     parser.add_argument(
         "--no-warehouse", action="store_true", help="without the stand-in warehouse"
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="server replicas behind Envoy, on GRPC_PORT, GRPC_PORT+1, ... (make run REPLICAS=N)",
+    )
     options = parser.parse_args()
     if options.command == "token":
         return print_token(options.role, options.sub, options.email)
@@ -371,7 +422,9 @@ def main() -> int:
         teach_payment_methods()
         serve_localstripe(options.port, options.store)
         return 0
-    return run(tls=options.tls, warehouse=not options.no_warehouse)
+    if options.replicas < 1:
+        parser.error("--replicas must be at least 1")
+    return run(tls=options.tls, warehouse=not options.no_warehouse, replicas=options.replicas)
 
 
 if __name__ == "__main__":

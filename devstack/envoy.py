@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -111,7 +111,7 @@ class EdgeLimits:
 def render_envoy_config(
     *,
     http_port: int,
-    grpc_port: int,
+    grpc_port: int | Sequence[int],
     admin_port: int,
     provider_proxy_port: int,
     localstripe_port: int,
@@ -119,7 +119,8 @@ def render_envoy_config(
     limits: EdgeLimits | None = None,
     dev_token_port: int | None = None,
 ) -> str:
-    """envoy.yaml with this run's ports, limits (without `limits`, the environment's, as
+    """envoy.yaml with this run's ports (`grpc_port`: the server's, or each replica's, all
+    in the marketplace_grpc cluster), limits (without `limits`, the environment's, as
     `make run` takes them) and absolute paths to generated/, the storefront and Swagger UI;
     with `tls`, the REST listener serves TLS and Envoy reaches the server over TLS, presenting
     the client certificate (which a server requiring client certificates checks). With
@@ -127,10 +128,10 @@ def render_envoy_config(
     limits = EdgeLimits.from_environment() if limits is None else limits
     text = limits.render(ENVOY_TEMPLATE.read_text())
     text = _render_web(text, localstripe_port, dev_token_port)
+    text = _render_replicas(text, [grpc_port] if isinstance(grpc_port, int) else grpc_port)
     replacements = {
         "port_value: 9901}": f"port_value: {admin_port}}}",
         "port_value: 8080}": f"port_value: {http_port}}}",
-        "port_value: 50051}": f"port_value: {grpc_port}}}",
         "port_value: 8421}": f"port_value: {provider_proxy_port}}}",
         "port_value: 8420}": f"port_value: {localstripe_port}}}",
         '"generated/marketplace.binpb"': f'"{DESCRIPTOR}"',
@@ -144,6 +145,19 @@ def render_envoy_config(
             raise RuntimeError(f"envoy.yaml no longer has exactly one {old!r}")
         text = text.replace(old, new)
     return text
+
+
+def _render_replicas(text: str, grpc_ports: Sequence[int]) -> str:
+    """The marketplace_grpc cluster's one endpoint line, once per replica's port."""
+    if not grpc_ports:
+        raise ValueError("the marketplace_grpc cluster needs at least one server port")
+    line = re.compile(r"(?m)^(.*port_value: )50051(}.*# GRPC_PORT)$")
+    found = line.findall(text)
+    if len(found) != 1:
+        raise RuntimeError("envoy.yaml no longer has exactly one line marked # GRPC_PORT")
+    head, tail = found[0]
+    endpoints = "\n".join(f"{head}{port}{tail}" for port in grpc_ports)
+    return line.sub(lambda _: endpoints, text)
 
 
 def _render_web(text: str, localstripe_port: int, dev_token_port: int | None) -> str:
@@ -259,7 +273,7 @@ class EnvoyPorts(NamedTuple):
 
 @contextlib.contextmanager
 def envoy_in_front_of(
-    grpc_port: int,
+    grpc_port: int | Sequence[int],
     scratch: Path,
     *,
     tls: TlsFiles | None = None,
