@@ -15,6 +15,7 @@ import psycopg
 import structlog
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import Tracer
 from prometheus_client import start_http_server
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -58,6 +59,7 @@ from server.services.product_cache import ProductCache, follow_product_changes, 
 from server.services.upkeep import stop_task
 from server.services.use_cases import UseCases, wire_use_cases
 from server.settings import Settings
+from server.tracing import install_tracing, log_processors, tracer_of
 
 _log = structlog.get_logger("marketplace.server")
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -67,7 +69,9 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     """Runs one server process until SIGTERM or SIGINT; `reuse_port` when it is one of
     several sharing the port. What it opened is closed again however it ends: a signal, a
     failure while starting, or cancellation."""
-    configure_logging(settings.log_level, settings.log_format)
+    # Before anything connects: the psycopg and httpx instrumentations wrap what is made later.
+    tracing = install_tracing(settings)
+    configure_logging(settings.log_level, settings.log_format, log_processors(tracing))
     metrics = Metrics.create()
     # With several workers the supervisor serves /metrics for all of them.
     if settings.metrics_port and not reuse_port:
@@ -76,7 +80,12 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     stopping = asyncio.Event()
     try:
         async with contextlib.AsyncExitStack() as running:
-            port = await _start(running, settings, metrics, reuse_port=reuse_port)
+            if tracing is not None:
+                # Last out: exports the spans of the drain too.
+                running.callback(tracing.shutdown)
+            port = await _start(
+                running, settings, metrics, tracer_of(tracing), reuse_port=reuse_port
+            )
             _freeze_long_lived_objects()
             _log.info("listening", address=f"{settings.grpc_host}:{port}", tls=_tls_mode(settings))
             for sig in _STOP_SIGNALS:
@@ -91,7 +100,12 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
 
 
 async def _start(
-    running: contextlib.AsyncExitStack, settings: Settings, metrics: Metrics, *, reuse_port: bool
+    running: contextlib.AsyncExitStack,
+    settings: Settings,
+    metrics: Metrics,
+    tracer: Tracer | None,
+    *,
+    reuse_port: bool,
 ) -> int:
     """Builds everything and starts serving; returns the port. Each part's stop goes on
     `running` as the part is made or started, so unwinding it drains in the reverse order:
@@ -102,7 +116,7 @@ async def _start(
     running.push_async_callback(engine.dispose)
     hot_path = _hot_path_pool(settings)
     running.push_async_callback(hot_path.close)
-    stripe_provider = _stripe_provider(settings)
+    stripe_provider = _stripe_provider(settings, tracer)
     running.push_async_callback(stripe_provider.aclose)
 
     health_servicer = health.aio.HealthServicer()
@@ -114,7 +128,7 @@ async def _start(
         # The hot path's connections died with the database; no call found them lost.
         before_serving_again=hot_path.check_connections,
     )
-    server = _grpc_server(settings, metrics, database_health, reuse_port=reuse_port)
+    server = _grpc_server(settings, metrics, database_health, tracer, reuse_port=reuse_port)
     # GetProduct is served from memory, kept current by PostgreSQL's NOTIFY (see
     # server/services/product_cache.py); use cases drop what they change before answering.
     product_cache = ProductCache(
@@ -155,6 +169,7 @@ async def _start(
             products_changed=product_cache.forget,
         ),
         settings,
+        tracer,
     )
     dead_letter_service_pb2_grpc.add_DeadLetterServiceServicer_to_server(
         DeadLetterServicer(DeadLetters(nats_connection, engine, consumers.specs)), server
@@ -194,7 +209,9 @@ async def _start(
     _run_in_background(running, database_health.run(), name="database-health")
     # Stopped in the reverse order: the consumers and the relay before their connection.
     _run_in_background(running, nats_connection.run(), name="nats")
-    _run_in_background(running, _relay(settings, nats_connection, metrics).run(), name="relay")
+    _run_in_background(
+        running, _relay(settings, nats_connection, metrics, tracer).run(), name="relay"
+    )
     _run_in_background(running, consumers.run(), name="consumers")
     _run_in_background(
         running,
@@ -259,7 +276,9 @@ def _dedicated_connection(
     )
 
 
-def _relay(settings: Settings, nats_connection: NatsConnection, metrics: Metrics) -> Relay:
+def _relay(
+    settings: Settings, nats_connection: NatsConnection, metrics: Metrics, tracer: Tracer | None
+) -> Relay:
     return Relay(
         # Its own session: the advisory lock that makes it the leader lives and dies with it.
         _dedicated_connection(settings),
@@ -273,11 +292,15 @@ def _relay(settings: Settings, nats_connection: NatsConnection, metrics: Metrics
             inbox_retention_seconds=settings.inbox_retention_seconds,
             prune_interval_seconds=settings.outbox_prune_interval_seconds,
         ),
+        tracer=tracer,
     )
 
 
 def _consumers(
-    nats_connection: NatsConnection, context: ConsumerContext, settings: Settings
+    nats_connection: NatsConnection,
+    context: ConsumerContext,
+    settings: Settings,
+    tracer: Tracer | None,
 ) -> Consumers:
     return Consumers(
         nats_connection,
@@ -288,15 +311,17 @@ def _consumers(
             retry_delay_seconds=settings.consumer_retry_delay_seconds,
         ),
         ConsumerMetrics.create(context.metrics.registry),
+        tracer=tracer,
     )
 
 
-def _stripe_provider(settings: Settings) -> StripeProvider:
+def _stripe_provider(settings: Settings, tracer: Tracer | None) -> StripeProvider:
     return StripeProvider(
         api_key=settings.stripe_api_key,
         api_base=settings.stripe_api_base,
         timeout_seconds=settings.provider_timeout_seconds,
         max_attempts=settings.provider_max_attempts,
+        tracer=tracer,
     )
 
 
@@ -314,7 +339,12 @@ def _circuit_breaker(
 
 
 def _grpc_server(
-    settings: Settings, metrics: Metrics, database_health: DatabaseHealth, *, reuse_port: bool
+    settings: Settings,
+    metrics: Metrics,
+    database_health: DatabaseHealth,
+    tracer: Tracer | None,
+    *,
+    reuse_port: bool,
 ) -> grpc.aio.Server:
     verifier = TokenVerifier(
         secret=settings.jwt_secret,
@@ -340,6 +370,7 @@ def _grpc_server(
                 ),
                 # While the database is known down, calls that need it fail at once.
                 admit=database_health.admit,
+                tracer=tracer,
             )
         ],
         # Not grpc's maximum_concurrent_rpcs: it counts calls and streams together, so

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import stripe
 import structlog
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -77,7 +78,13 @@ class StripeProvider:
     """
 
     def __init__(
-        self, *, api_key: str, api_base: str, timeout_seconds: float, max_attempts: int
+        self,
+        *,
+        api_key: str,
+        api_base: str,
+        timeout_seconds: float,
+        max_attempts: int,
+        tracer: Tracer | None = None,
     ) -> None:
         if timeout_seconds <= 0 or max_attempts < 1:
             raise ValueError("timeout_seconds must be positive and max_attempts at least 1")
@@ -93,6 +100,8 @@ class StripeProvider:
         )
         self._timeout_seconds = timeout_seconds
         self._max_attempts = max_attempts
+        # A span per attempt when tracing is on; its HTTP request is the httpx span inside.
+        self._tracer = tracer
 
     @property
     def name(self) -> str:
@@ -254,6 +263,22 @@ class StripeProvider:
 
     async def _attempt(self, operation: str, request: Callable[[], Awaitable[T]]) -> T:
         """One request within the deadline; every failure leaves as a port error or Transient."""
+        if self._tracer is None:
+            return await self._attempt_untraced(operation, request)
+        with self._tracer.start_as_current_span(
+            f"stripe {operation}",
+            kind=SpanKind.CLIENT,
+            attributes={"marketplace.provider": self.name, "marketplace.operation": operation},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                return await self._attempt_untraced(operation, request)
+            except Exception as error:  # recorded on the span, then raised unchanged
+                span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+                raise
+
+    async def _attempt_untraced(self, operation: str, request: Callable[[], Awaitable[T]]) -> T:
         try:
             async with asyncio.timeout(self._timeout_seconds):
                 return await request()

@@ -14,6 +14,7 @@ from typing import Any, cast
 import grpc
 import structlog
 from google.protobuf.message import DecodeError
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from prometheus_client import Counter, Histogram
 
 from server.api.auth import TokenVerifier, single_authorization
@@ -28,11 +29,23 @@ from server.api.errors import (
 from server.domain.errors import DomainError, ErrorReason, FieldViolation, InvalidArgument
 from server.domain.identity import Access, Principal, authorize
 from server.observability import Metrics
+from server.tracing import ORDER_ID, REQUEST_ID, extracted
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _log = structlog.get_logger("marketplace.rpc")
 
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+# The codes that mean the server failed, not the caller (OpenTelemetry's gRPC conventions).
+_SERVER_FAULTS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
 
 
 def _parse(payload: Any, deserialize: Callable[[bytes], Any] | None) -> Any:
@@ -94,8 +107,11 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         calls: InFlightBudget,
         streams: InFlightBudget,
         admit: Callable[[str], None] = lambda method: None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._verifier = verifier
+        # None with tracing off: calls then make no span at all (server/tracing.py).
+        self._tracer = tracer
         self._policies = policies
         self._metrics = metrics
         # Raises, before the call runs, when something the method needs is known to be down.
@@ -161,7 +177,29 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         access: Access,
         deserialize: Callable[[bytes], Any] | None,
     ) -> UnaryBehavior:
-        async def behavior(payload: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        tracer = self._tracer
+        span_name = method.lstrip("/")
+        service, _, rpc = span_name.partition("/")
+
+        async def traced(payload: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            assert tracer is not None
+            invocation = context.invocation_metadata() or ()
+            with tracer.start_as_current_span(
+                span_name,
+                context=extracted(
+                    {key: value for key, value in invocation if isinstance(value, str)}
+                ),
+                kind=SpanKind.SERVER,
+                attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc},
+                # A failed call ends with context.abort's exception; its status is set below.
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span:
+                return await behavior(payload, context, span)
+
+        async def behavior(
+            payload: Any, context: grpc.aio.ServicerContext[Any, Any], span: Span | None = None
+        ) -> Any:
             invocation = context.invocation_metadata() or ()
             metadata = dict(invocation)
             supplied = metadata.get("x-request-id")
@@ -174,6 +212,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
             started = time.perf_counter()
             failure: grpc.Status | None = None
+            request: Any = None
             response: Any = None
             release: Callable[[], None] | None = None
             try:
@@ -205,6 +244,8 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                 if release is not None:
                     release()
             code = failure.code if failure is not None else grpc.StatusCode.OK
+            if span is not None:
+                _annotate(span, request_id, code, request, response)
             self._record(method, code, started, failure)
             trailer = (("x-request-id", request_id),)
             if failure is not None:
@@ -214,7 +255,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             context.set_trailing_metadata(trailer)
             return response
 
-        return behavior
+        return behavior if tracer is None else traced
 
     def _bounded(self, inner: Any, method: str) -> Any:
         """`inner` (a coroutine writing to its context, or an async generator) run only with
@@ -279,3 +320,24 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             duration_ms=round(elapsed * 1000, 2),
             **({"error": failure.details} if failure is not None else {}),
         )
+
+
+def _annotate(
+    span: Span, request_id: str, code: grpc.StatusCode, request: Any, response: Any
+) -> None:
+    span.set_attribute(REQUEST_ID, request_id)
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code in _SERVER_FAULTS:
+        span.set_status(Status(StatusCode.ERROR, code.name))
+    if order_id := _order_id(request, response):
+        span.set_attribute(ORDER_ID, order_id)
+
+
+def _order_id(request: Any, response: Any) -> str | None:
+    """The order a call is about, for finding its trace: a request naming it (payments) or
+    an answer carrying it (an order, a payment)."""
+    for message, field in ((response, "order"), (response, "payment")):
+        found = getattr(message, field, None)
+        if found is not None and message.HasField(field):
+            return str(getattr(found, "order_id", "") or getattr(found, "id", "")) or None
+    return str(getattr(request, "order_id", "")) or None

@@ -33,6 +33,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from opentelemetry.trace import SpanKind, Tracer
 from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -43,6 +44,7 @@ from server.events.nats import (
     NatsConnection,
     raise_if_cancelled,
 )
+from server.tracing import extracted
 
 EVENT_TYPE_HEADER = "Marketplace-Event-Type"
 MSG_ID_HEADER = "Nats-Msg-Id"
@@ -216,6 +218,8 @@ class Consumers:
         specs: Sequence[ConsumerSpec],
         settings: ConsumerSettings,
         metrics: ConsumerMetrics,
+        *,
+        tracer: Tracer | None = None,
     ) -> None:
         names = [spec.name for spec in specs]
         if len(set(names)) != len(names):
@@ -224,6 +228,8 @@ class Consumers:
         self._specs = list(specs)
         self._settings = settings
         self._metrics = metrics
+        # None with tracing off: deliveries make no span.
+        self._tracer = tracer
 
     @property
     def specs(self) -> list[ConsumerSpec]:
@@ -295,6 +301,27 @@ class Consumers:
             delay = min(delay * 2, 10.0)
 
     async def _process(self, spec: ConsumerSpec, jetstream: JetStreamContext, msg: Msg) -> None:
+        if self._tracer is None:
+            await self._deliver(spec, jetstream, msg)
+            return
+        # A child of the relay's publish span, whose context the message's `traceparent`
+        # header carries: the delivery, its database work and its email join the order's trace.
+        metadata = msg.metadata
+        with self._tracer.start_as_current_span(
+            f"{spec.name} process",
+            context=extracted(msg.headers or {}),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.consumer.group.name": spec.name,
+                "messaging.destination.name": msg.subject,
+                "messaging.nats.stream_sequence": metadata.sequence.stream,
+                "messaging.message.delivery_attempt": metadata.num_delivered,
+            },
+        ):
+            await self._deliver(spec, jetstream, msg)
+
+    async def _deliver(self, spec: ConsumerSpec, jetstream: JetStreamContext, msg: Msg) -> None:
         metadata = msg.metadata
         headers = dict(msg.headers or {})
         stream_sequence = metadata.sequence.stream

@@ -20,6 +20,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from server.tracing import current_traceparent
+
 
 @dataclass(frozen=True)
 class OutboxEvent:
@@ -30,23 +32,28 @@ class OutboxEvent:
     subject: str  # "marketplace.order.created"
     type_name: str  # "marketplace.events.v1.OrderCreated"
     payload: bytes  # the serialized event message
+    # The W3C trace context the relay continues (server/tracing.py); None takes the current
+    # span's when the event is written.
+    traceparent: str | None = None
 
 
 # One statement for any number of events: arrays bound as parameters, unnested server-side.
 # Also a CTE of the order transaction's write (server/services/orders/placement.py).
 INSERT_EVENTS = """
     INSERT INTO outbox (event_id, aggregate_type, aggregate_id, sequence, subject, type_name,
-                        payload)
+                        payload, traceparent)
     SELECT * FROM unnest(CAST(:event_ids AS uuid[]), CAST(:event_aggregate_types AS text[]),
                          CAST(:event_aggregate_ids AS text[]),
                          CAST(:event_sequences AS bigint[]), CAST(:event_subjects AS text[]),
-                         CAST(:event_type_names AS text[]), CAST(:event_payloads AS bytea[]))
+                         CAST(:event_type_names AS text[]), CAST(:event_payloads AS bytea[]),
+                         CAST(:event_traceparents AS text[]))
 """
 _INSERT_EVENTS = text(INSERT_EVENTS)
 
 
 def insert_parameters(events: Sequence[OutboxEvent]) -> dict[str, Any]:
     """INSERT_EVENTS' parameters for these events."""
+    current = current_traceparent()
     return {
         "event_ids": [event.event_id for event in events],
         "event_aggregate_types": [event.aggregate_type for event in events],
@@ -55,6 +62,7 @@ def insert_parameters(events: Sequence[OutboxEvent]) -> dict[str, Any]:
         "event_subjects": [event.subject for event in events],
         "event_type_names": [event.type_name for event in events],
         "event_payloads": [event.payload for event in events],
+        "event_traceparents": [event.traceparent or current for event in events],
     }
 
 

@@ -32,10 +32,13 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from server.events.consumers import EVENT_TYPE_HEADER, MSG_ID_HEADER
 from server.events.nats import NatsConnection, raise_if_cancelled
+from server.tracing import ORDER_ID, TRACEPARENT, extracted, inject
 
 _log = structlog.get_logger("marketplace.relay")
 
@@ -52,7 +55,8 @@ _METRICS_EVERY_SECONDS = 1.0
 
 _TRY_LOCK = "SELECT pg_try_advisory_lock(%(key)s)"
 _UNPUBLISHED = """
-    SELECT position, event_id, aggregate_id, aggregate_type, subject, type_name, payload
+    SELECT position, event_id, aggregate_id, aggregate_type, subject, type_name, payload,
+           traceparent
       FROM outbox
      WHERE publish_time IS NULL
      ORDER BY position
@@ -108,9 +112,11 @@ class AckedPublisher:
         self._tokens = itertools.count()
         self._waiting: dict[str, asyncio.Future[int]] = {}
 
-    async def publish(self, client: Client, row: OutboxRow) -> asyncio.Future[int]:
-        """Sends `row`; the future gets the stream sequence it was stored at (or already
-        had), or the reason it was not."""
+    async def publish(
+        self, client: Client, row: OutboxRow, span: Span | None = None
+    ) -> asyncio.Future[int]:
+        """Sends `row` (in `span`'s trace, when traced); the future gets the stream sequence
+        it was stored at (or already had), or the reason it was not."""
         if client is not self._client or self._subscription is None:
             await self._listen(client)
         token = str(next(self._tokens))
@@ -118,7 +124,7 @@ class AckedPublisher:
         self._waiting[token] = future
         try:
             await client.publish(
-                row.subject, row.payload, reply=self._prefix + token, headers=row.headers()
+                row.subject, row.payload, reply=self._prefix + token, headers=row.headers(span)
             )
         except BaseException:
             self._waiting.pop(token, None)
@@ -195,11 +201,17 @@ class OutboxRow:
     subject: str
     type_name: str
     payload: bytes
+    # The trace context of the work that wrote the event (server/tracing.py), or None.
+    traceparent: str | None = None
 
-    def headers(self) -> dict[str, str]:
+    def headers(self, span: Span | None = None) -> dict[str, str]:
         # Only what a consumer needs: nats-py encodes each header in Python, about 2 us of
-        # the relay's CPU apiece per event (docs/benchmarks.md).
-        return {MSG_ID_HEADER: self.event_id, EVENT_TYPE_HEADER: self.type_name}
+        # the relay's CPU apiece per event (docs/benchmarks.md). The publish's span, when
+        # traced, is the parent of the consumers' spans.
+        headers = {MSG_ID_HEADER: self.event_id, EVENT_TYPE_HEADER: self.type_name}
+        if span is not None:
+            inject(headers, trace.set_span_in_context(span))
+        return headers
 
 
 @dataclass(frozen=True)
@@ -220,8 +232,12 @@ class Relay:
         nats: NatsConnection,
         metrics: OutboxMetrics,
         settings: RelaySettings,
+        *,
+        tracer: Tracer | None = None,
     ) -> None:
         self._connect = connect
+        # None with tracing off: no span, and no header beyond the two above.
+        self._tracer = tracer
         self._nats = nats
         self._metrics = metrics
         self._settings = settings
@@ -302,6 +318,7 @@ class Relay:
                 subject=subject,
                 type_name=type_name,
                 payload=bytes(payload),
+                traceparent=traceparent,
             )
             for (
                 position,
@@ -311,6 +328,7 @@ class Relay:
                 subject,
                 type_name,
                 payload,
+                traceparent,
             ) in await cursor.fetchall()
         ]
 
@@ -329,17 +347,20 @@ class Relay:
         aggregates = len({row.aggregate for row in rows})
         for group in _pipelined_groups(rows):
             sendable = [row for row in group if row.aggregate not in failed]
+            spans = [self._publish_span(row) for row in sendable]
             futures: list[asyncio.Future[int]] = []
             try:
-                for row in sendable:
-                    futures.append(await self._publisher.publish(client, row))
+                for row, span in zip(sendable, spans, strict=True):
+                    futures.append(await self._publisher.publish(client, row, span))
             except (NatsError, OSError) as error:
                 _log.warning("outbox publish failed", error=repr(error))
                 self._publisher.forget(futures)
+                _end_spans(spans, [error] * len(spans))
                 self._nats.lost()
                 return stored
             acks = await _settled(futures, self._settings.publish_timeout_seconds)
             self._publisher.forget(futures)
+            _end_spans(spans, acks)
             for row, ack in zip(sendable, acks, strict=True):
                 if isinstance(ack, int):
                     stored.append(row.position)
@@ -351,6 +372,27 @@ class Relay:
             _log.warning("outbox publish unacknowledged", events=len(rows) - len(stored))
             self._nats.lost()
         return stored
+
+    def _publish_span(self, row: OutboxRow) -> Span | None:
+        """A span from sending `row` to its acknowledgement, in the trace of the work that
+        wrote it (a new trace for a row written outside one)."""
+        if self._tracer is None:
+            return None
+        aggregate_type, aggregate_id = row.aggregate
+        attributes: dict[str, str] = {
+            "messaging.system": "nats",
+            "messaging.destination.name": row.subject,
+            "messaging.message.id": row.event_id,
+            "marketplace.event_type": row.type_name,
+        }
+        if aggregate_type == "order":
+            attributes[ORDER_ID] = aggregate_id
+        return self._tracer.start_span(
+            f"{row.subject} publish",
+            context=extracted({TRACEPARENT: row.traceparent}) if row.traceparent else None,
+            kind=SpanKind.PRODUCER,
+            attributes=attributes,
+        )
 
     async def _mark_published(
         self, conn: psycopg.AsyncConnection[Any], positions: Sequence[int]
@@ -393,6 +435,17 @@ class Relay:
             depth, lag = row
             self._metrics.depth.set(depth)
             self._metrics.lag_seconds.set(float(lag))
+
+
+def _end_spans(spans: Sequence[Span | None], acks: Sequence[int | BaseException]) -> None:
+    for span, ack in zip(spans, acks, strict=True):
+        if span is None:
+            continue
+        if isinstance(ack, BaseException):
+            span.set_status(Status(StatusCode.ERROR, repr(ack)))
+        else:
+            span.set_attribute("messaging.nats.stream_sequence", ack)
+        span.end()
 
 
 def _pipelined_groups(rows: Sequence[OutboxRow]) -> list[list[OutboxRow]]:
