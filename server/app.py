@@ -7,7 +7,7 @@ import contextlib
 import functools
 import gc
 import signal
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
@@ -43,7 +43,7 @@ from server.api.policy import (
 from server.db.driver import DriverPool
 from server.db.engine import connect_options, create_engine, libpq_url
 from server.domain.catalog import Product
-from server.domain.errors import ErrorReason
+from server.domain.errors import DomainError, ErrorReason
 from server.domain.identity import Customer
 from server.domain.orders import Order, OrderRequest
 from server.events.consumers import ConsumerMetrics, Consumers, ConsumerSettings, Inbox
@@ -59,7 +59,7 @@ from server.services.product_cache import ProductCache, follow_product_changes, 
 from server.services.upkeep import stop_task
 from server.services.use_cases import UseCases, wire_use_cases
 from server.settings import Settings
-from server.tracing import install_tracing, log_processors, tracer_of
+from server.tracing import GroupCommitTracing, install_tracing, log_processors, tracer_of
 
 _log = structlog.get_logger("marketplace.server")
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -155,7 +155,7 @@ async def _start(
     product_lookup = _add_catalog_service(
         server, use_cases.catalog, product_cache, settings, metrics
     )
-    order_committer = _add_order_and_payment_services(server, use_cases, settings, metrics)
+    order_committer = _add_order_and_payment_services(server, use_cases, settings, metrics, tracer)
     # NATS is connected in the background: the server serves without it (server/events/).
     nats_connection = NatsConnection(settings.nats_url)
     consumers = _consumers(
@@ -438,19 +438,34 @@ def _add_catalog_service(
 
 
 def _add_order_and_payment_services(
-    server: grpc.aio.Server, use_cases: UseCases, settings: Settings, metrics: Metrics
+    server: grpc.aio.Server,
+    use_cases: UseCases,
+    settings: Settings,
+    metrics: Metrics,
+    tracer: Tracer | None,
 ) -> GroupCommitter[tuple[Customer, OrderRequest], Order]:
     """Returns the order batches' runners, to start."""
+    handler: Callable[
+        [Sequence[tuple[Customer, OrderRequest]]], Awaitable[Sequence[Order | DomainError]]
+    ] = use_cases.placement.place_orders
+    batches: GroupCommitTracing[tuple[Customer, OrderRequest]] | None = None
+    if tracer is not None:
+        # The batch's transaction and order.created events join their callers' traces.
+        batches = GroupCommitTracing(tracer, "place_orders")
+        handler = batches.handler(handler)
     # Concurrent CreateOrder calls share transactions (group commit): under a flash sale the
     # hot product's row lock is taken once per batch instead of once per order.
     order_committer: GroupCommitter[tuple[Customer, OrderRequest], Order] = GroupCommitter(
-        use_cases.placement.place_orders,
+        handler,
         max_batch=settings.order_batch_max,
         runners=settings.order_batch_runners,
         on_batch=metrics.batch_size.labels("orders").observe,
     )
+    submit: Callable[[tuple[Customer, OrderRequest]], Awaitable[Order]] = order_committer.submit
+    if batches is not None:
+        submit = batches.submit(submit)
     order_pb2_grpc.add_OrderServiceServicer_to_server(
-        OrderServicer(order_committer.submit, use_cases.order_reads, use_cases.cancellation),
+        OrderServicer(submit, use_cases.order_reads, use_cases.cancellation),
         server,
     )
     payment_pb2_grpc.add_PaymentServiceServicer_to_server(

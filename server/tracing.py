@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import atexit
 import os
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Generic, TypeVar
 
 import structlog
 from opentelemetry import context as otel_context
@@ -37,7 +37,7 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
     SamplingResult,
 )
-from opentelemetry.trace import Link, SpanKind, Tracer
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import Attributes
 
@@ -49,6 +49,9 @@ REQUEST_ID = "marketplace.request_id"
 TRACEPARENT = "traceparent"
 
 _INSTRUMENTATION = "marketplace"
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+Answer = TypeVar("Answer")
 # W3C Trace Context only: Envoy and our own rows carry `traceparent`, nothing else.
 _propagator = TraceContextTextMapPropagator()
 
@@ -166,3 +169,49 @@ def add_trace_ids(
 def log_processors(provider: TracerProvider | None) -> list[structlog.types.Processor]:
     """What configure_logging adds for tracing: nothing when it is off."""
     return [] if provider is None else [add_trace_ids]
+
+
+class GroupCommitTracing(Generic[Item]):
+    """Carries callers' trace contexts into a group-commit runner (server/services/batching.py),
+    whose task is not theirs: each batch runs in a span that is a child of its first
+    caller's span and links the others, so its statements, and the events it writes, are in
+    the first caller's trace (the only one, below full load). Callers are told apart by
+    their item's identity, which lives until their submit returns."""
+
+    def __init__(self, tracer: Tracer, name: str) -> None:
+        self._tracer = tracer
+        self._name = name
+        self._callers: dict[int, SpanContext] = {}
+
+    def submit(
+        self, submit: Callable[[Item], Awaitable[Answer]]
+    ) -> Callable[[Item], Awaitable[Answer]]:
+        async def traced(item: Item) -> Answer:
+            key = id(item)
+            self._callers[key] = trace.get_current_span().get_span_context()
+            try:
+                return await submit(item)
+            finally:
+                self._callers.pop(key, None)
+
+        return traced
+
+    def handler(
+        self, handler: Callable[[Sequence[Item]], Awaitable[Result]]
+    ) -> Callable[[Sequence[Item]], Awaitable[Result]]:
+        async def traced(batch: Sequence[Item]) -> Result:
+            callers = [
+                caller
+                for item in batch
+                if (caller := self._callers.get(id(item))) is not None and caller.is_valid
+            ]
+            parent = trace.set_span_in_context(NonRecordingSpan(callers[0])) if callers else None
+            with self._tracer.start_as_current_span(
+                self._name,
+                context=parent,
+                links=[Link(caller) for caller in callers[1:]],
+                attributes={"marketplace.batch_size": len(batch)},
+            ):
+                return await handler(batch)
+
+        return traced

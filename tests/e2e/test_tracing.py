@@ -184,16 +184,35 @@ async def test_an_orders_payment_is_one_trace_from_the_call_to_the_consumer(
         "marketplace.order.paid publish"
     }
 
-    # The order's own call continued the caller's trace through Envoy.
-    spans = _spans(traced)
-    [create] = [
-        s
-        for s in spans
-        if s.name.endswith("/CreateOrder") and s.attributes.get("marketplace.order_id") == order.id
-    ]
-    assert create.trace_id == caller_trace
-    assert create.attributes["marketplace.request_id"] == request_id
+    # The order's own call continued the caller's trace through Envoy, and its group-commit
+    # batch, the transaction's statements and the relay's publish of order.created joined it.
+    async def order_traced_through() -> list[trace_tool.Span]:
+        spans = _spans(traced)
+        members = [span for span in spans if span.trace_id == caller_trace]
+        return members if any(s.name == "notifications process" for s in members) else []
 
+    in_caller_trace = await eventually(
+        order_traced_through, within=30, what="the order's call, batch, publish and delivery"
+    )
+    by_id = {span.span_id: span for span in in_caller_trace}
+    [create] = [s for s in in_caller_trace if s.name.endswith("/CreateOrder")]
+    assert create.attributes["marketplace.order_id"] == order.id
+    assert create.attributes["marketplace.request_id"] == request_id
+    [batch] = [s for s in in_caller_trace if s.name == "place_orders"]
+    assert batch.parent_id == create.span_id
+    assert any(
+        s.attributes.get("db.system") == "postgresql" and s.parent_id == batch.span_id
+        for s in in_caller_trace
+    )
+    [created] = [s for s in in_caller_trace if s.name == "marketplace.order.created publish"]
+    assert created.attributes["marketplace.order_id"] == order.id
+    assert any(
+        s.name == "notifications process" and s.parent_id == created.span_id
+        for s in in_caller_trace
+    )
+    assert by_id[created.parent_id or ""].name == "place_orders"
+
+    spans = _spans(traced)
     printed = "\n".join(trace_tool.render_order(spans, order.id))
     for name in (
         "CreatePayment",
