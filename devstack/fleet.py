@@ -48,14 +48,15 @@ class Fleet:
         self._free_ports = free_ports
         self.replicas: list[Replica] = []
 
-    def start_replica(self) -> Replica:
+    def start_replica(self, *, grpc_port: int | None = None) -> Replica:
+        """The next replica, on `grpc_port` when given (a port Envoy already lists)."""
         number = len(self.replicas) + 1
         if self._free_ports is not None:
-            grpc_port = self._free_ports()
             metrics_port = self._free_ports() if self._metrics_port else 0
+            grpc_port = self._free_ports() if grpc_port is None else grpc_port
         else:
-            grpc_port = self._grpc_port + number - 1
             metrics_port = self._metrics_port + number - 1 if self._metrics_port else 0
+            grpc_port = self._grpc_port + number - 1 if grpc_port is None else grpc_port
         # Replica 1's folder is the one a single server has always used.
         metrics_dir = self._metrics_dir
         if number > 1:

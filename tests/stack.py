@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from devstack.envoy import EdgeLimits, render_envoy_config, start_envoy, wait_for_envoy
+from devstack.fleet import Fleet, Replica
 from devstack.localstripe import (
     LOCALSTRIPE_API_KEY,
     WEBHOOK_PATH,
@@ -366,3 +367,126 @@ def running_stack(
 def bearer(token: str) -> tuple[tuple[str, str]]:
     """gRPC metadata carrying a bearer token."""
     return (("authorization", f"Bearer {token}"),)
+
+
+@dataclass(frozen=True)
+class FleetStack:
+    """A running fleet: `stack` as `running_stack` has it (its `grpc_port` is replica 1's),
+    the replicas (`fleet`), and Envoy's `spare_ports`: endpoints of its marketplace_grpc
+    cluster that no replica serves yet, where `start_spare` starts a new one."""
+
+    stack: Stack
+    fleet: Fleet = field(compare=False)
+    spare_ports: list[int] = field(compare=False)
+
+    @property
+    def envoy_grpc_target(self) -> str:
+        """Envoy's listener, which takes native gRPC calls as well as REST."""
+        return f"127.0.0.1:{self.stack.http_port}"
+
+    def start_spare(self) -> Replica:
+        port = self.spare_ports.pop(0)
+        replica = self.fleet.start_replica(grpc_port=port)
+        wait_for_grpc(port, replica.process)
+        return replica
+
+    async def upstream_stats(self) -> dict[int, dict[str, str]]:
+        """Envoy's view of each replica, by port: its counters and health flags."""
+        async with httpx.AsyncClient(timeout=5) as admin:
+            reply = await admin.get(f"http://127.0.0.1:{self.stack.admin_port}/clusters")
+        reply.raise_for_status()
+        stats: dict[int, dict[str, str]] = {}
+        for line in reply.text.splitlines():
+            cluster, _, rest = line.partition("::")
+            if cluster != "marketplace_grpc" or not rest.startswith("127.0.0.1:"):
+                continue
+            address, name, value = rest.split("::", 2)
+            stats.setdefault(int(address.rpartition(":")[2]), {})[name] = value
+        return stats
+
+
+@contextlib.contextmanager
+def running_fleet(
+    database_url: str, *, replicas: int, spares: int = 1, env: dict[str, str] | None = None
+) -> Iterator[FleetStack]:
+    """As `running_stack`, with `replicas` server replicas (one process each, unless `env`
+    says otherwise) behind Envoy, whose cluster also lists `spares` ports nobody serves yet.
+    Each replica's log is `server-<n>.log` in `stack.log_dir`; every replica still running
+    at the end must exit 0 on SIGTERM."""
+    http_port, admin_port = free_port(), free_port()
+    localstripe_port, provider_proxy_port = free_port(), free_port()
+    with (
+        tempfile.TemporaryDirectory(prefix="marketplace-fleet-") as scratch,
+        running_nats(Path(scratch)) as nats,
+        MailSink.running(Path(scratch)) as mail,
+    ):
+        log_dir = Path(scratch)
+        base = server_env(database_url, 0, provider_proxy_port, nats.port)
+        base |= {
+            "SMTP_URL": mail.url,
+            "SERVER_WORKERS": "1",
+            # Several replicas on one database: smaller pools each.
+            "DB_POOL_SIZE": "5",
+            "DB_MAX_OVERFLOW": "5",
+            "SHUTDOWN_DELAY": "1.5",
+            **(env or {}),
+        }
+        fleet = Fleet(
+            base,
+            grpc_port=0,
+            metrics_port=0,
+            metrics_dir=log_dir / "metrics",
+            log_dir=log_dir,
+            free_ports=free_port,
+        )
+        started = [fleet.start_replica() for _ in range(replicas)]
+        spare_ports = [free_port() for _ in range(spares)]
+        config = log_dir / "envoy.yaml"
+        config.write_text(
+            render_envoy_config(
+                http_port=http_port,
+                grpc_port=[replica.grpc_port for replica in started] + spare_ports,
+                admin_port=admin_port,
+                provider_proxy_port=provider_proxy_port,
+                localstripe_port=localstripe_port,
+                limits=EdgeLimits.without_rate_limits(),
+            )
+        )
+        exit_codes: dict[int, int] = {}
+        with (
+            (log_dir / "envoy.log").open("wb") as envoy_log,
+            (log_dir / "localstripe.log").open("wb") as localstripe_log,
+        ):
+            localstripe = start_localstripe(localstripe_port, log=localstripe_log)
+            envoy = start_envoy(config, log=envoy_log)
+            try:
+                wait_for_localstripe(localstripe_port, localstripe)
+                webhook_url = f"http://127.0.0.1:{http_port}{WEBHOOK_PATH}"
+                register_localstripe_webhook(localstripe_port, webhook_url, WEBHOOK_SECRET)
+                for replica in started:
+                    wait_for_grpc(replica.grpc_port, replica.process)
+                wait_for_envoy(admin_port, envoy)
+                stack = Stack(
+                    started[0].grpc_port,
+                    http_port,
+                    admin_port,
+                    localstripe_port,
+                    provider_proxy_port,
+                    log_dir,
+                    database_url,
+                    None,
+                    nats,
+                    mail,
+                )
+                yield FleetStack(stack, fleet, spare_ports)
+            finally:
+                stop_process(envoy)
+                running = {replica.number for replica in fleet.live()}
+                exit_codes = {
+                    number: code for number, code in fleet.stop().items() if number in running
+                }
+                stop_process(localstripe)
+        failed = {number: code for number, code in exit_codes.items() if code != 0}
+        assert not failed, [
+            (log_dir / f"server-{number}.log").read_text()[-2000:] for number in failed
+        ]
