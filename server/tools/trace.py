@@ -1,7 +1,7 @@
 """`make trace ORDER=<id>`: prints the span trees of one order's traces from the JSON-lines
 file the server writes with TRACE_FILE (one span per line, OpenTelemetry's own JSON).
 
-    python -m server.tools.trace ORDER_ID                 # from $TRACE_FILE or .data/traces.jsonl
+    python -m server.tools.trace ORDER_ID        # $TRACE_FILE, else make run's .data/traces.jsonl
     python -m server.tools.trace ORDER_ID --file spans.jsonl
 
 An order's traces are those with a span whose `marketplace.order_id` is ORDER_ID (its
@@ -25,7 +25,8 @@ from typing import Any
 
 from server.tracing import ORDER_ID
 
-DEFAULT_FILE = Path(".data/traces.jsonl")
+# make run's (devstack/): TRACE_FILE in its data folder, which DEVSTACK_DATA_DIR moves.
+DEFAULT_FILE = Path(os.environ.get("DEVSTACK_DATA_DIR") or ".data") / "traces.jsonl"
 # Shown after a span's name when present, in this order.
 _SHOWN_ATTRIBUTES = (
     "rpc.grpc.status_code",
@@ -170,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--file",
         type=Path,
         default=Path(os.environ.get("TRACE_FILE") or DEFAULT_FILE),
-        help="the JSON-lines span file (default: $TRACE_FILE, else .data/traces.jsonl)",
+        help=f"the JSON-lines span file (default: $TRACE_FILE, else {DEFAULT_FILE})",
     )
     args = parser.parse_args(argv)
     if not args.file.exists():
