@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -14,8 +16,20 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
 from opentelemetry.trace import SpanKind
 
+from server.settings import Settings
 from server.tools import trace as trace_tool
-from server.tracing import ORDER_ID, TRACEPARENT, extracted, inject, json_line
+from server.tracing import (
+    ORDER_ID,
+    TRACEPARENT,
+    current_traceparent,
+    extracted,
+    inject,
+    install_tracing,
+    json_line,
+    log_processors,
+    tracer_of,
+)
+from tests.conftest import JWT_SECRET
 
 ORDER = "6a1d3c6e-8a6e-4f8e-9a55-0c1f6f3e2b10"
 OTHER_ORDER = "0f2b7f0c-1111-4c3c-9d6e-1f2e3d4c5b6a"
@@ -120,3 +134,22 @@ def test_the_command_prints_the_tree_or_says_there_is_none(
     assert "no span of order no-such-order" in capsys.readouterr().err
 
     assert trace_tool.main([ORDER, "--file", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_with_nowhere_to_send_spans_nothing_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("TRACE_FILE", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    env: dict[str, Any] = {
+        "DATABASE_URL": "postgresql://unused/db",
+        "MARKETPLACE_JWT_SECRET": JWT_SECRET,
+        "STRIPE_WEBHOOK_SECRET": "whsec_tracing_unit_test",
+    }
+    settings = Settings(**env)
+
+    assert install_tracing(settings) is None
+
+    assert not isinstance(trace.get_tracer_provider(), TracerProvider)
+    assert not hasattr(psycopg.AsyncConnection.connect, "__wrapped__")
+    assert tracer_of(None) is None
+    assert current_traceparent() is None
+    assert log_processors(None) == []
