@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 
@@ -93,6 +94,9 @@ class NatsConnection:
         reconnect_wait_seconds: float = 1.0,
     ) -> None:
         self._url = url
+        # NATS_URL may list a cluster's nodes, comma-separated: nats-py tries them in turn
+        # and fails over to another when its node goes.
+        self._servers = [server.strip() for server in url.split(",") if server.strip()]
         self._name = name
         self._connect_timeout = connect_timeout_seconds
         self._reconnect_wait = reconnect_wait_seconds
@@ -138,7 +142,9 @@ class NatsConnection:
                         self._client = await self._connect()
                         self._jetstream = self._client.jetstream()
                     if self._client.is_connected and not self._ready.is_set():
-                        await ensure_streams(self._jetstream_context())
+                        await ensure_streams(
+                            self._jetstream_context(), replicas=stream_replicas(self._servers)
+                        )
                         self._generation += 1
                         self._ready.set()
                         _log.info("nats ready", url=self._url)
@@ -189,7 +195,7 @@ class NatsConnection:
                 _log.warning("nats unavailable", url=self._url, error=repr(error))
 
         return await nats.connect(
-            self._url,
+            self._servers,
             name=self._name,
             # Every subject this connection uses is the server's own (outbox rows, stream
             # and consumer names): two regex searches per relayed event spared.
@@ -205,17 +211,23 @@ class NatsConnection:
         )
 
 
-async def ensure_streams(jetstream: JetStreamContext) -> None:
-    """Creates the streams, or puts back their subjects and duplicate window: idempotent,
-    safe with every server process doing it at once, and leaving alone what an operator
-    set (limits, replicas)."""
+def stream_replicas(servers: list[str]) -> int:
+    """Copies of each stream a new stream is created with: one per node NATS_URL lists, at
+    most 3 (a quorum survives one node lost; JetStream allows 5 at most)."""
+    return max(1, min(len(servers), 3))
+
+
+async def ensure_streams(jetstream: JetStreamContext, *, replicas: int = 1) -> None:
+    """Creates the streams (with `replicas` copies each, on a cluster), or puts back their
+    subjects and duplicate window: idempotent, safe with every server process doing it at
+    once, and leaving alone what an operator set (limits, replicas)."""
     for config in STREAMS:
         name = config.name or ""
         try:
             current = (await jetstream.stream_info(name)).config
         except NotFoundError:
             try:
-                await jetstream.add_stream(config)
+                await jetstream.add_stream(dataclasses.replace(config, num_replicas=replicas))
                 continue
             except BadRequestError as error:
                 if error.err_code != _STREAM_NAME_IN_USE:
