@@ -28,7 +28,7 @@ from devstack.localstripe import (
     wait_for_localstripe,
 )
 from devstack.mail import MAIL_DIR, start_mail_sink, wait_for_mail_sink
-from devstack.nats import nats_url, start_nats, wait_for_nats
+from devstack.nats import ROUTE_PORT_OFFSET, nats_url, start_nats, wait_for_nats
 from devstack.postgres import database, seed_demo_catalog
 from devstack.processes import port_holder, port_is_taken, stop_process
 from devstack.server import ensure_jwt_secret, wait_for_grpc
@@ -74,6 +74,17 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
+def _nats_ports(ports: dict[str, int], nodes: int) -> dict[str, int]:
+    """A NATS cluster's ports beyond NATS_PORT: each node's client port (NATS_PORT+1, ...)
+    and every node's route port (its client port + ROUTE_PORT_OFFSET)."""
+    if nodes < 2:
+        return {}
+    extra = {f"NATS_PORT+{index}": ports["NATS_PORT"] + index for index in range(1, nodes)}
+    for index in range(nodes):
+        extra[f"NATS_ROUTE+{index}"] = ports["NATS_PORT"] + index + ROUTE_PORT_OFFSET
+    return extra
+
+
 def _replica_ports(ports: dict[str, int], replicas: int) -> dict[str, int]:
     """The ports of replicas 2..N, each the one before it plus one: GRPC_PORT+1, METRICS_PORT+1
     and so on (replica 1 has GRPC_PORT and METRICS_PORT themselves)."""
@@ -87,6 +98,10 @@ def _replica_ports(ports: dict[str, int], replicas: int) -> dict[str, int]:
 
 def _purpose(name: str) -> str:
     base, _, offset = name.partition("+")
+    if base == "NATS_ROUTE":
+        return f"the route port of NATS node {int(offset) + 1}"
+    if base == "NATS_PORT" and offset:
+        return f"NATS node {int(offset) + 1}"
     purpose = STACK_PORTS[base][1]
     return f"{purpose} of replica {int(offset) + 1}" if offset else purpose
 
@@ -127,14 +142,17 @@ def _how_to_call(tls: TlsFiles | None, grpc_port: int, http_port: int) -> str:
     )
 
 
-def run(*, tls: bool = False, warehouse: bool = True, replicas: int = 1) -> int:
+def run(
+    *, tls: bool = False, warehouse: bool = True, replicas: int = 1, nats_nodes: int = 1
+) -> int:
     # Ctrl-C and `kill` both stop the whole stack, even where SIGINT was inherited ignored.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     ports = {name: _port(name) for name in STACK_PORTS}
     # Checked before anything starts: otherwise Envoy (say) dies after the rest is up, and
     # its "Address already in use" is only in its log.
-    if problems := _port_problems(ports | _replica_ports(ports, replicas)):
+    extra_ports = _replica_ports(ports, replicas) | _nats_ports(ports, nats_nodes)
+    if problems := _port_problems(ports | extra_ports):
         print(
             "make run cannot start, nothing was started:\n  "
             + "\n  ".join(problems)
@@ -196,13 +214,25 @@ def run(*, tls: bool = False, warehouse: bool = True, replicas: int = 1) -> int:
             raise
         with (DATA_DIR / "mail.log").open("ab") as mail_log:
             mail_sink = start_mail_sink(ports["SMTP_PORT"], MAIL_DIR, log=mail_log)
-        with (DATA_DIR / "nats.log").open("ab") as nats_log:
-            nats = start_nats(ports["NATS_PORT"], DATA_DIR / "nats", log=nats_log)
+        nats_ports = [ports["NATS_PORT"] + index for index in range(nats_nodes)]
+        nats_nodes_started = []
+        for index, port in enumerate(nats_ports):
+            # One node: .data/nats and nats.log as always; a cluster: a folder and log each.
+            suffix = f"-{index + 1}" if nats_nodes > 1 else ""
+            with (DATA_DIR / f"nats{suffix}.log").open("ab") as nats_log:
+                nats_nodes_started.append(
+                    start_nats(
+                        port,
+                        DATA_DIR / f"nats{suffix}",
+                        log=nats_log,
+                        cluster_ports=nats_ports if nats_nodes > 1 else (),
+                    )
+                )
         fleet = Fleet(
             {
                 "DATABASE_URL": database_url,
                 "SMTP_URL": f"smtp://127.0.0.1:{ports['SMTP_PORT']}",
-                "NATS_URL": nats_url(ports["NATS_PORT"]),
+                "NATS_URL": nats_url(*nats_ports),
                 "MARKETPLACE_JWT_SECRET": secret,
                 # The server reaches localstripe through Envoy, where faults can be injected.
                 "STRIPE_API_BASE": f"http://127.0.0.1:{provider_proxy_port}",
@@ -230,7 +260,8 @@ def run(*, tls: bool = False, warehouse: bool = True, replicas: int = 1) -> int:
                 wait_for_grpc(replica.grpc_port, replica.process, credentials=credentials)
             wait_for_envoy(admin_port, envoy)
             wait_for_mail_sink(ports["SMTP_PORT"], mail_sink)
-            wait_for_nats(ports["NATS_PORT"], nats)
+            for port, node in zip(nats_ports, nats_nodes_started, strict=True):
+                wait_for_nats(port, node)
             if warehouse:
                 with (DATA_DIR / "warehouse.log").open("ab") as warehouse_log:
                     stand_ins.append(
@@ -272,15 +303,17 @@ def run(*, tls: bool = False, warehouse: bool = True, replicas: int = 1) -> int:
                 f"  a card: make card CARD={SUCCESS_CARD}\n"
                 f"  mail   smtp://127.0.0.1:{ports['SMTP_PORT']} keeps every email in"
                 f" {_shown(MAIL_DIR)}/   make mail lists them, make mail N=1 prints the latest\n"
-                f"  NATS   {nats_url(ports['NATS_PORT'])}, JetStream in"
-                f" {_shown(DATA_DIR / 'nats')}/   make events tails the events\n"
+                f"  NATS   {nats_url(*nats_ports)}, JetStream in"
+                f" {_shown(DATA_DIR / 'nats')}{'-N' if nats_nodes > 1 else ''}/"
+                f"{' (a cluster: each stream on all three nodes)' if nats_nodes > 1 else ''}"
+                "   make events tails the events\n"
                 f"  warehouse {_warehouse_line(warehouse)}\n"
                 f"\n  export CUSTOMER_TOKEN={customer}\n"
                 f"  export ADMIN_TOKEN={admin}\n"
                 f"\nCtrl-C stops everything.\n",
                 flush=True,
             )
-            running = (envoy, localstripe, mail_sink, nats, *stand_ins)
+            running = (envoy, localstripe, mail_sink, *nats_nodes_started, *stand_ins)
             # A replica may be stopped or killed (to see Envoy route around it); the stack
             # stops when the last one has gone.
             while all(p.poll() is None for p in running) and fleet.watch():
@@ -297,7 +330,8 @@ def run(*, tls: bool = False, warehouse: bool = True, replicas: int = 1) -> int:
             fleet.stop()
             stop_process(localstripe)
             stop_process(mail_sink)
-            stop_process(nats)
+            for node in nats_nodes_started:
+                stop_process(node)
 
 
 def _replica_lines(fleet: Fleet, http_port: int) -> str:
@@ -407,6 +441,13 @@ def main() -> int:
         "--no-warehouse", action="store_true", help="without the stand-in warehouse"
     )
     parser.add_argument(
+        "--nats-cluster",
+        type=int,
+        default=1,
+        help="NATS nodes: 3 makes a JetStream cluster on NATS_PORT, +1, +2 with every stream"
+        " on all three (make run NATS_CLUSTER=3)",
+    )
+    parser.add_argument(
         "--replicas",
         type=int,
         default=1,
@@ -424,7 +465,14 @@ def main() -> int:
         return 0
     if options.replicas < 1:
         parser.error("--replicas must be at least 1")
-    return run(tls=options.tls, warehouse=not options.no_warehouse, replicas=options.replicas)
+    if options.nats_cluster < 1:
+        parser.error("--nats-cluster must be at least 1")
+    return run(
+        tls=options.tls,
+        warehouse=not options.no_warehouse,
+        replicas=options.replicas,
+        nats_nodes=options.nats_cluster,
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import contextlib
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -16,11 +17,37 @@ from devstack.processes import wait_until_ready
 NATS_BINARY = Path(sys.executable).parent / "nats-server"
 
 
+# A cluster node's route port: its client port plus this (4222 routes on 5222).
+ROUTE_PORT_OFFSET = 1000
+CLUSTER_NAME = "marketplace"
+
+
 def start_nats(
-    port: int, store_dir: Path, *, log: IO[Any] | int | None = None
+    port: int,
+    store_dir: Path,
+    *,
+    log: IO[Any] | int | None = None,
+    cluster_ports: Sequence[int] = (),
 ) -> subprocess.Popen[bytes]:
-    """nats-server on 127.0.0.1:`port` with JetStream keeping its streams in `store_dir`."""
+    """nats-server on 127.0.0.1:`port` with JetStream keeping its streams in `store_dir`;
+    with `cluster_ports` (every node's client port, this one's included), one node of a
+    JetStream cluster routing to the others on their route ports."""
     store_dir.mkdir(parents=True, exist_ok=True)
+    cluster = []
+    if cluster_ports:
+        routes = ",".join(
+            f"nats://127.0.0.1:{other + ROUTE_PORT_OFFSET}"
+            for other in cluster_ports
+            if other != port
+        )
+        cluster = [
+            "--cluster_name",
+            CLUSTER_NAME,
+            "--cluster",
+            f"nats://127.0.0.1:{port + ROUTE_PORT_OFFSET}",
+            "--routes",
+            routes,
+        ]
     return subprocess.Popen(
         [
             str(NATS_BINARY),
@@ -33,6 +60,7 @@ def start_nats(
             str(store_dir),
             "--server_name",
             f"marketplace-{port}",
+            *cluster,
         ],
         stdout=log,
         stderr=subprocess.STDOUT if log is not None else None,
@@ -42,8 +70,9 @@ def start_nats(
     )
 
 
-def nats_url(port: int) -> str:
-    return f"nats://127.0.0.1:{port}"
+def nats_url(*ports: int) -> str:
+    """NATS_URL for a server, or a cluster's nodes (comma-separated)."""
+    return ",".join(f"nats://127.0.0.1:{port}" for port in ports)
 
 
 def wait_for_nats(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
