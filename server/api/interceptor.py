@@ -35,6 +35,7 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _log = structlog.get_logger("marketplace.rpc")
 
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+_HEALTH_SERVICE = "grpc.health.v1.Health"
 # The codes that mean the server failed, not the caller (OpenTelemetry's gRPC conventions).
 _SERVER_FAULTS = frozenset(
     {
@@ -177,9 +178,10 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         access: Access,
         deserialize: Callable[[bytes], Any] | None,
     ) -> UnaryBehavior:
-        tracer = self._tracer
         span_name = method.lstrip("/")
         service, _, rpc = span_name.partition("/")
+        # Health checks (Envoy's, every second per replica) would bury the orders' traces.
+        tracer = None if service == _HEALTH_SERVICE else self._tracer
 
         async def traced(payload: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             assert tracer is not None
