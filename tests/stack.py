@@ -9,7 +9,7 @@ import contextlib
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,8 @@ from devstack.localstripe import (
     wait_for_localstripe,
 )
 from devstack.mail import MailSink
-from devstack.nats import nats_url, start_nats, wait_for_nats
-from devstack.processes import free_port, stop_process
+from devstack.nats import ROUTE_PORT_OFFSET, nats_url, start_nats, wait_for_nats
+from devstack.processes import free_port, port_is_taken, stop_process
 from devstack.server import start_server, wait_for_grpc
 from devstack.tls import TlsFiles
 from tests.conftest import JWT_SECRET
@@ -104,10 +104,14 @@ class NatsServer:
     """A nats-server with JetStream on a port and store folder of its own, which a test may
     kill (SIGKILL, as a crash) and start again with its store."""
 
-    def __init__(self, port: int, store_dir: Path, log_path: Path) -> None:
+    def __init__(
+        self, port: int, store_dir: Path, log_path: Path, cluster_ports: Sequence[int] = ()
+    ) -> None:
         self.port = port
         self.store_dir = store_dir
         self._log_path = log_path
+        # Every node's client port, when this is one node of a cluster.
+        self._cluster_ports = cluster_ports
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -116,7 +120,9 @@ class NatsServer:
 
     def start(self) -> None:
         with self._log_path.open("ab") as log:
-            self._process = start_nats(self.port, self.store_dir, log=log)
+            self._process = start_nats(
+                self.port, self.store_dir, log=log, cluster_ports=self._cluster_ports
+            )
         wait_for_nats(self.port, self._process)
 
     def kill(self) -> None:
@@ -139,6 +145,33 @@ def running_nats(scratch: Path | None = None) -> Iterator[NatsServer]:
         nats.start()
         cleanup.callback(nats.stop)
         yield nats
+
+
+@contextlib.contextmanager
+def running_nats_cluster(scratch: Path, nodes: int = 3) -> Iterator[list[NatsServer]]:
+    """A JetStream cluster of `nodes` nats-servers on loopback, stores and logs in
+    `scratch`. Route ports are client ports + ROUTE_PORT_OFFSET, so client ports are
+    picked where both are free."""
+    ports: list[int] = []
+    while len(ports) < nodes:
+        port = free_port()
+        if port + ROUTE_PORT_OFFSET < 65536 and not port_is_taken(port + ROUTE_PORT_OFFSET):
+            ports.append(port)
+    servers = [
+        NatsServer(port, scratch / f"nats-{port}", scratch / f"nats-{port}.log", ports)
+        for port in ports
+    ]
+    with contextlib.ExitStack() as cleanup:
+        for server in servers:
+            cleanup.callback(server.stop)
+            with server._log_path.open("ab") as log:
+                server._process = start_nats(
+                    server.port, server.store_dir, log=log, cluster_ports=ports
+                )
+        for server in servers:
+            assert server._process is not None
+            wait_for_nats(server.port, server._process)
+        yield servers
 
 
 class LocalStripe:
