@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 
 import devstack
@@ -29,7 +32,7 @@ from devstack.localstripe import (
 )
 from devstack.mail import MAIL_DIR, start_mail_sink, wait_for_mail_sink
 from devstack.nats import ROUTE_PORT_OFFSET, nats_url, start_nats, wait_for_nats
-from devstack.postgres import database, seed_demo_catalog
+from devstack.postgres import database, database_with_replica, seed_demo_catalog
 from devstack.processes import port_holder, port_is_taken, stop_process
 from devstack.server import ensure_jwt_secret, wait_for_grpc
 from devstack.stripejs import teach_payment_methods
@@ -143,7 +146,12 @@ def _how_to_call(tls: TlsFiles | None, grpc_port: int, http_port: int) -> str:
 
 
 def run(
-    *, tls: bool = False, warehouse: bool = True, replicas: int = 1, nats_nodes: int = 1
+    *,
+    tls: bool = False,
+    warehouse: bool = True,
+    replicas: int = 1,
+    nats_nodes: int = 1,
+    pg_replica: bool = False,
 ) -> int:
     # Ctrl-C and `kill` both stop the whole stack, even where SIGINT was inherited ignored.
     signal.signal(signal.SIGINT, _interrupt)
@@ -176,8 +184,11 @@ def run(
     DATA_DIR.mkdir(exist_ok=True)
     tls_files = ensure_development_tls(DATA_DIR / "tls") if tls else None
     scheme = "https" if tls_files is not None else "http"
-    with database() as database_url, dev_token_endpoint(secret) as dev_token_port:
+    databases = database_with_replica() if pg_replica else _without_replica(database())
+    with databases as (database_url, replica_url), dev_token_endpoint(secret) as dev_token_port:
         print(f"PostgreSQL: {database_url}", flush=True)
+        if replica_url is not None:
+            print(f"PostgreSQL streaming replica: {replica_url}", flush=True)
         upgrade_schema(database_url)
         seed_demo_catalog(database_url)
         if warehouse:
@@ -231,6 +242,7 @@ def run(
         fleet = Fleet(
             {
                 "DATABASE_URL": database_url,
+                **({"DATABASE_REPLICA_URL": replica_url} if replica_url is not None else {}),
                 "SMTP_URL": f"smtp://127.0.0.1:{ports['SMTP_PORT']}",
                 "NATS_URL": nats_url(*nats_ports),
                 "MARKETPLACE_JWT_SECRET": secret,
@@ -332,6 +344,12 @@ def run(
             stop_process(mail_sink)
             for node in nats_nodes_started:
                 stop_process(node)
+
+
+@contextlib.contextmanager
+def _without_replica(database: ContextManager[str]) -> Iterator[tuple[str, str | None]]:
+    with database as url:
+        yield url, None
 
 
 def _replica_lines(fleet: Fleet, http_port: int) -> str:
@@ -441,6 +459,12 @@ def main() -> int:
         "--no-warehouse", action="store_true", help="without the stand-in warehouse"
     )
     parser.add_argument(
+        "--pg-replica",
+        action="store_true",
+        help="a streaming replica of the embedded PostgreSQL, as DATABASE_REPLICA_URL"
+        " (make run PG_REPLICA=1)",
+    )
+    parser.add_argument(
         "--nats-cluster",
         type=int,
         default=1,
@@ -472,6 +496,7 @@ def main() -> int:
         warehouse=not options.no_warehouse,
         replicas=options.replicas,
         nats_nodes=options.nats_cluster,
+        pg_replica=options.pg_replica,
     )
 
 

@@ -71,6 +71,12 @@ class EmbeddedPostgres:
     def start(self) -> None:
         self._server.ensure_postgres_running()
 
+    @property
+    def system_user(self) -> str | None:
+        """The account PostgreSQL runs as: pgserver's own when we are root, else ours."""
+        user: str | None = self._server.system_user
+        return user
+
     def close(self) -> None:
         """Stops the server, lets pgserver forget it, and deletes the data when asked to.
 
@@ -98,6 +104,20 @@ def database() -> Iterator[str]:
         return
     with EmbeddedPostgres(DATA_DIR / "pgdata") as postgres:
         yield postgres.url
+
+
+@contextlib.contextmanager
+def database_with_replica() -> Iterator[tuple[str, str]]:
+    """`make run PG_REPLICA=1`'s database and a streaming replica of it, both embedded
+    under .data/ (the replica made afresh each run); their URLs."""
+    if os.environ.get("DATABASE_URL"):
+        raise RuntimeError("PG_REPLICA=1 starts a replica of the embedded PostgreSQL only")
+    with EmbeddedPostgres(DATA_DIR / "pgdata") as postgres:
+        replica = StreamingReplica(postgres, DATA_DIR / "pgdata-replica")
+        try:
+            yield postgres.url, replica.url
+        finally:
+            replica.close()
 
 
 def create_database(server_url: str, prefix: str) -> str:
@@ -128,3 +148,66 @@ def seed_demo_catalog(database_url: str) -> None:
                 """,
                 (product_id, sku, name, Decimal(price), stock),
             )
+
+
+class StreamingReplica:
+    """A hot standby of `primary`, from the same pgserver binaries: `pg_basebackup -R`
+    (streaming, from the primary's socket) into `data_dir`, then a postmaster of its own
+    with its socket in `data_dir`. stop/start for drills; close() deletes it."""
+
+    def __init__(self, primary: EmbeddedPostgres, data_dir: Path) -> None:
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        self._bin = POSTGRES_BIN_PATH
+        self._user = primary.system_user
+        self.data_dir = data_dir
+        shutil.rmtree(data_dir, ignore_errors=True)
+        data_dir.mkdir(parents=True, mode=0o700)
+        if self._user is not None:
+            shutil.chown(data_dir, self._user)
+        subprocess.run(
+            [
+                str(self._bin / "pg_basebackup"),
+                "--host",
+                str(primary.data_dir),
+                "--username",
+                "postgres",
+                "--pgdata",
+                str(data_dir),
+                "--write-recovery-conf",
+                "--wal-method=stream",
+                "--checkpoint=fast",
+            ],
+            check=True,
+            capture_output=True,
+            user=self._user,
+        )
+        # The primary keeps its socket in its data folder, whose lock file came along.
+        for copied in data_dir.glob(".s.PGSQL.*"):
+            copied.unlink()
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres:@/postgres?host={self.data_dir}"
+
+    def start(self) -> None:
+        # A socket in its own folder only: the primary's TCP address is the primary's.
+        options = f"-k {self.data_dir} -c listen_addresses=''"
+        self._pg_ctl("-w", "-l", str(self.data_dir / "replica.log"), "-o", options, "start")
+
+    def stop(self) -> None:
+        self._pg_ctl("-w", "-m", "fast", "stop")
+
+    def close(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def _pg_ctl(self, *args: str) -> None:
+        subprocess.run(
+            [str(self._bin / "pg_ctl"), "-D", str(self.data_dir), *args],
+            check=True,
+            capture_output=True,
+            user=self._user,
+        )
