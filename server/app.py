@@ -152,6 +152,12 @@ async def _start(
         on_payment_answered=lambda status: metrics.payments_answered.labels(status.value).inc(),
         outbox_writes=settings.outbox_writes,
     )
+    if settings.database_replica_url:
+        # ListProducts on the replica; every write, order and payment, and the cache's
+        # listener stay on the primary (server/db/replica.py).
+        replica = _engine(settings, settings.database_replica_url)
+        running.push_async_callback(replica.dispose)
+        use_cases.catalog.read_from_replica(replica)
     product_lookup = _add_catalog_service(
         server, use_cases.catalog, product_cache, settings, metrics
     )
@@ -234,9 +240,9 @@ def _run_in_background(
     running.push_async_callback(stop_task, asyncio.create_task(work, name=name))
 
 
-def _engine(settings: Settings) -> AsyncEngine:
+def _engine(settings: Settings, url: str | None = None) -> AsyncEngine:
     return create_engine(
-        settings.database_url,
+        url or settings.database_url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout_seconds=settings.db_pool_timeout_seconds,

@@ -7,12 +7,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from psycopg.rows import namedtuple_row
-from sqlalchemy import text
+from sqlalchemy import Row, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from server.db.driver import DriverPool, psycopg_sql
 from server.db.engine import autocommit_reads
+from server.db.replica import ReadRoute
 from server.db.transactions import UNIQUE_VIOLATION, in_transaction, sqlstate
 from server.domain.catalog import (
     Product,
@@ -103,16 +104,23 @@ class Catalog:
         self._hot_path = hot_path
         self._products_changed = products_changed
         self._outbox = outbox or Outbox()
-        self._reads = autocommit_reads(engine)
+        self._reads = ReadRoute(autocommit_reads(engine))
+
+    def read_from_replica(self, replica: AsyncEngine) -> None:
+        """ListProducts on a streaming replica (server/db/replica.py); writes stay here."""
+        self._reads = ReadRoute(autocommit_reads(self._engine), autocommit_reads(replica))
 
     async def list_products(self, page_size: int, page_token: str) -> tuple[list[Product], str]:
         position = decode_page_token(page_token, kind="products", scope="*")
         after = position.get("sku") if position else ""
         if not isinstance(after, str) or (after and not SKU_PATTERN.fullmatch(after)):
             raise invalid_page_token()
-        async with self._reads.connect() as conn:
+
+        async def page(conn: AsyncConnection) -> Sequence[Row[Any]]:
             result = await conn.execute(_LIST_PRODUCTS, {"after": after, "limit": page_size + 1})
-            rows = result.all()
+            return result.all()
+
+        rows = await self._reads.read(page)
         products = [product_from_row(row) for row in rows[:page_size]]
         next_token = ""
         if len(rows) > page_size:
@@ -165,6 +173,7 @@ class Catalog:
                 await self._outbox.append(conn, [created])
         except IntegrityError as error:
             raise _sku_taken(error, draft.sku) from None
+        self._reads.wrote()
         return product
 
     async def update_product(self, product_id: str, changes: ProductChanges) -> Product:
@@ -174,6 +183,7 @@ class Catalog:
             )
         except IntegrityError as error:
             raise _sku_taken(error, changes.sku or "") from None
+        self._reads.wrote()
         self._products_changed([product_id])
         return updated
 
@@ -215,6 +225,7 @@ class Catalog:
         adjusted = await in_transaction(
             self._engine, lambda conn: self._adjust_stock_once(conn, actor, adjustment)
         )
+        self._reads.wrote()
         self._products_changed([adjustment.product_id])
         return adjusted
 

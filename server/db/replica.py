@@ -1,0 +1,48 @@
+"""Catalog reads on a PostgreSQL streaming replica (DATABASE_REPLICA_URL), with the primary
+behind it: while the replica fails, and for a moment after this process wrote the catalog,
+so that a writer reads its own writes (docs/operations.md#a-read-replica)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import psycopg
+import structlog
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+T = TypeVar("T")
+_log = structlog.get_logger("marketplace.replica")
+# A replica that failed is left alone this long before it is tried again.
+REPLICA_RETRY_SECONDS = 5.0
+# After a catalog write, this process reads from the primary this long: far above the lag
+# of a healthy streaming replica on one network.
+OWN_WRITES_SECONDS = 2.0
+
+
+class ReadRoute:
+    """Where a single-statement read goes: the replica when there is one and it answers,
+    else the primary. `replica` and `primary` are autocommit engines."""
+
+    def __init__(self, primary: AsyncEngine, replica: AsyncEngine | None = None) -> None:
+        self._primary = primary
+        self._replica = replica
+        self._primary_until = 0.0
+
+    def wrote(self) -> None:
+        """This process changed the catalog: its next reads see it (on the primary)."""
+        self._primary_until = max(self._primary_until, time.monotonic() + OWN_WRITES_SECONDS)
+
+    async def read(self, query: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        if self._replica is not None and time.monotonic() >= self._primary_until:
+            try:
+                async with self._replica.connect() as conn:
+                    return await query(conn)
+            except (OperationalError, InterfaceError, psycopg.OperationalError, OSError) as error:
+                # Down, restarting or unreachable: the primary answers instead, at once.
+                _log.warning("read replica failed; reading from the primary", error=repr(error))
+                self._primary_until = time.monotonic() + REPLICA_RETRY_SECONDS
+        async with self._primary.connect() as conn:
+            return await query(conn)
