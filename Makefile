@@ -85,10 +85,22 @@ test-e2e: $(STAMP)
 
 # TLS=1: a development CA and certificates under .data/tls/; plaintext on loopback otherwise.
 # WAREHOUSE=0: without the stand-in warehouse (WAREHOUSE_SHIP_DELAY: its seconds to ship).
+# REPLICAS=3: server replicas behind Envoy; NATS_CLUSTER=3: a JetStream cluster;
+# PG_REPLICA=1: a streaming replica for catalog reads (docs/operations.md, the fleet).
 TLS ?= 0
 WAREHOUSE ?=
+REPLICAS ?= 1
+NATS_CLUSTER ?= 1
+PG_REPLICA ?= 0
 run: $(STAMP)
-	$(PY) -m devstack $(if $(filter-out 0,$(TLS)),--tls) $(if $(filter 0,$(WAREHOUSE)),--no-warehouse)
+	$(PY) -m devstack $(if $(filter-out 0,$(TLS)),--tls) $(if $(filter 0,$(WAREHOUSE)),--no-warehouse) \
+	  --replicas $(REPLICAS) --nats-cluster $(NATS_CLUSTER) $(if $(filter-out 0,$(PG_REPLICA)),--pg-replica)
+
+# The span tree of one order from make run's traces (.data/traces.jsonl).
+ORDER ?=
+.PHONY: trace
+trace: $(STAMP)
+	@$(PY) -m server.tools.trace '$(ORDER)'
 
 ROLE ?= customer
 SUB ?= demo-customer

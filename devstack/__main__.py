@@ -244,6 +244,8 @@ def run(
                 "DATABASE_URL": database_url,
                 **({"DATABASE_REPLICA_URL": replica_url} if replica_url is not None else {}),
                 "SMTP_URL": f"smtp://127.0.0.1:{ports['SMTP_PORT']}",
+                # every span as a JSON line (make trace ORDER=<id>)
+                "TRACE_FILE": str(DATA_DIR / "traces.jsonl"),
                 "NATS_URL": nats_url(*nats_ports),
                 "MARKETPLACE_JWT_SECRET": secret,
                 # The server reaches localstripe through Envoy, where faults can be injected.

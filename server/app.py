@@ -228,9 +228,8 @@ async def _start(
 
 
 def _leave_rotation_seconds(settings: Settings) -> float:
-    """SHUTDOWN_DELAY: 0 unless a load balancer health-checks the server. Read through
-    getattr until Settings has the field (asked of the lead in issue 17)."""
-    delay: float = getattr(settings, "shutdown_delay_seconds", 0.0)
+    """SHUTDOWN_DELAY: 0 unless a load balancer health-checks the server."""
+    delay: float = settings.shutdown_delay_seconds
     return delay
 
 

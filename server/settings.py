@@ -144,6 +144,9 @@ class Settings(BaseSettings):
     event_loop: Literal["uvloop", "asyncio"] = Field("uvloop", validation_alias=_env("EVENT_LOOP"))
 
     shutdown_grace_seconds: float = Field(10.0, ge=0, validation_alias=_env("SHUTDOWN_GRACE"))
+    # Between reporting NOT_SERVING and closing the port on SIGTERM: long enough for the
+    # gateway's health checks to take the replica out of rotation.
+    shutdown_delay_seconds: float = Field(0.0, ge=0, validation_alias=_env("SHUTDOWN_DELAY"))
     max_concurrent_rpcs: int = Field(1000, ge=1, validation_alias=_env("MAX_CONCURRENT_RPCS"))
     # Long-lived streams (health Watch, reflection) each process serves at once, in all and
     # per peer address, apart from the calls above: streams nobody closes must not take
