@@ -20,12 +20,13 @@ import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from google.api import annotations_pb2, field_behavior_pb2, http_pb2
+from google.api import field_behavior_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 from google.protobuf.compiler import plugin_pb2
 
 from server.api.policy import ACCESS_POLICIES
 from server.domain.identity import Access
+from server.tools.protogen import http_rules
 
 OUTPUT_NAME = "openapi.json"
 # The AIP-193 detail types a Status may carry; each becomes a component with its `@type`.
@@ -296,8 +297,7 @@ class _Builder:
     def add_service(self, name: str, service: descriptor_pb2.ServiceDescriptorProto) -> None:
         routed = False
         for method in service.method:
-            http = method.options.Extensions[annotations_pb2.http]
-            for i, rule in enumerate([http, *http.additional_bindings]):
+            for i, rule in enumerate(http_rules(method)):
                 kind = rule.WhichOneof("pattern")
                 if kind is None:
                     continue

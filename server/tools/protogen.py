@@ -118,13 +118,15 @@ def rest_unknown_fields_lua(image: bytes) -> str:
     object of a message (HTTP method, path pattern, that message), the fields of every
     message such a body can hold, then the walker that checks a body's keys against them."""
     files = descriptor_pb2.FileDescriptorSet.FromString(image).file
-    messages = {name: message for file in files for name, message in _messages(file.package, file)}
+    messages = dict(m for file in files for m in messages_of(file.package, file))
+        name: message for file in files for name, message in messages_of(file.package, file)
+    }
     routes = sorted(
         (*route, f"{service.name}.{method.name}")
         for file in files
         for service in file.service
         for method in service.method
-        for rule in _rules(method)
+        for rule in http_rules(method)
         if (route := _body_route(rule, method.input_type.removeprefix("."), messages))
     )
     lines = [
@@ -156,7 +158,7 @@ def rest_unknown_fields_lua(image: bytes) -> str:
     return "\n".join(lines)
 
 
-def _messages(
+def messages_of(
     scope: str, parent: descriptor_pb2.FileDescriptorProto | descriptor_pb2.DescriptorProto
 ) -> Iterator[tuple[str, descriptor_pb2.DescriptorProto]]:
     """Every message of a file or message, nested ones included, by full name."""
@@ -168,10 +170,10 @@ def _messages(
     for message in children:
         name = f"{scope}.{message.name}" if scope else message.name
         yield name, message
-        yield from _messages(name, message)
+        yield from messages_of(name, message)
 
 
-def _rules(method: descriptor_pb2.MethodDescriptorProto) -> list[http_pb2.HttpRule]:
+def http_rules(method: descriptor_pb2.MethodDescriptorProto) -> list[http_pb2.HttpRule]:
     http = method.options.Extensions[annotations_pb2.http]
     return [http, *http.additional_bindings]
 

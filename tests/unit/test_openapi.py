@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from google.api import annotations_pb2, field_behavior_pb2
+from google.api import field_behavior_pb2
 from google.protobuf import descriptor_pb2
 from openapi_spec_validator import validate
 
 from server.api.policy import ACCESS_POLICIES
 from server.domain.identity import Access
+from server.tools.protogen import http_rules, messages_of
 
 pytestmark = pytest.mark.unit
 
@@ -36,19 +36,6 @@ def document() -> dict[str, Any]:
 def files() -> list[descriptor_pb2.FileDescriptorProto]:
     image = (ROOT / "generated" / "marketplace.binpb").read_bytes()
     return list(descriptor_pb2.FileDescriptorSet.FromString(image).file)
-
-
-def _messages(
-    scope: str, parent: descriptor_pb2.FileDescriptorProto | descriptor_pb2.DescriptorProto
-) -> Iterator[tuple[str, descriptor_pb2.DescriptorProto]]:
-    children = (
-        parent.message_type
-        if isinstance(parent, descriptor_pb2.FileDescriptorProto)
-        else parent.nested_type
-    )
-    for message in children:
-        yield f"{scope}.{message.name}", message
-        yield from _messages(f"{scope}.{message.name}", message)
 
 
 def _resolve(document: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
@@ -89,10 +76,10 @@ def test_every_http_rule_of_every_service_is_an_operation(
     for file in files:
         for service in file.service:
             for method in service.method:
-                rule = method.options.Extensions[annotations_pb2.http]
-                kind = rule.WhichOneof("pattern")
-                if kind is not None:
-                    rules.append((service.name, method.name, kind, getattr(rule, kind)))
+                for rule in http_rules(method):
+                    kind = rule.WhichOneof("pattern")
+                    if kind is not None:
+                        rules.append((service.name, method.name, kind, getattr(rule, kind)))
     assert len(rules) >= 16  # the four REST services' routes
     for service, method, verb, template in rules:
         operation = operations.pop((shape(template), verb))
@@ -186,7 +173,7 @@ def test_every_message_schema_agrees_with_its_descriptor(
     document: dict[str, Any], files: list[descriptor_pb2.FileDescriptorProto]
 ) -> None:
     """Names, 64-bit integers, enums, required and output-only, for every component."""
-    messages = dict(m for file in files for m in _messages(file.package, file))
+    messages = dict(m for file in files for m in messages_of(file.package, file))
     enums = {f"{file.package}.{enum.name}": enum for file in files for enum in file.enum_type}
     checked = 0
     for name, schema in document["components"]["schemas"].items():
