@@ -119,8 +119,6 @@ def rest_unknown_fields_lua(image: bytes) -> str:
     message such a body can hold, then the walker that checks a body's keys against them."""
     files = descriptor_pb2.FileDescriptorSet.FromString(image).file
     messages = dict(m for file in files for m in messages_of(file.package, file))
-        name: message for file in files for name, message in messages_of(file.package, file)
-    }
     routes = sorted(
         (*route, f"{service.name}.{method.name}")
         for file in files
