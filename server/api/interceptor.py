@@ -36,6 +36,7 @@ _log = structlog.get_logger("marketplace.rpc")
 
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 _HEALTH_SERVICE = "grpc.health.v1.Health"
+_HEALTH_METHODS = f"/{_HEALTH_SERVICE}/"
 # The codes that mean the server failed, not the caller (OpenTelemetry's gRPC conventions).
 _SERVER_FAULTS = frozenset(
     {
@@ -316,7 +317,10 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         if latency is None:
             latency = self._rpc_latencies[method] = self._metrics.rpc_seconds.labels(method)
         latency.observe(elapsed)
-        _log.info(
+        # Health checks that pass come every second from each gateway and probe: at INFO
+        # they would drown the calls people read the log for.
+        routine = code is grpc.StatusCode.OK and method.startswith(_HEALTH_METHODS)
+        (_log.debug if routine else _log.info)(
             "rpc",
             code=code.name,
             duration_ms=round(elapsed * 1000, 2),
