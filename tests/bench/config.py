@@ -23,6 +23,8 @@ Environment variables (all optional):
 order-spread and flash-sale each run again at once on a second server with
 OUTBOX_WRITES=false (the `:no-outbox` rows): the order transaction without its events,
 measured in the same run, so the report can say what writing (and publishing) them costs.
+`fleet:1` and `fleet:2` send the order-spread load through Envoy to one and to two server
+replicas (scenarios.fleet_scenario says how many processes each replica has, and why).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ SCENARIO_NAMES = (
     "pgbench:order-spread",
     "order-spread",
     "order-spread:no-outbox",
+    "fleet:1",
+    "fleet:2",
     "pgbench:flash-sale@64",
     "flash-sale@64",
     "flash-sale@64:no-outbox",

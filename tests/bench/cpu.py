@@ -10,7 +10,7 @@ import psutil  # type: ignore[import-untyped]
 
 from tests.bench.stack import (
     EnvoyProcess,
-    ServerProcess,
+    Serving,
     tree_cpu_by_process,
     tree_cpu_seconds,
     tree_rss_mb,
@@ -50,13 +50,16 @@ def cpu_delta(after: float | None, before: float | None) -> float | None:
 def sample_cpu(
     generator_pids: list[int],
     *,
-    server: ServerProcess | None,
+    server: Serving | None,
     envoy: EnvoyProcess | None,
     postmaster_pid: int | None,
 ) -> CpuSample:
-    """A sample of the load generators, and of whichever of the server, Envoy and the local
-    PostgreSQL are running (None for the others)."""
-    server_by_process = tree_cpu_by_process(server.process.pid) if server else {}
+    """A sample of the load generators, and of whichever of the server (every replica of a
+    fleet), Envoy and the local PostgreSQL are running (None for the others)."""
+    roots = server.root_pids if server else []
+    server_by_process = {
+        pid: seconds for root in roots for pid, seconds in tree_cpu_by_process(root).items()
+    }
     return CpuSample(
         time=time.monotonic(),
         generator=sum(tree_cpu_seconds(pid) for pid in generator_pids),
@@ -64,6 +67,6 @@ def sample_cpu(
         server_by_process=server_by_process,
         envoy=tree_cpu_seconds(envoy.process.pid) if envoy else None,
         postgres=tree_cpu_seconds(postmaster_pid) if postmaster_pid else None,
-        server_rss_mb=tuple(tree_rss_mb(server.process.pid)) if server else (),
+        server_rss_mb=tuple(size for root in roots for size in tree_rss_mb(root)),
         machine_busy=machine_busy_seconds(),
     )

@@ -1,6 +1,6 @@
 """What every scenario runs against: the seeded database, the server (restarted between
-scenario groups), Envoy once the REST scenario needs it, the customers' tokens, and the rows
-measured so far."""
+scenario groups), Envoy once the REST scenario needs it, a fleet of replicas behind Envoy for
+the fleet scenarios, the customers' tokens, and the rows measured so far."""
 
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ from tests.bench.report import Row
 from tests.bench.stack import (
     Database,
     EnvoyProcess,
+    ServerFleet,
     ServerProcess,
+    Serving,
+    start_bench_fleet,
     start_bench_server,
 )
 
@@ -52,6 +55,8 @@ class Bench:
         # runs with and without events can alternate without a restart between them.
         self.without_events: ServerProcess | None = None
         self.envoy: EnvoyProcess | None = None
+        # Replicas behind an Envoy of their own; while it runs, gRPC scenarios load it.
+        self.fleet: ServerFleet | None = None
 
     @property
     def db(self) -> Database:
@@ -62,8 +67,8 @@ class Bench:
         """The CPU of the generators and of whatever server and Envoy run at this moment."""
         return sample_cpu(
             generator_pids,
-            server=self.server,
-            envoy=self.envoy,
+            server=self.fleet or self.server,
+            envoy=self.fleet.envoy if self.fleet else self.envoy,
             postmaster_pid=self.db.postmaster_pid,
         )
 
@@ -89,6 +94,31 @@ class Bench:
         finally:
             self.server, self.outbox_writes = saved, True
 
+    @contextlib.contextmanager
+    def serving_fleet(self, replicas: int, workers: int) -> Iterator[ServerFleet]:
+        """gRPC scenarios in the block load `replicas` replicas of `workers` processes each,
+        through Envoy (the main server idles meanwhile); all stopped at the end."""
+        progress(
+            f"starting a fleet: {replicas} replica(s) of SERVER_WORKERS={workers} behind Envoy ..."
+        )
+        settings = {"NATS_URL": self.nats_url} if self.nats_url else {}
+        fleet = start_bench_fleet(
+            self.db,
+            secret=self.secret,
+            replicas=replicas,
+            workers=workers,
+            pool_size=self.config.db_pool_size,
+            max_overflow=self.config.db_max_overflow,
+            log_dir=self.scratch / f"fleet-{replicas}",
+            settings=settings,
+        )
+        self.fleet = fleet
+        try:
+            yield fleet
+        finally:
+            self.fleet = None
+            fleet.stop()
+
     def _started(self, workers: int, settings: Mapping[str, str]) -> ServerProcess:
         extra = dict(settings)
         shown = " ".join(f"{name}={value}" for name, value in extra.items())
@@ -108,15 +138,23 @@ class Bench:
         only measure connection errors."""
         server = self.server
         assert server is not None
-        if server.process.poll() is not None:
-            raise RuntimeError(
-                f"the server exited with {server.process.returncode}; its log ends with:\n"
-                + server.log_tail()
-            )
+        _must_run(server)
         return server
 
+    def serving(self) -> Serving:
+        """Where gRPC load goes: the fleet while there is one, else the server; every
+        process of it must still be running."""
+        if self.fleet is None:
+            return self.running_server()
+        for replica in self.fleet.replicas:
+            _must_run(replica)
+        return self.fleet
+
     def stop_server(self) -> None:
-        """Stops the server (and the one without events, and Envoy)."""
+        """Stops the server (and the one without events, a fleet, and Envoy)."""
+        if self.fleet is not None:
+            self.fleet.stop()
+            self.fleet = None
         if self.envoy is not None:
             self.envoy.stop()
             self.envoy = None
@@ -153,3 +191,11 @@ class Bench:
             f" check {row.check} ({row.check_detail})"
         )
         return row
+
+
+def _must_run(server: ServerProcess) -> None:
+    if server.process.poll() is not None:
+        raise RuntimeError(
+            f"the server exited with {server.process.returncode}; its log ends with:\n"
+            + server.log_tail()
+        )

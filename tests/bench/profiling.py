@@ -11,12 +11,12 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]
 
 from tests.bench.progress import progress
-from tests.bench.stack import ServerProcess
+from tests.bench.stack import Serving
 
 
 @contextlib.contextmanager
 def profiling(
-    profile_dir: str | None, scenario: str, server: ServerProcess, seconds: float
+    profile_dir: str | None, scenario: str, server: Serving, seconds: float
 ) -> Iterator[None]:
     """One speedscope profile per worker of `server` in `profile_dir`; nothing without one."""
     if profile_dir is None:
@@ -24,9 +24,11 @@ def profiling(
         return
     directory = Path(profile_dir).resolve()
     directory.mkdir(parents=True, exist_ok=True)
-    root = psutil.Process(server.process.pid)
-    # SERVER_WORKERS=1 serves in the supervisor's own process; otherwise its children.
-    workers = root.children() or [root]
+    workers = []
+    for pid in server.root_pids:  # one per replica of a fleet
+        root = psutil.Process(pid)
+        # SERVER_WORKERS=1 serves in the supervisor's own process; otherwise its children.
+        workers += root.children() or [root]
     spy = Path(sys.executable).with_name("py-spy")
     recorders = [
         subprocess.Popen(

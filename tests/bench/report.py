@@ -174,6 +174,36 @@ def _outbox_notes(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
+def _fleet_notes(rows: Sequence[Row]) -> list[str]:
+    """Each fleet scenario (extra: replicas, workers_per_replica, envoy_*) beside its baseline:
+    fleet:1 beside order-spread (Envoy's cost), fleet:2 beside fleet:1 (a second replica's)."""
+    by_name = {row.scenario: row for row in rows}
+    lines = []
+    for row in rows:
+        replicas = row.extra.get("replicas")
+        if replicas is None:
+            continue
+        line = (
+            f"fleet: {row.scenario} is Envoy in front of {replicas} replica(s) of"
+            f" {row.extra['workers_per_replica']} server process(es): {row.throughput:.0f}/s,"
+            f" p50 {_cell(row.p50_ms, '.1f')} / p99 {_cell(row.p99_ms, '.1f')} ms,"
+            f" {row.errors} errors"
+        )
+        base = by_name.get(row.baseline or "")
+        if base is not None and row.ratio is not None:
+            line += (
+                f"; {base.scenario} {base.throughput:.0f}/s, p50 {_cell(base.p50_ms, '.1f')}"
+                f" / p99 {_cell(base.p99_ms, '.1f')} ms: ratio {row.ratio:.2f}"
+            )
+        if calls := row.extra.get("envoy_calls_by_replica"):
+            line += (
+                f"; Envoy's calls per replica {' / '.join(str(n) for n in calls)},"
+                f" {row.extra.get('envoy_retries', 0)} retries"
+            )
+        lines.append(line)
+    return lines
+
+
 def _cell(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -287,6 +317,7 @@ def notes(rows: Sequence[Row], cores: int) -> list[str]:
                     " generator, the server, Envoy nor PostgreSQL (the kernel, or another job)"
                 )
     lines.extend(_outbox_notes(rows))
+    lines.extend(_fleet_notes(rows))
     lines.extend(_half_notes(rows))
     rss = [size for row in rows for size in row.server_rss_mb]
     if rss:

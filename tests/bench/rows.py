@@ -58,7 +58,8 @@ def measured_row(
             generator_cpu if generator_cpu is not None else last.generator - first.generator
         ),
         cpu_server_s=cpu_delta(last.server, first.server) if server_workers else None,
-        cpu_envoy_s=cpu_delta(last.envoy, first.envoy) if tool == "wrk" else None,
+        # None unless Envoy ran: in front of wrk, or of a fleet.
+        cpu_envoy_s=cpu_delta(last.envoy, first.envoy),
         cpu_postgres_s=cpu_delta(last.postgres, first.postgres),
         server_rss_mb=[round(size, 1) for size in last.server_rss_mb] if server_workers else [],
         extra=dict(extra or {}),

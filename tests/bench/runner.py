@@ -24,6 +24,7 @@ from tests.bench.report import (
 )
 from tests.bench.scenarios import (
     bare_grpc_scenario,
+    fleet_scenario,
     grpc_scenario,
     pgbench_scenario,
     rest_scenario,
@@ -43,6 +44,9 @@ BASELINES = {
     "order-spread:no-outbox": "pgbench:order-spread",
     "flash-sale@64:no-outbox": "pgbench:flash-sale@64",
     "flash-sale@256:no-outbox": "pgbench:flash-sale@256",
+    # What Envoy in front costs (same server processes), then what a second replica does.
+    "fleet:1": "order-spread",
+    "fleet:2": "fleet:1",
 }
 # A scenario with events -> the same without (OUTBOX_WRITES=false).
 OUTBOX_COMPARISONS = {
@@ -86,6 +90,10 @@ def run(bench: Bench) -> None:
     if wants("order-spread:no-outbox"):
         with bench.serving_without_events():
             grpc_scenario(bench, "order-spread:no-outbox", "order-spread", concurrency)
+    # Right after order-spread, which fleet:1 is compared with.
+    for replicas in (1, 2):
+        if wants(name := f"fleet:{replicas}"):
+            fleet_scenario(bench, name, replicas, concurrency)
     for clients in (low, high):
         if wants(f"pgbench:flash-sale@{clients}"):
             pgbench_scenario(bench, f"pgbench:flash-sale@{clients}", "flash-sale", clients)

@@ -1,6 +1,7 @@
 """The scenario kinds: gRPC load (closed loop, then open loop at half its throughput), the same
-against a bare grpc.aio server, pgbench running the order SQL, and wrk through Envoy. Each
-measures, checks the stock invariants, and adds its row to the bench."""
+against a bare grpc.aio server or through Envoy to a fleet of replicas, pgbench running the
+order SQL, and wrk through Envoy. Each measures, checks the stock invariants, and adds its row
+to the bench."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ REST_HALF_RATE_NOTE = (
 )
 
 
-def grpc_scenario(bench: Bench, scenario: str, kind: str, concurrency: int) -> None:
-    config, server = bench.config, bench.running_server()
+def grpc_scenario(bench: Bench, scenario: str, kind: str, concurrency: int) -> Row:
+    config, server = bench.config, bench.serving()
     progress(
         f"{scenario}: {concurrency} gRPC clients over {config.generator_processes}"
         f" processes, {config.warmup:g} s warm-up + {config.seconds:g} s ..."
@@ -53,6 +54,7 @@ def grpc_scenario(bench: Bench, scenario: str, kind: str, concurrency: int) -> N
     )
     if config.half_seconds > 0 and row.throughput > 0:
         _half_rate(bench, row, kind)
+    return row
 
 
 def _checked_grpc_load(
@@ -65,7 +67,7 @@ def _checked_grpc_load(
     rate: float = 0.0,
 ) -> tuple[LoadResult, CpuSample, CpuSample, CheckResult]:
     """One gRPC load run followed by its invariant check (orders counted for orders)."""
-    config, server = bench.config, bench.running_server()
+    config, server = bench.config, bench.serving()
     orders = kind in ("order-spread", "flash-sale")
     if orders:
         bench.checkpoint()
@@ -134,6 +136,26 @@ def bare_grpc_scenario(bench: Bench, scenario: str, concurrency: int) -> None:
     finally:
         bench.server = saved
         bare.stop()
+
+
+def fleet_scenario(bench: Bench, scenario: str, replicas: int, concurrency: int) -> None:
+    """order-spread through Envoy to `replicas` independent replicas on the same database.
+    Each replica gets an equal share of the main server's processes (at least one), so every
+    fleet runs as many server processes as `order-spread` does: fleet:1 against order-spread
+    is Envoy's cost alone, fleet:2 against fleet:1 that of splitting them into replicas."""
+    workers = max(1, bench.config.server_workers // replicas)
+    with bench.serving_fleet(replicas, workers) as fleet:
+        row = grpc_scenario(bench, scenario, "order-spread", concurrency)
+        calls, retries = fleet.envoy.upstream_calls()
+    row.extra.update(
+        {
+            "replicas": replicas,
+            "workers_per_replica": workers,
+            # Whole run (warm-up and half rate included), as Envoy counted them.
+            "envoy_calls_by_replica": [calls.get(r.grpc_port, 0) for r in fleet.replicas],
+            "envoy_retries": retries,
+        }
+    )
 
 
 def pgbench_scenario(bench: Bench, scenario: str, kind: str, clients: int) -> None:

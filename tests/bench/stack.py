@@ -1,5 +1,6 @@
-"""The system under test: PostgreSQL with a throwaway seeded database, the server process(es),
-Envoy, and the CPU accounting of every process tree involved."""
+"""The system under test: PostgreSQL with a throwaway seeded database, the server process(es)
+or a fleet of replicas behind Envoy, Envoy, and the CPU accounting of every process tree
+involved."""
 
 from __future__ import annotations
 
@@ -10,17 +11,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
+import httpx
 import psutil  # type: ignore[import-untyped]
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import make_url
 
 from devstack.envoy import EdgeLimits, render_envoy_config, start_envoy, wait_for_envoy
+from devstack.fleet import Fleet
 from devstack.nats import nats_url, start_nats, wait_for_nats
 from devstack.postgres import EmbeddedPostgres, create_database, drop_database
 from devstack.processes import free_port, stop_process
@@ -208,17 +211,35 @@ def bench_nats(scratch: Path) -> Iterator[str]:
 # --- the server and Envoy -------------------------------------------------------------------
 
 
+class Serving(Protocol):
+    """What a gRPC scenario loads: one server, or a fleet of replicas behind Envoy."""
+
+    @property
+    def target(self) -> str: ...
+
+    @property
+    def workers(self) -> int: ...  # server processes in all
+
+    @property
+    def root_pids(self) -> list[int]: ...  # each server's root process (its supervisor)
+
+
 @dataclass
 class ServerProcess:
     process: subprocess.Popen[bytes]
     grpc_port: int
     workers: int
     log_path: Path
-    _log: IO[bytes] = field(repr=False)
+    # None when the process was started by something that closes its own handle (Fleet).
+    _log: IO[bytes] | None = field(default=None, repr=False)
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def root_pids(self) -> list[int]:
+        return [self.process.pid]
 
     def stop(self) -> None:
         """SIGTERM to the server (its supervisor stops its workers); whatever of the tree
@@ -233,7 +254,8 @@ class ServerProcess:
             for child in descendants:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     child.send_signal(signal.SIGKILL)
-            self._log.close()
+            if self._log is not None:
+                self._log.close()
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
@@ -284,20 +306,34 @@ def start_bench_server(
     log_path: Path,
     settings: Mapping[str, str] | None = None,
 ) -> ServerProcess:
-    env: Mapping[str, str] = {
+    env = {
+        **_server_env(database, secret, workers, pool_size, max_overflow, settings),
+        "GRPC_PORT": str(port := free_port()),
+    }
+    log = log_path.open("ab")
+    return _serving(ServerProcess(start_server(env, log=log), port, workers, log_path, log))
+
+
+def _server_env(
+    database: Database,
+    secret: str,
+    workers: int,
+    pool_size: int,
+    max_overflow: int,
+    settings: Mapping[str, str] | None,
+) -> dict[str, str]:
+    """Every bench server's environment but its port: the same for a fleet's replicas."""
+    return {
         **(settings or {}),
         "DATABASE_URL": database.url,
         "MARKETPLACE_JWT_SECRET": secret,
         "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,  # required; the bench sends no webhooks
-        "GRPC_PORT": str(port := free_port()),
         "METRICS_PORT": "0",
         "LOG_LEVEL": "WARNING",
         "SERVER_WORKERS": str(workers),
         "DB_POOL_SIZE": str(pool_size),
         "DB_MAX_OVERFLOW": str(max_overflow),
     }
-    log = log_path.open("ab")
-    return _serving(ServerProcess(start_server(env, log=log), port, workers, log_path, log))
 
 
 def _serving(server: ServerProcess) -> ServerProcess:
@@ -326,6 +362,7 @@ class EnvoyProcess:
     process: subprocess.Popen[bytes]
     http_port: int
     _log: IO[bytes] = field(repr=False)
+    admin_port: int = 0
 
     def stop(self) -> None:
         try:
@@ -333,8 +370,27 @@ class EnvoyProcess:
         finally:
             self._log.close()
 
+    def upstream_calls(self) -> tuple[dict[int, int], int]:
+        """Since Envoy started: calls it sent to each server port of the marketplace_grpc
+        cluster (health checks are not counted), and how many of them were retries."""
+        by_port: dict[int, int] = {}
+        with httpx.Client(base_url=f"http://127.0.0.1:{self.admin_port}", timeout=5) as admin:
+            clusters = admin.get("/clusters").raise_for_status().text
+            retry_filter = r"^cluster\.marketplace_grpc\.upstream_rq_retry$"
+            stats = admin.get("/stats", params={"filter": retry_filter}).raise_for_status().text
+        for line in clusters.splitlines():
+            # marketplace_grpc::127.0.0.1:<port>::rq_total::<count>
+            cluster, _, rest = line.partition("::")
+            address, _, stat = rest.partition("::")
+            name, _, value = stat.partition("::")
+            if cluster == "marketplace_grpc" and name == "rq_total":
+                by_port[int(address.rpartition(":")[2])] = int(value)
+        retries = int(stats.rpartition(":")[2]) if stats.strip() else 0
+        return by_port, retries
 
-def start_bench_envoy(grpc_port: int, scratch: Path) -> EnvoyProcess:
+
+def start_bench_envoy(grpc_port: int | Sequence[int], scratch: Path) -> EnvoyProcess:
+    """Envoy in front of the server on `grpc_port`, or of each replica's port."""
     http_port, admin_port = free_port(), free_port()
     config = scratch / "envoy.yaml"
     # The bench runs no payments: the provider listener points at a port nobody serves.
@@ -350,10 +406,78 @@ def start_bench_envoy(grpc_port: int, scratch: Path) -> EnvoyProcess:
         )
     )
     log = (scratch / "envoy.log").open("ab")
-    envoy = EnvoyProcess(start_envoy(config, log=log), http_port, log)
+    envoy = EnvoyProcess(start_envoy(config, log=log), http_port, log, admin_port)
     try:
         wait_for_envoy(admin_port, envoy.process)
     except BaseException:
         envoy.stop()
         raise
     return envoy
+
+
+@dataclass
+class ServerFleet:
+    """Independent server replicas on the bench database, each its own process group on its
+    own port, behind an Envoy whose marketplace_grpc cluster lists them all (health checks,
+    outlier detection and retries as in `make run REPLICAS=N`)."""
+
+    replicas: list[ServerProcess]
+    envoy: EnvoyProcess
+
+    @property
+    def target(self) -> str:
+        # gRPC callers reach the cluster through Envoy's one listener, as in make run.
+        return f"127.0.0.1:{self.envoy.http_port}"
+
+    @property
+    def workers(self) -> int:
+        return sum(replica.workers for replica in self.replicas)
+
+    @property
+    def root_pids(self) -> list[int]:
+        return [replica.process.pid for replica in self.replicas]
+
+    def stop(self) -> None:
+        try:
+            self.envoy.stop()
+        finally:
+            for replica in self.replicas:
+                replica.stop()
+
+
+def start_bench_fleet(
+    database: Database,
+    *,
+    secret: str,
+    replicas: int,
+    workers: int,
+    pool_size: int,
+    max_overflow: int,
+    log_dir: Path,
+    settings: Mapping[str, str] | None = None,
+) -> ServerFleet:
+    """`replicas` servers of `workers` processes each, started by devstack's Fleet (make
+    run's), each with the single bench server's environment, and Envoy in front of them."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    fleet = Fleet(
+        _server_env(database, secret, workers, pool_size, max_overflow, settings),
+        grpc_port=0,
+        metrics_port=0,
+        metrics_dir=log_dir / "metrics",
+        log_dir=log_dir,
+        free_ports=free_port,
+    )
+    servers: list[ServerProcess] = []
+    try:
+        for _ in range(replicas):
+            replica = fleet.start_replica()
+            log_path = log_dir / f"server-{replica.number}.log"
+            servers.append(ServerProcess(replica.process, replica.grpc_port, workers, log_path))
+        for server in servers:
+            _serving(server)
+        envoy = start_bench_envoy([server.grpc_port for server in servers], log_dir)
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return ServerFleet(servers, envoy)
