@@ -5,7 +5,7 @@ so that a writer reads its own writes (docs/operations.md#a-read-replica)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
 
 import psycopg
@@ -22,6 +22,17 @@ REPLICA_RETRY_SECONDS = 5.0
 OWN_WRITES_SECONDS = 2.0
 
 
+class ReadOnReplica(list[T]):
+    """Rows a replica answered: possibly older than a change already announced (NOTIFY
+    reaches listeners on the primary before the replica replays the commit), so the
+    product cache answers with them but never stores them."""
+
+
+def same_origin(read: Sequence[object], items: Iterable[T]) -> list[T]:
+    """`items` made from `read`, marked as from the replica when `read` was."""
+    return ReadOnReplica(items) if isinstance(read, ReadOnReplica) else list(items)
+
+
 class ReadRoute:
     """Where a single-statement read goes: the replica when there is one and it answers,
     else the primary. `replica` and `primary` are autocommit engines."""
@@ -35,14 +46,23 @@ class ReadRoute:
         """This process changed the catalog: its next reads see it (on the primary)."""
         self._primary_until = max(self._primary_until, time.monotonic() + OWN_WRITES_SECONDS)
 
-    async def read(self, query: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    async def read(
+        self,
+        query: Callable[[AsyncConnection], Awaitable[Sequence[T]]],
+        *,
+        on_primary: Callable[[], Awaitable[Sequence[T]]] | None = None,
+    ) -> Sequence[T]:
+        """`query`'s rows, a ReadOnReplica when the replica answered; on the primary,
+        `on_primary` runs instead of `query` when given (the hot path's own pool)."""
         if self._replica is not None and time.monotonic() >= self._primary_until:
             try:
                 async with self._replica.connect() as conn:
-                    return await query(conn)
+                    return ReadOnReplica(await query(conn))
             except (OperationalError, InterfaceError, psycopg.OperationalError, OSError) as error:
                 # Down, restarting or unreachable: the primary answers instead, at once.
                 _log.warning("read replica failed; reading from the primary", error=repr(error))
                 self._primary_until = time.monotonic() + REPLICA_RETRY_SECONDS
+        if on_primary is not None:
+            return await on_primary()
         async with self._primary.connect() as conn:
             return await query(conn)

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from server.db.driver import DriverPool, psycopg_sql
 from server.db.engine import autocommit_reads
-from server.db.replica import ReadRoute
+from server.db.replica import ReadOnReplica, ReadRoute, same_origin
 from server.db.transactions import UNIQUE_VIOLATION, in_transaction, sqlstate
 from server.domain.catalog import (
     Product,
@@ -41,6 +41,7 @@ _LIST_PRODUCTS = text(
     f"SELECT {PRODUCT_COLUMNS} FROM products WHERE sku > :after ORDER BY sku LIMIT :limit"
 )
 _GET_PRODUCT = text(f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = :id")
+_GET_PRODUCTS = text(f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = ANY(CAST(:ids AS uuid[]))")
 # The hottest read: on psycopg directly (server/db/driver.py).
 _GET_PRODUCTS_SQL = psycopg_sql(
     f"SELECT {PRODUCT_COLUMNS} FROM products WHERE id = ANY(CAST(:ids AS uuid[]))"
@@ -107,7 +108,8 @@ class Catalog:
         self._reads = ReadRoute(autocommit_reads(engine))
 
     def read_from_replica(self, replica: AsyncEngine) -> None:
-        """ListProducts on a streaming replica (server/db/replica.py); writes stay here."""
+        """ListProducts and GetProduct misses on a streaming replica (server/db/replica.py);
+        writes stay here."""
         self._reads = ReadRoute(autocommit_reads(self._engine), autocommit_reads(replica))
 
     async def list_products(self, page_size: int, page_token: str) -> tuple[list[Product], str]:
@@ -121,7 +123,7 @@ class Catalog:
             return result.all()
 
         rows = await self._reads.read(page)
-        products = [product_from_row(row) for row in rows[:page_size]]
+        products = same_origin(rows, (product_from_row(row) for row in rows[:page_size]))
         next_token = ""
         if len(rows) > page_size:
             next_token = encode_page_token("products", "*", {"sku": products[-1].sku})
@@ -134,16 +136,31 @@ class Catalog:
         return found
 
     async def get_products(self, product_ids: Sequence[str]) -> list[Product | NotFound]:
-        """Several lookups in one query: concurrent GetProduct calls share it (see app.py)."""
+        """Several lookups in one query: concurrent GetProduct calls share it (see app.py).
+        On the replica when there is one; a ReadOnReplica then."""
         wanted = sorted({uuid.UUID(p) for p in product_ids})
+
+        async def on_replica(conn: AsyncConnection) -> Sequence[Any]:
+            return (await conn.execute(_GET_PRODUCTS, {"ids": wanted})).all()
+
+        rows = await self._reads.read(
+            on_replica, on_primary=lambda: self._products_on_primary(wanted)
+        )
+        found = {product.id: product for product in map(product_from_row, rows)}
+        missing = [p for p in wanted if str(p) not in found]
+        if missing and isinstance(rows, ReadOnReplica):
+            # Perhaps created after the replica's last replay: NOT_FOUND on the primary's word.
+            for row in await self._products_on_primary(missing):
+                product = product_from_row(row)
+                found[product.id] = product
+        return same_origin(rows, (found.get(p) or NotFound("product", p) for p in product_ids))
+
+    async def _products_on_primary(self, wanted: list[uuid.UUID]) -> Sequence[Any]:
         async with self._hot_path.connection() as driver:
             lookup = await driver.execute_reusing_cursor(
                 _GET_PRODUCTS_SQL, {"ids": wanted}, row_factory=namedtuple_row
             )
-            rows = await lookup.fetchall()
-        products = [product_from_row(row) for row in rows]
-        found = {product.id: product for product in products}
-        return [found.get(p) or NotFound("product", p) for p in product_ids]
+            return await lookup.fetchall()
 
     async def create_product(self, draft: ProductDraft) -> Product:
         """Creates the product; its initial stock, even none, is its first stock_changed."""

@@ -14,6 +14,9 @@ another process may serve the old product until the notification arrives, about 
 millisecond after the commit. While that connection is down nothing is cached at all (a
 change could go unheard), so an outage turns the cache off rather than stale.
 
+With a read replica (server/db/replica.py) misses and warming read there and are answered
+but not stored: nothing orders a replica's replay against the primary's notifications.
+
 The order transaction never reads this cache: stock is decided on locked rows.
 """
 
@@ -30,6 +33,7 @@ import psycopg
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
+from server.db.replica import ReadOnReplica
 from server.domain.catalog import Product
 from server.domain.errors import NotFound
 
@@ -154,7 +158,11 @@ class ProductCache:
             found = await reading
         finally:
             self._fetches -= 1
-        self._store([p for p in products_in(found) if isinstance(p, Product)], started)
+        products = products_in(found)
+        # A replica may not have replayed a change whose notification was already heard, and
+        # none would come again: its rows answer this read but are never stored.
+        if not isinstance(products, ReadOnReplica):
+            self._store([p for p in products if isinstance(p, Product)], started)
         if not self._fetches:
             self._forgotten_at.clear()
         return found

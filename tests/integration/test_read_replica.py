@@ -1,9 +1,12 @@
-"""ListProducts on a real streaming replica (devstack's, from the pgserver binaries): it
-reads there, a writer reads its own writes from the primary, and a stopped replica sends
-reads back to the primary without a failed call."""
+"""ListProducts and GetProduct misses on a real streaming replica (devstack's, from the
+pgserver binaries): they read there, a writer reads its own writes from the primary, a
+product missing on the replica is looked up on the primary, the product cache never stores
+a replica's row, and a stopped replica sends reads back to the primary without a failed
+call."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 import uuid
@@ -17,9 +20,11 @@ import pytest
 
 from devstack.postgres import EmbeddedPostgres, StreamingReplica
 from server.db.engine import upgrade_schema
-from server.domain.catalog import ProductDraft
+from server.domain.catalog import Product, ProductDraft
+from server.domain.errors import NotFound
 from server.domain.money import Money
 from server.services.catalog import Catalog
+from server.services.product_cache import ProductCache
 from tests.conftest import eventually, hot_path_pool, insert_product, sqlalchemy_engine
 
 
@@ -119,5 +124,74 @@ async def test_a_stopped_replica_sends_reads_to_the_primary_without_a_failed_cal
         after = insert_product(pair.primary.url, stock=1)
         for _ in range(20):
             assert {before, after} <= await _listed(catalog)
+    finally:
+        pair.replica.start()
+
+
+def _rename(database_url: str, product_id: str, name: str) -> None:
+    """Behind the catalog's back (no own-writes window), as another process's write."""
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE products SET name = %s WHERE id = %s", (name, product_id))
+
+
+async def test_a_product_miss_reads_the_replica_and_is_not_stored(
+    pair: Pair, catalog: Catalog
+) -> None:
+    product_id = insert_product(pair.primary.url, stock=1)
+
+    async def replicated() -> bool:
+        return product_id in await _listed(catalog)
+
+    await eventually(replicated, within=30, what="the replica replaying the product")
+    cache = ProductCache(100)
+    cache.start_caching()
+    _replay(pair.replica.url, paused=True)
+    try:
+        _rename(pair.primary.url, product_id, "Renamed on the primary")
+        [product] = await cache.read_through(catalog.get_products)([product_id])
+        # The replica's (not yet replayed) row answered, which shows the read went there...
+        assert isinstance(product, Product)
+        assert product.name != "Renamed on the primary"
+        # ...and is not kept: its rename was notified before the replica replayed it.
+        assert cache.get(product_id) is None
+    finally:
+        _replay(pair.replica.url, paused=False)
+
+
+async def test_a_product_just_created_is_found_though_the_replica_lags(
+    pair: Pair, catalog: Catalog
+) -> None:
+    _replay(pair.replica.url, paused=True)
+    try:
+        created = insert_product(pair.primary.url, stock=2)  # by another process, say
+        found = await catalog.get_product(created)
+        assert found.id == created
+        [missing] = await catalog.get_products([str(uuid.uuid4())])
+        assert isinstance(missing, NotFound)
+    finally:
+        _replay(pair.replica.url, paused=False)
+
+
+async def test_a_replica_stopped_under_product_misses_costs_no_failed_call(
+    pair: Pair, catalog: Catalog
+) -> None:
+    product_ids = [insert_product(pair.primary.url, stock=1) for _ in range(5)]
+
+    async def replicated() -> bool:
+        return set(product_ids) <= await _listed(catalog)
+
+    await eventually(replicated, within=30, what="the replica replaying the products")
+
+    async def misses(rounds: int) -> None:
+        for _ in range(rounds):
+            found = await catalog.get_products(product_ids)
+            assert [p.id for p in found if isinstance(p, Product)] == product_ids
+            await asyncio.sleep(0.005)
+
+    load = [asyncio.create_task(misses(100)) for _ in range(4)]
+    await asyncio.sleep(0.1)
+    pair.replica.stop()  # mid-load
+    try:
+        await asyncio.gather(*load)
     finally:
         pair.replica.start()
