@@ -198,7 +198,8 @@ class StandInWarehouse:
         self._lock = asyncio.Lock()  # one change of the state (and its file) at a time
 
     async def run(self) -> None:
-        client = await nats.connect(self._nats_url, max_reconnect_attempts=-1)
+        # Every node of a cluster (NATS_URL lists them), so losing one moves to another.
+        client = await nats.connect(nats_servers(self._nats_url), max_reconnect_attempts=-1)
         try:
             js = client.jetstream()
             await _wait_for_streams(js)
@@ -379,12 +380,17 @@ def ship_delay_from_environment() -> float:
 async def publish_stock_level(nats_url: str, sku: str, on_hand: int, site: str) -> Outgoing:
     """`make stock-level`: a level as the warehouse would send it, version = now in µs."""
     message = level_message(sku, site, on_hand, next_version(0))
-    client = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0)
+    client = await nats.connect(nats_servers(nats_url), connect_timeout=2, max_reconnect_attempts=0)
     try:
         await _publish(client.jetstream(), message)
     finally:
         await client.close()
     return message
+
+
+def nats_servers(nats_url: str) -> list[str]:
+    """NATS_URL's comma-separated nodes, as the server reads them (server/events/nats.py)."""
+    return [server.strip() for server in nats_url.split(",") if server.strip()]
 
 
 def _default_nats_url() -> str:

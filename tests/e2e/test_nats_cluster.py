@@ -20,8 +20,9 @@ from devstack.nats import nats_url
 from devstack.postgres import create_database, drop_database
 from devstack.processes import free_port, stop_process
 from devstack.server import start_server, wait_for_grpc
+from devstack.warehouse import publish_stock_level
 from marketplace.order.v1 import order_pb2, order_pb2_grpc
-from server.events.nats import MARKETPLACE_STREAM
+from server.events.nats import MARKETPLACE_STREAM, WAREHOUSE_STREAM, ensure_streams
 from tests.conftest import Tokens, eventually, insert_product
 from tests.e2e.payment_checks import query
 from tests.stack import bearer, running_nats_cluster, server_env
@@ -156,3 +157,32 @@ async def test_a_node_killed_under_load_loses_no_event(
             )
         finally:
             assert stop_process(server) == 0, (tmp_path / "server.log").read_text()[-3000:]
+
+
+async def test_the_stand_in_warehouse_reaches_a_cluster_without_its_first_node(
+    tmp_path: Path,
+) -> None:
+    with running_nats_cluster(tmp_path) as nodes:
+        url = nats_url(*(node.port for node in nodes))
+        client = await nats.connect(url.split(","))
+
+        async def streams_made() -> bool:
+            try:  # the cluster elects its JetStream leader first
+                await ensure_streams(client.jetstream(), replicas=3)
+            except (TimeoutError, nats.errors.Error):
+                return False
+            return True
+
+        try:
+            await eventually(streams_made, within=30, what="the cluster's streams")
+        finally:
+            await client.close()
+        nodes[0].kill()
+        # Given every node (as make run's NATS_URL lists them), not only the first.
+        sent = await publish_stock_level(url, "TEE-BLACK-M", 7, "main")
+        client = await nats.connect(url.split(","))
+        try:
+            info = await client.jetstream().stream_info(WAREHOUSE_STREAM)
+            assert info.state.messages == 1, sent
+        finally:
+            await client.close()
