@@ -46,6 +46,7 @@ class Metrics:
     product_cache_listening: Gauge
     batch_size: Histogram
     notification_queue_usage: Gauge
+    database_up: Gauge
 
     @classmethod
     def create(cls) -> Metrics:
@@ -107,5 +108,13 @@ class Metrics:
                 " order) fails",
                 registry=registry,
                 multiprocess_mode="livemax",
+            ),
+            database_up=Gauge(
+                "marketplace_database_up",
+                "1 while the primary PostgreSQL answers every worker's health probe; 0 while"
+                " any worker's probe fails (its calls that need the database are refused)",
+                registry=registry,
+                # The least of the live workers: one that cannot reach the database is down.
+                multiprocess_mode="livemin",
             ),
         )

@@ -38,7 +38,10 @@ class DatabaseHealth:
         interval_seconds: float,
         *,
         before_serving_again: Callable[[], Awaitable[None]] | None = None,
+        on_probe: Callable[[bool], None] = lambda answered: None,
     ) -> None:
+        """`on_probe` hears every probe's result (marketplace_database_up): unlike the calls
+        refused, it tells an outage while no call arrives."""
         self._servicer = servicer
         self._engine = engine
         # "" is the whole server, as grpc_health_probe and Envoy ask by default.
@@ -49,6 +52,7 @@ class DatabaseHealth:
         self._serving: bool | None = None
         # Run when the database answers again after an outage, before calls are admitted.
         self._before_serving_again = before_serving_again
+        self._on_probe = on_probe
 
     def admit(self, method: str) -> None:
         """Raises DatabaseDown for a call of one of the database's services (`method` is
@@ -68,6 +72,7 @@ class DatabaseHealth:
             if self._serving is not False:
                 _log.warning("database unreachable", error=repr(error))
             healthy = False
+        self._on_probe(healthy)
         await self._publish(healthy)
         return healthy
 

@@ -3,15 +3,21 @@ refused before they wait for a connection; health and reflection are not."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import pytest
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from devstack.postgres import EmbeddedPostgres
 from devstack.processes import free_port
 from server.api.errors import infrastructure_error_status
 from server.api.health import DatabaseDown, DatabaseHealth
 from server.api.policy import ORDER_SERVICE
+from server.observability import Metrics
 from tests.conftest import sqlalchemy_engine
 
 pytestmark = pytest.mark.integration
@@ -55,3 +61,34 @@ async def test_a_database_down_refuses_its_services_calls_at_once() -> None:
     assert info.reason == "DATABASE_UNAVAILABLE"
     assert proto.details[1].Unpack(retry)
     assert retry.retry_delay.ToTimedelta().total_seconds() == pytest.approx(0.1)
+
+
+async def test_marketplace_database_up_follows_the_probe_with_no_call_arriving() -> None:
+    """A PostgreSQL of this test's own, stopped and started again; no call is made."""
+    metrics = Metrics.create()
+
+    def database_up() -> float | None:
+        return metrics.registry.get_sample_value("marketplace_database_up")
+
+    with tempfile.TemporaryDirectory(prefix="marketplace-gate-") as scratch:
+        os.chmod(scratch, 0o755)  # noqa: S103  # pgserver's account reads it; removed at the end
+        with EmbeddedPostgres(Path(scratch) / "pgdata") as postgres:
+            engine = sqlalchemy_engine(postgres.url, pool_size=1)
+            database = DatabaseHealth(
+                health.aio.HealthServicer(),
+                engine,
+                (ORDER_SERVICE,),
+                1.0,
+                on_probe=lambda answered: metrics.database_up.set(1 if answered else 0),
+            )
+            try:
+                assert await database.check_once()
+                assert database_up() == 1
+                postgres.stop()
+                assert not await database.check_once()
+                assert database_up() == 0
+                postgres.start()
+                assert await database.check_once()
+                assert database_up() == 1
+            finally:
+                await engine.dispose()

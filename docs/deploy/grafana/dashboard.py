@@ -73,6 +73,13 @@ def panels() -> list[TimeSeries | Stat]:
             "Server replicas answering their /metrics scrape (MarketplaceReplicaDown).",
         ),
         _stat(
+            "Database up",
+            "none",
+            _target('min(marketplace_database_up{job="marketplace"})', "up"),
+            "1 while the primary answers every worker's health probe; 0 while any worker's"
+            " fails (MarketplaceDatabaseUnavailable).",
+        ),
+        _stat(
             "Server error ratio",
             "percentunit",
             _target(
@@ -144,7 +151,7 @@ def panels() -> list[TimeSeries | Stat]:
                 "{{instance}}",
             ),
             description="Catalog and order calls refused as DATABASE_UNAVAILABLE"
-            " (MarketplaceDatabaseUnavailable).",
+            " (while marketplace_database_up is 0) or cut off by a lost connection.",
         ),
         _series(
             "Outbox",
