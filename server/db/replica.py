@@ -10,6 +10,7 @@ from typing import TypeVar
 
 import psycopg
 import structlog
+from sqlalchemy import text
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -22,15 +23,26 @@ REPLICA_RETRY_SECONDS = 5.0
 OWN_WRITES_SECONDS = 2.0
 
 
+# Read before the rows, in a statement of its own: the rows' snapshot, taken after it, holds
+# every commit replayed up to it (read in the same statement it could be newer than them).
+_REPLAYED_LSN = text("SELECT CAST(pg_last_wal_replay_lsn() - '0/0' AS bigint)")
+
+
 class ReadOnReplica(list[T]):
-    """Rows a replica answered: possibly older than a change already announced (NOTIFY
-    reaches listeners on the primary before the replica replays the commit), so the
-    product cache answers with them but never stores them."""
+    """Rows a replica answered, with how far it had replayed the primary's WAL (a byte
+    position; None if it never was a replica) before reading them: they hold every change
+    committed on the primary up to there, and perhaps none after."""
+
+    def __init__(self, rows: Iterable[T], replayed_lsn: int | None) -> None:
+        super().__init__(rows)
+        self.replayed_lsn = replayed_lsn
 
 
 def same_origin(read: Sequence[object], items: Iterable[T]) -> list[T]:
     """`items` made from `read`, marked as from the replica when `read` was."""
-    return ReadOnReplica(items) if isinstance(read, ReadOnReplica) else list(items)
+    if isinstance(read, ReadOnReplica):
+        return ReadOnReplica(items, read.replayed_lsn)
+    return list(items)
 
 
 class ReadRoute:
@@ -57,7 +69,8 @@ class ReadRoute:
         if self._replica is not None and time.monotonic() >= self._primary_until:
             try:
                 async with self._replica.connect() as conn:
-                    return ReadOnReplica(await query(conn))
+                    replayed = (await conn.execute(_REPLAYED_LSN)).scalar()
+                    return ReadOnReplica(await query(conn), replayed)
             except (OperationalError, InterfaceError, psycopg.OperationalError, OSError) as error:
                 # Down, restarting or unreachable: the primary answers instead, at once.
                 _log.warning("read replica failed; reading from the primary", error=repr(error))

@@ -14,8 +14,11 @@ another process may serve the old product until the notification arrives, about 
 millisecond after the commit. While that connection is down nothing is cached at all (a
 change could go unheard), so an outage turns the cache off rather than stale.
 
-With a read replica (server/db/replica.py) misses and warming read there and are answered
-but not stored: nothing orders a replica's replay against the primary's notifications.
+With a read replica (server/db/replica.py) misses and warming read there. A notification
+reaches the listener before the replica has necessarily replayed its change, and none comes
+again, so a replica's row is stored only when provably as new as every change heard: the
+listener samples the primary's WAL position at each heartbeat, and a row is kept when the
+replica had replayed past the last sample and its product has not changed since then.
 
 The order transaction never reads this cache: stock is decided on locked rows.
 """
@@ -57,6 +60,15 @@ _log = structlog.get_logger("marketplace.product_cache")
 
 
 @dataclass(frozen=True, slots=True)
+class _PrimaryPosition:
+    """The primary's WAL position, read after every change heard up to generation `as_of`
+    (so each of those changes committed before it)."""
+
+    as_of: int
+    lsn: int
+
+
+@dataclass(frozen=True, slots=True)
 class _Fetch:
     """When a database read for the cache started, to tell whether it may be stored."""
 
@@ -82,10 +94,20 @@ class ProductCache:
         # While reads are in flight: the generation at which each id was last forgotten. A
         # read that started before it may have seen the old row and must not store it.
         self._forgotten_at: dict[str, int] = {}
+        # For rows read on a replica: the last sample of the primary's position, the
+        # generation of each change heard since it, and of the last change to everything.
+        self._primary: _PrimaryPosition | None = None
+        self._changed_at: dict[str, int] = {}
+        self._everything_at = 0
 
     @property
     def enabled(self) -> bool:
         return self._caching and self._capacity > 0
+
+    @property
+    def generation(self) -> int:
+        """Counts the changes heard; see primary_position()."""
+        return self._generation
 
     def __len__(self) -> int:
         return len(self._products)
@@ -99,29 +121,58 @@ class ProductCache:
     def forget(self, product_ids: Collection[str]) -> None:
         """These products changed (a notification, or this process's own commit)."""
         self._generation += 1
+        if len(self._changed_at) > self._capacity:
+            self._everything_changed()  # bounded: while samples are missing (no listener)
         for product_id in product_ids:
             self._products.pop(product_id, None)
+            self._changed_at[product_id] = self._generation
             if self._fetches:
                 self._forgotten_at[product_id] = self._generation
 
     def forget_everything(self) -> None:
         """Any product may have changed; reads in flight are not stored either."""
-        self._products.clear()
-        self._epoch += 1
+        self._drop_all()
+        self._everything_changed()
 
     def start_caching(self) -> None:
         """For when the listener has connected: from now on every change is heard, so
         products read from now on may be kept."""
-        self.forget_everything()
+        self._drop_all()
         self._caching = True
         self._on_listening(True)
 
     def stop_caching(self) -> None:
         """For when the listener lost its connection: changes may go unheard, so nothing
         is kept until start_caching()."""
-        self.forget_everything()
+        self._drop_all()
+        self._everything_changed()
         self._caching = False
         self._on_listening(False)
+
+    def primary_position(self, lsn: int, *, as_of: int) -> None:
+        """The primary's WAL position `lsn`, read after the changes heard up to generation
+        `as_of` (the `generation` when the listener asked for it)."""
+        self._primary = _PrimaryPosition(as_of, lsn)
+        self._changed_at = {p: g for p, g in self._changed_at.items() if g > as_of}
+
+    def _drop_all(self) -> None:
+        self._products.clear()
+        self._epoch += 1
+
+    def _everything_changed(self) -> None:
+        self._generation += 1
+        self._everything_at = self._generation
+        self._changed_at.clear()
+
+    def _fresh_on_replica(self, product_id: str, replayed_lsn: int | None) -> bool:
+        primary = self._primary
+        return (
+            replayed_lsn is not None
+            and primary is not None
+            and replayed_lsn >= primary.lsn
+            and primary.as_of >= self._everything_at
+            and self._changed_at.get(product_id, 0) <= primary.as_of
+        )
 
     def read_through(self, fetch: FetchProducts) -> FetchProducts:
         """`fetch` (a batch of lookups in the database), storing what it finds when no
@@ -158,11 +209,13 @@ class ProductCache:
             found = await reading
         finally:
             self._fetches -= 1
-        products = products_in(found)
-        # A replica may not have replayed a change whose notification was already heard, and
-        # none would come again: its rows answer this read but are never stored.
-        if not isinstance(products, ReadOnReplica):
-            self._store([p for p in products if isinstance(p, Product)], started)
+        read = products_in(found)
+        products = [p for p in read if isinstance(p, Product)]
+        if isinstance(read, ReadOnReplica):
+            # A replica may not yet have replayed a change already heard, which no second
+            # notification would drop: its rows answer, and are kept only when fresh.
+            products = [p for p in products if self._fresh_on_replica(p.id, read.replayed_lsn)]
+        self._store(products, started)
         if not self._fetches:
             self._forgotten_at.clear()
         return found
@@ -214,9 +267,18 @@ async def follow_product_changes(
                 conn = await connect()
                 try:
                     await conn.execute(f"LISTEN {CHANNEL}")
-                    queue_usage(await _check_announced(conn))
+                    asked_at = cache.generation
+                    usage, primary_lsn = await _check_announced(conn)
+                    queue_usage(usage)
                     listened_since = time.monotonic()
-                    await _follow(conn, cache, warm_from, heartbeat_seconds, queue_usage)
+                    await _follow(
+                        conn,
+                        cache,
+                        warm_from,
+                        heartbeat_seconds,
+                        queue_usage,
+                        connected_at=(asked_at, primary_lsn),
+                    )
                 finally:
                     # Not `async with`: its exit would wait for the connection's lock, which
                     # a heartbeat cancelled on a dead connection may hold for a long time.
@@ -231,17 +293,19 @@ _STEADY_SECONDS = 30.0
 _TRIGGERS = ("products_updated_notify", "products_deleted_notify", "products_truncated_notify")
 
 
-async def _check_announced(conn: psycopg.AsyncConnection[Any]) -> float:
+async def _check_announced(conn: psycopg.AsyncConnection[Any]) -> tuple[float, int]:
     """Refuses to cache when changes would go unheard: a schema older than migration 0004,
     or its triggers disabled (or firing only for replication sessions: 'R'). Returns the
     notification queue's usage: a listener anywhere in the cluster that stops reading keeps
     the queue from emptying, and once it is full every NOTIFY, so every change of products
-    (every order), fails."""
+    (every order), fails. And the primary's WAL insert position: past every commit whose
+    notification was heard before this query was sent."""
     cursor = await conn.execute(
         "SELECT (SELECT count(*) FROM pg_trigger"
         "         WHERE tgrelid = CAST('products' AS regclass)"
         "           AND tgname = ANY(%s) AND tgenabled IN ('O', 'A')),"
-        " pg_notification_queue_usage()",
+        " pg_notification_queue_usage(),"
+        " CAST(pg_current_wal_insert_lsn() - '0/0' AS bigint)",
         (list(_TRIGGERS),),
     )
     row = await cursor.fetchone()
@@ -250,7 +314,7 @@ async def _check_announced(conn: psycopg.AsyncConnection[Any]) -> float:
             "products' change triggers are missing or disabled (migration 0004):"
             " the product cache stays off"
         )
-    return float(row[1])
+    return float(row[1]), int(row[2])
 
 
 async def _follow(
@@ -259,9 +323,14 @@ async def _follow(
     warm_from: ProductPages | None,
     heartbeat_seconds: float,
     queue_usage: Callable[[float], None],
+    *,
+    connected_at: tuple[int, int],
 ) -> None:
-    """Returns when the connection is lost, with the cache off."""
+    """Returns when the connection is lost, with the cache off. `connected_at`: the
+    cache's generation when the primary's WAL position was read on connecting, and it."""
     cache.start_caching()
+    asked_at, primary_lsn = connected_at
+    cache.primary_position(primary_lsn, as_of=asked_at)
     # Alongside, not before, the loop below: changes heard while a page is read keep it out.
     warming = asyncio.create_task(cache.warm(warm_from)) if warm_from else None
     if warming is not None:
@@ -273,7 +342,10 @@ async def _follow(
                     cache.forget_everything()
                 else:
                     cache.forget(note.payload.split(","))
-            queue_usage(await _heartbeat(conn, cache, heartbeat_seconds))
+            asked_at = cache.generation
+            usage, primary_lsn = await _heartbeat(conn, cache, heartbeat_seconds)
+            queue_usage(usage)
+            cache.primary_position(primary_lsn, as_of=asked_at)
     except _CONNECTION_ERRORS as error:
         _log.warning("lost the product changes connection; reconnecting", error=repr(error))
     finally:
@@ -286,9 +358,9 @@ async def _follow(
 
 async def _heartbeat(
     conn: psycopg.AsyncConnection[Any], cache: ProductCache, seconds: float
-) -> float:
-    """The connection answers within `seconds`, and the triggers are still on; returns the
-    notification queue's usage."""
+) -> tuple[float, int]:
+    """The connection answers within `seconds`, and the triggers are still on; returns
+    _check_announced's answer."""
     ping = asyncio.ensure_future(_check_announced(conn))
     try:
         done, _ = await asyncio.wait({ping}, timeout=seconds)

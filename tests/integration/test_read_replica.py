@@ -1,12 +1,13 @@
 """ListProducts and GetProduct misses on a real streaming replica (devstack's, from the
 pgserver binaries): they read there, a writer reads its own writes from the primary, a
-product missing on the replica is looked up on the primary, the product cache never stores
-a replica's row, and a stopped replica sends reads back to the primary without a failed
-call."""
+product missing on the replica is looked up on the primary, the product cache stores a
+replica's row only when it is as new as every change heard, and a stopped replica sends
+reads back to the primary without a failed call."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import uuid
@@ -14,18 +15,19 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
 from devstack.postgres import EmbeddedPostgres, StreamingReplica
-from server.db.engine import upgrade_schema
+from server.db.engine import libpq_url, upgrade_schema
 from server.domain.catalog import Product, ProductDraft
 from server.domain.errors import NotFound
 from server.domain.money import Money
 from server.services.catalog import Catalog
-from server.services.product_cache import ProductCache
-from tests.conftest import eventually, hot_path_pool, insert_product, sqlalchemy_engine
+from server.services.product_cache import ProductCache, follow_product_changes
+from tests.conftest import eventually, hot_path_pool, insert_product, sqlalchemy_engine, until
 
 
 @dataclass
@@ -134,28 +136,54 @@ def _rename(database_url: str, product_id: str, name: str) -> None:
         conn.execute("UPDATE products SET name = %s WHERE id = %s", (name, product_id))
 
 
-async def test_a_product_miss_reads_the_replica_and_is_not_stored(
+@contextlib.asynccontextmanager
+async def _listening(database_url: str, cache: ProductCache) -> AsyncIterator[None]:
+    """The cache's listener on the primary, its heartbeat (and WAL position) every 0.2 s."""
+
+    async def connect() -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(libpq_url(database_url), autocommit=True)
+
+    task = asyncio.create_task(follow_product_changes(connect, cache, heartbeat_seconds=0.2))
+    try:
+        await until(lambda: cache.enabled, what="the listener listening")
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_product_miss_reads_the_replica_whose_rows_are_kept_only_when_fresh(
     pair: Pair, catalog: Catalog
 ) -> None:
     product_id = insert_product(pair.primary.url, stock=1)
-
-    async def replicated() -> bool:
-        return product_id in await _listed(catalog)
-
-    await eventually(replicated, within=30, what="the replica replaying the product")
     cache = ProductCache(100)
-    cache.start_caching()
-    _replay(pair.replica.url, paused=True)
-    try:
-        _rename(pair.primary.url, product_id, "Renamed on the primary")
-        [product] = await cache.read_through(catalog.get_products)([product_id])
-        # The replica's (not yet replayed) row answered, which shows the read went there...
-        assert isinstance(product, Product)
-        assert product.name != "Renamed on the primary"
-        # ...and is not kept: its rename was notified before the replica replayed it.
-        assert cache.get(product_id) is None
-    finally:
-        _replay(pair.replica.url, paused=False)
+    fetch = cache.read_through(catalog.get_products)
+
+    async def kept(name: str | None = None) -> bool:
+        await fetch([product_id])
+        product = cache.get(product_id)
+        return product is not None and name in (None, product.name)
+
+    async with _listening(pair.primary.url, cache):
+        # Replayed past the primary's last sampled position: the replica's row is kept.
+        await eventually(kept, within=30, what="a replica row stored")
+        _replay(pair.replica.url, paused=True)
+        try:
+            _rename(pair.primary.url, product_id, "Renamed on the primary")
+            await until(lambda: cache.get(product_id) is None, what="the rename heard")
+            await asyncio.sleep(0.5)  # heartbeats: positions sampled after the rename
+            [product] = await fetch([product_id])
+            # The replica's (not yet replayed) row answered, so the read went there...
+            assert isinstance(product, Product)
+            assert product.name != "Renamed on the primary"
+            # ...and is not kept: the replica is behind a change already heard.
+            assert cache.get(product_id) is None
+        finally:
+            _replay(pair.replica.url, paused=False)
+        await eventually(
+            lambda: kept("Renamed on the primary"), within=30, what="the renamed row stored"
+        )
 
 
 async def test_a_product_just_created_is_found_though_the_replica_lags(
