@@ -278,9 +278,7 @@ def run(
                 wait_for_nats(port, node)
             if warehouse:
                 with (DATA_DIR / "warehouse.log").open("ab") as warehouse_log:
-                    stand_ins.append(
-                        start_warehouse(nats_url(ports["NATS_PORT"]), log=warehouse_log)
-                    )
+                    stand_ins.append(start_warehouse(nats_url(*nats_ports), log=warehouse_log))
             customer = issue_development_token(
                 secret,
                 "demo-customer",

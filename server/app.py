@@ -127,6 +127,7 @@ async def _start(
         settings.health_check_interval_seconds,
         # The hot path's connections died with the database; no call found them lost.
         before_serving_again=hot_path.check_connections,
+        on_probe=lambda answered: metrics.database_up.set(1 if answered else 0),
     )
     server = _grpc_server(settings, metrics, database_health, tracer, reuse_port=reuse_port)
     # GetProduct is served from memory, kept current by PostgreSQL's NOTIFY (see
@@ -153,8 +154,8 @@ async def _start(
         outbox_writes=settings.outbox_writes,
     )
     if settings.database_replica_url:
-        # ListProducts on the replica; every write, order and payment, and the cache's
-        # listener stay on the primary (server/db/replica.py).
+        # ListProducts and GetProduct misses on the replica; every write, order and
+        # payment, and the cache's listener stay on the primary (server/db/replica.py).
         replica = _engine(settings, settings.database_replica_url)
         running.push_async_callback(replica.dispose)
         use_cases.catalog.read_from_replica(replica)

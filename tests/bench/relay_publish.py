@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import nats
 from nats.aio.client import Client
+from opentelemetry.trace import Span
 
 from server.events.nats import MARKETPLACE_STREAM, ensure_streams
 from server.events.relay import AckedPublisher, OutboxRow
@@ -25,8 +26,8 @@ from tests.stack import running_nats
 
 
 class FiveHeaderRow(OutboxRow):
-    def headers(self) -> dict[str, str]:
-        return super().headers() | {
+    def headers(self, span: Span | None = None) -> dict[str, str]:
+        return super().headers(span) | {
             "Marketplace-Event-Id": self.event_id,
             "Content-Type": "application/x-protobuf",
             "Nats-Expected-Stream": MARKETPLACE_STREAM,

@@ -38,6 +38,15 @@ def _served(metrics_port: int, method: str) -> float:
     )
 
 
+def _database_up(metrics_port: int) -> float:
+    [line] = [
+        line
+        for line in _exposition(metrics_port).splitlines()
+        if line.startswith("marketplace_database_up ")
+    ]
+    return float(line.rsplit(" ", 1)[1])
+
+
 def _queue_usage(metrics_port: int) -> float:
     [line] = [
         line
@@ -90,6 +99,11 @@ def test_a_dead_worker_is_replaced_and_metrics_cover_all_workers(
 
         _get_products(port, product_id, 20)
         assert _served(metrics_port, "GetProduct") >= 20, _exposition(metrics_port)[:2000]
+        # The lowest of the workers' readings: the replacement's own probe must have run.
+        deadline = time.monotonic() + 20
+        while _database_up(metrics_port) != 1.0:
+            assert time.monotonic() < deadline, "marketplace_database_up never read 1"
+            time.sleep(0.5)
         _queue_usage_is_reported(database_url, metrics_port)
     finally:
         assert stop_process(server) == 0
