@@ -159,6 +159,7 @@ def random_batches(rng: random.Random, count: int) -> list[list[Planned]]:
 def shape(outcome: Order | DomainError, side: Catalog, requests: dict[str, tuple[str, str]]) -> str:
     """What both sides must agree on, with ids, skus and customers named by number. An order
     is named by its request (order ids differ between sides), its times by the window."""
+    described: tuple[object, ...]
     if isinstance(outcome, Order):
         described = (
             "order",
