@@ -292,6 +292,7 @@ def _relay(
         OutboxMetrics.create(metrics.registry),
         RelaySettings(
             batch_size=settings.outbox_batch,
+            busy_poll_seconds=settings.outbox_busy_poll_seconds,
             idle_poll_seconds=settings.outbox_idle_poll_seconds,
             leader_retry_seconds=settings.outbox_leader_retry_seconds,
             outbox_retention_seconds=settings.outbox_retention_seconds,

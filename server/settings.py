@@ -110,12 +110,16 @@ class Settings(BaseSettings):
     # Events (server/events/, docs/operations.md). NATS is reached in the background: down
     # at start or later, the server serves and events wait in the outbox.
     nats_url: str = Field("nats://127.0.0.1:4222", validation_alias=_env("NATS_URL"))
-    # The outbox relay: rows per poll, the longest wait between polls when idle, how often a
-    # process that is not the relay's leader tries to become it, and how long published
-    # rows (and consumers' inbox rows) are kept.
+    # The outbox relay: rows per poll, the wait between polls while busy and the longest
+    # when idle, how often a process that is not the relay's leader tries to become it,
+    # and how long published rows (and consumers' inbox rows) are kept.
     # Each round pays a read, a mark and its acks' wait once: larger rounds cost the order
-    # path less (docs/benchmarks.md).
+    # path less (a 0.25 s busy poll against 0.05 s: docs/benchmarks.md), at the price of
+    # events leaving up to that much later.
     outbox_batch: int = Field(500, ge=1, le=10_000, validation_alias=_env("OUTBOX_BATCH"))
+    outbox_busy_poll_seconds: float = Field(
+        0.25, gt=0, le=5, validation_alias=_env("OUTBOX_BUSY_POLL")
+    )
     outbox_idle_poll_seconds: float = Field(0.5, gt=0, validation_alias=_env("OUTBOX_IDLE_POLL"))
     outbox_leader_retry_seconds: float = Field(
         2.0, gt=0, validation_alias=_env("OUTBOX_LEADER_RETRY")

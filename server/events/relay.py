@@ -47,8 +47,6 @@ RELAY_LOCK_KEY = 7_015_000_000_000_015
 # After a failed publish, the next try waits this long, doubling up to the maximum.
 _RETRY_FIRST_SECONDS = 0.1
 _RETRY_MAX_SECONDS = 5.0
-# Between polls that found rows; with none, the wait doubles up to the idle interval.
-_BUSY_POLL_SECONDS = 0.05
 # Rows deleted per statement when pruning (short transactions, short locks).
 _PRUNE_CHUNK = 1000
 _METRICS_EVERY_SECONDS = 1.0
@@ -217,6 +215,9 @@ class OutboxRow:
 @dataclass(frozen=True)
 class RelaySettings:
     batch_size: int = 500
+    # Between polls that found rows (fewer than a batch); with none, the wait doubles up
+    # to the idle interval.
+    busy_poll_seconds: float = 0.25
     idle_poll_seconds: float = 0.5
     leader_retry_seconds: float = 2.0
     publish_timeout_seconds: float = 5.0
@@ -279,7 +280,7 @@ class Relay:
         return bool(row and row[0])
 
     async def _lead(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        idle = _BUSY_POLL_SECONDS
+        idle = self._settings.busy_poll_seconds
         failures = 0
         while True:
             raise_if_cancelled()
@@ -304,9 +305,9 @@ class Relay:
                 )
                 continue
             failures = 0
-            idle = _BUSY_POLL_SECONDS
+            idle = self._settings.busy_poll_seconds
             if len(rows) < self._settings.batch_size:
-                await asyncio.sleep(_BUSY_POLL_SECONDS)
+                await asyncio.sleep(self._settings.busy_poll_seconds)
 
     async def _unpublished(self, conn: psycopg.AsyncConnection[Any]) -> list[OutboxRow]:
         cursor = await conn.execute(_UNPUBLISHED, {"limit": self._settings.batch_size})

@@ -4,13 +4,18 @@ the fleet scenarios, the customers' tokens, and the rows measured so far."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import signal
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import nats
+
 from server.api.auth import issue_development_token
+from server.events.nats import MARKETPLACE_STREAM
 from server.services.product_cache import CHANNEL as PRODUCT_CHANGES
 from tests.bench.config import CUSTOMER_SUBJECTS, JWT_SECRET_BYTES, BenchConfig
 from tests.bench.cpu import CpuSample, sample_cpu
@@ -176,6 +181,32 @@ class Bench:
             if on:
                 conn.execute("SELECT pg_notify(%s, '*')", (PRODUCT_CHANGES,))
 
+    def settle_events(self, timeout: float = 120.0) -> None:
+        """Waits until the events of earlier scenarios are published and every consumer has
+        acknowledged them, so no scenario spends its time on another's events; says how
+        many were left and how long they took (a relay or consumer falling behind). Without
+        a NATS (BENCH_RELAY=0) the events stay in the outbox: nothing to wait for."""
+        if not self.config.relay or self.nats_url is None:
+            return
+        started = time.monotonic()
+        first = last = self._events_backlog()
+        while last != (0, 0) and time.monotonic() - started < timeout:
+            time.sleep(0.5)
+            last = self._events_backlog()
+        if first != (0, 0):
+            progress(
+                f"  events settled in {time.monotonic() - started:.1f} s: {first[0]} unpublished"
+                f" and {first[1]} unacknowledged by consumers at first, {last[0]} and"
+                f" {last[1]} now"
+            )
+
+    def _events_backlog(self) -> tuple[int, int]:
+        """Outbox rows not yet published; messages consumers have not acknowledged yet."""
+        with self.db.connect() as conn:
+            row = conn.execute("SELECT count(*) FROM outbox WHERE publish_time IS NULL").fetchone()
+        assert self.nats_url is not None
+        return (row[0] if row else 0), asyncio.run(_unacknowledged(self.nats_url))
+
     def checkpoint(self) -> None:
         """Starts every write scenario from clean buffers, so no scenario inherits a
         checkpoint triggered by the one before."""
@@ -191,6 +222,15 @@ class Bench:
             f" check {row.check} ({row.check_detail})"
         )
         return row
+
+
+async def _unacknowledged(nats_url: str) -> int:
+    client = await nats.connect(nats_url, allow_reconnect=False)
+    try:
+        consumers = await client.jetstream().consumers_info(MARKETPLACE_STREAM)
+        return sum((info.num_pending or 0) + (info.num_ack_pending or 0) for info in consumers)
+    finally:
+        await client.close()
 
 
 def _must_run(server: ServerProcess) -> None:

@@ -85,11 +85,7 @@ def run(bench: Bench) -> None:
         bench.start_server_without_events()
     # Each order scenario runs with events, then at once without them on the second server
     # (this machine's speed drifts over minutes: adjacent runs compare best).
-    if wants("order-spread"):
-        grpc_scenario(bench, "order-spread", "order-spread", concurrency)
-    if wants("order-spread:no-outbox"):
-        with bench.serving_without_events():
-            grpc_scenario(bench, "order-spread:no-outbox", "order-spread", concurrency)
+    _with_and_without_events(bench, "order-spread", "order-spread", concurrency)
     # Right after order-spread, which fleet:1 is compared with.
     for replicas in (1, 2):
         if wants(name := f"fleet:{replicas}"):
@@ -97,11 +93,7 @@ def run(bench: Bench) -> None:
     for clients in (low, high):
         if wants(f"pgbench:flash-sale@{clients}"):
             pgbench_scenario(bench, f"pgbench:flash-sale@{clients}", "flash-sale", clients)
-        if wants(f"flash-sale@{clients}"):
-            grpc_scenario(bench, f"flash-sale@{clients}", "flash-sale", clients)
-        if wants(name := f"flash-sale@{clients}:no-outbox"):
-            with bench.serving_without_events():
-                grpc_scenario(bench, name, "flash-sale", clients)
+        _with_and_without_events(bench, f"flash-sale@{clients}", "flash-sale", clients)
     if wants("rest"):
         rest_scenario(bench, "rest", concurrency)
     if wants("order-spread:workers"):
@@ -114,6 +106,24 @@ def run(bench: Bench) -> None:
         bench.stop_server()
         bench.start_server(config.server_workers, {"PRODUCT_CACHE_SIZE": "0"})
         grpc_scenario(bench, "catalog-read:uncached", "catalog-read", concurrency)
+
+
+def _with_and_without_events(bench: Bench, name: str, kind: str, concurrency: int) -> None:
+    """`name` and `name:no-outbox`, each wanted, then config.event_rounds - 1 more rounds
+    of the pair (rows `name#2`, ...; no half-rate runs), every other round without events
+    first, so neither side always runs on a machine the other has just warmed or tired."""
+    wanted = [events for events in (True, False) if bench.config.wants(_named(name, events))]
+    rounds = bench.config.event_rounds if len(wanted) == 2 else 1
+    for round_number in range(1, rounds + 1):
+        suffix = "" if round_number == 1 else f"#{round_number}"
+        for events in wanted if round_number % 2 else wanted[::-1]:
+            scenario = _named(name, events) + suffix
+            with contextlib.nullcontext() if events else bench.serving_without_events():
+                grpc_scenario(bench, scenario, kind, concurrency, half_rate=round_number == 1)
+
+
+def _named(name: str, events: bool) -> str:
+    return name if events else f"{name}:no-outbox"
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -24,7 +24,9 @@ REST_HALF_RATE_NOTE = (
 )
 
 
-def grpc_scenario(bench: Bench, scenario: str, kind: str, concurrency: int) -> Row:
+def grpc_scenario(
+    bench: Bench, scenario: str, kind: str, concurrency: int, *, half_rate: bool = True
+) -> Row:
     config, server = bench.config, bench.serving()
     progress(
         f"{scenario}: {concurrency} gRPC clients over {config.generator_processes}"
@@ -52,7 +54,7 @@ def grpc_scenario(bench: Bench, scenario: str, kind: str, concurrency: int) -> R
             extra={"ok_total": load.ok_total, "errors_total": dict(load.errors_total)},
         )
     )
-    if config.half_seconds > 0 and row.throughput > 0:
+    if half_rate and config.half_seconds > 0 and row.throughput > 0:
         _half_rate(bench, row, kind)
     return row
 
@@ -70,6 +72,7 @@ def _checked_grpc_load(
     config, server = bench.config, bench.serving()
     orders = kind in ("order-spread", "flash-sale")
     if orders:
+        bench.settle_events()
         bench.checkpoint()
     before = mark(bench.db)
     load, first, last = run_grpc_load(
