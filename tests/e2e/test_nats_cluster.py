@@ -44,7 +44,9 @@ async def _stream_event_ids(url: str) -> list[str]:
     """Every message's Nats-Msg-Id in the MARKETPLACE stream, read from the nodes alive."""
     client = await nats.connect(url.split(","))
     try:
-        jetstream = client.jetstream()
+        # JetStream's API waits for a metadata leader: a new election after the kill can
+        # outlast nats-py's 5 s default (seen in CI: the consumer's creation timed out).
+        jetstream = client.jetstream(timeout=30)
         info = await jetstream.stream_info(MARKETPLACE_STREAM)
         assert info.config.num_replicas == 3
         subscription = await jetstream.subscribe(
