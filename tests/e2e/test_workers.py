@@ -38,20 +38,10 @@ def _served(metrics_port: int, method: str) -> float:
     )
 
 
-def _database_up(metrics_port: int) -> float:
+def _gauge(metrics_port: int, name: str) -> float:
+    """An unlabelled gauge's value on /metrics (the supervisor's merge of the workers')."""
     [line] = [
-        line
-        for line in _exposition(metrics_port).splitlines()
-        if line.startswith("marketplace_database_up ")
-    ]
-    return float(line.rsplit(" ", 1)[1])
-
-
-def _queue_usage(metrics_port: int) -> float:
-    [line] = [
-        line
-        for line in _exposition(metrics_port).splitlines()
-        if line.startswith("marketplace_notification_queue_usage ")
+        line for line in _exposition(metrics_port).splitlines() if line.startswith(name + " ")
     ]
     return float(line.rsplit(" ", 1)[1])
 
@@ -62,7 +52,7 @@ def _queue_usage_is_reported(database_url: str, metrics_port: int) -> None:
     only a rise shows that the listener's readings reach /metrics."""
     with notification_queue_held(database_url):
         deadline = time.monotonic() + 20
-        while _queue_usage(metrics_port) <= 0.0:
+        while _gauge(metrics_port, "marketplace_notification_queue_usage") <= 0.0:
             assert time.monotonic() < deadline, "queue usage never reached /metrics"
             time.sleep(0.5)
 
@@ -101,7 +91,7 @@ def test_a_dead_worker_is_replaced_and_metrics_cover_all_workers(
         assert _served(metrics_port, "GetProduct") >= 20, _exposition(metrics_port)[:2000]
         # The lowest of the workers' readings: the replacement's own probe must have run.
         deadline = time.monotonic() + 20
-        while _database_up(metrics_port) != 1.0:
+        while _gauge(metrics_port, "marketplace_database_up") != 1.0:
             assert time.monotonic() < deadline, "marketplace_database_up never read 1"
             time.sleep(0.5)
         _queue_usage_is_reported(database_url, metrics_port)
