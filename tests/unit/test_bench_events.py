@@ -5,30 +5,7 @@ from __future__ import annotations
 
 from tests.bench.report import OUTBOX_RATIO_TARGET, Row, link_outbox_comparisons, notes
 from tests.bench.runner import OUTBOX_COMPARISONS
-
-
-def _row(scenario: str, throughput: float) -> Row:
-    return Row(
-        scenario=scenario,
-        tool="grpc.aio",
-        server_workers=2,
-        concurrency=64,
-        seconds=10.0,
-        ok=int(throughput * 10),
-        throughput=throughput,
-        p50_ms=30.0,
-        p99_ms=90.0,
-        max_ms=120.0,
-        errors=0,
-        error_kinds={},
-        check="ok",
-        check_detail="",
-        cpu_generator_s=None,
-        cpu_server_s=None,
-        cpu_envoy_s=None,
-        cpu_postgres_s=None,
-        extra={},
-    )
+from tests.unit.bench_rows import bench_row as _row
 
 
 def _rounds(*pairs: tuple[float, float]) -> list[Row]:

@@ -4,37 +4,12 @@ column, the JSON rows and the note that puts them side by side."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from tests.bench.config import BenchConfig
 from tests.bench.report import Row, format_table, link_baselines, notes
 from tests.bench.runner import baselines
-
-
-def _row(scenario: str, throughput: float, p50: float, p99: float, **extra: Any) -> Row:
-    return Row(
-        scenario=scenario,
-        tool="grpc.aio",
-        server_workers=2,
-        concurrency=64,
-        seconds=10.0,
-        ok=int(throughput * 10),
-        throughput=throughput,
-        p50_ms=p50,
-        p99_ms=p99,
-        max_ms=p99 * 2,
-        errors=0,
-        error_kinds={},
-        check="ok",
-        check_detail="",
-        cpu_generator_s=None,
-        cpu_server_s=None,
-        cpu_envoy_s=None,
-        cpu_postgres_s=None,
-        extra=extra,
-    )
+from tests.unit.bench_rows import bench_row as _row
 
 
 def _fleet_rows() -> list[Row]:
