@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -75,45 +75,62 @@ def _unchanged(batch: Batch) -> Batch:
     return batch
 
 
+PlaceBatch = Callable[[Batch], Awaitable[Any]]
+
+
+async def alternate_blocks(
+    versions: dict[str, PlaceBatch], postmaster_pid: int, sizes: list[int]
+) -> None:
+    """For each batch size: every version warmed up, then ORDERS_PER_SIZE orders in blocks
+    of about ORDERS_PER_BLOCK, the versions taking turns block by block; prints each
+    version's client (this process) and PostgreSQL CPU per batch, and its wall time."""
+    rng = random.Random(1)
+    for size in sizes:
+        for place in versions.values():  # warm-up: connections, statements
+            for batch in order_batches(size, 20, rng):
+                await place(batch)
+        client: dict[str, list[float]] = {name: [] for name in versions}
+        postgres: dict[str, list[float]] = {name: [] for name in versions}
+        wall: dict[str, list[float]] = {name: [] for name in versions}
+        batches = order_batches(size, ORDERS_PER_SIZE // size, rng)
+        per_block = max(1, ORDERS_PER_BLOCK // size)
+        names = list(versions)
+        for number, start in enumerate(range(0, len(batches), per_block)):
+            name = names[number % len(names)]
+            block = batches[start : start + per_block]
+            cpu, pg = time.process_time(), tree_cpu_seconds(postmaster_pid)
+            began = time.perf_counter()
+            for batch in block:
+                await versions[name](batch)
+            wall[name].append((time.perf_counter() - began) / len(block))
+            client[name].append((time.process_time() - cpu) / len(block))
+            postgres[name].append((tree_cpu_seconds(postmaster_pid) - pg) / len(block))
+        for name in versions:
+            print(
+                f"batch of {size:>3}, {name:>8}: client CPU per batch mean"
+                f" {statistics.mean(client[name]) * 1e6:6.0f} µs, median"
+                f" {statistics.median(client[name]) * 1e6:6.0f} µs; PostgreSQL mean"
+                f" {statistics.mean(postgres[name]) * 1e6:6.0f} µs, median"
+                f" {statistics.median(postgres[name]) * 1e6:6.0f} µs; wall median"
+                f" {statistics.median(wall[name]) * 1e6:6.0f} µs"
+                f" ({len(client[name])} blocks)",
+                flush=True,
+            )
+
+
 async def _compare(url: str, postmaster_pid: int, old: ModuleType, sizes: list[int]) -> None:
     engine = sqlalchemy_engine(url, pool_size=2)
     try:
         async with hot_path_pool(url, size=2) as pool:
-            versions: dict[str, OrderPlacement] = {
-                "A": old.OrderPlacement(engine, pool),
-                "B": OrderPlacement(engine, pool),
-            }
+            old_orders = old.OrderPlacement(engine, pool)
+            new_orders = OrderPlacement(engine, pool)
             # Before Customer (issue 15), place_orders took (customer id, request) pairs.
-            batches_for: dict[str, Callable[[Batch], Any]] = {
-                "A": _as_pairs if not hasattr(old, "Customer") else _unchanged,
-                "B": _unchanged,
+            old_batch = _as_pairs if not hasattr(old, "Customer") else _unchanged
+            versions: dict[str, PlaceBatch] = {
+                "A": lambda batch: old_orders.place_orders(old_batch(batch)),
+                "B": new_orders.place_orders,
             }
-            rng = random.Random(1)
-            for size in sizes:
-                for name, orders in versions.items():  # warm-up: connections, statements
-                    for batch in order_batches(size, 20, rng):
-                        await orders.place_orders(batches_for[name](batch))
-                client: dict[str, list[float]] = {"A": [], "B": []}
-                postgres: dict[str, list[float]] = {"A": [], "B": []}
-                batches = order_batches(size, ORDERS_PER_SIZE // size, rng)
-                per_block = max(1, ORDERS_PER_BLOCK // size)
-                for number, start in enumerate(range(0, len(batches), per_block)):
-                    version = "AB"[number % 2]
-                    block = batches[start : start + per_block]
-                    cpu, pg = time.process_time(), tree_cpu_seconds(postmaster_pid)
-                    for batch in block:
-                        await versions[version].place_orders(batches_for[version](batch))
-                    client[version].append((time.process_time() - cpu) / len(block))
-                    postgres[version].append((tree_cpu_seconds(postmaster_pid) - pg) / len(block))
-                for version in versions:
-                    print(
-                        f"batch of {size:>3}, {version}: client CPU per batch mean"
-                        f" {statistics.mean(client[version]) * 1e6:6.0f} µs, median"
-                        f" {statistics.median(client[version]) * 1e6:6.0f} µs; PostgreSQL mean"
-                        f" {statistics.mean(postgres[version]) * 1e6:6.0f} µs"
-                        f" ({len(client[version])} blocks)",
-                        flush=True,
-                    )
+            await alternate_blocks(versions, postmaster_pid, sizes)
     finally:
         await engine.dispose()
 

@@ -15,13 +15,10 @@ before the lock cannot do (docs/benchmarks.md, "Experiments").
 from __future__ import annotations
 
 import os
-import random
-import statistics
 import sys
 import tempfile
-import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -29,11 +26,9 @@ from typing import Any
 
 import psycopg
 import uvloop
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from server.db.driver import DriverPool, psycopg_sql
-from server.db.engine import autocommit_reads
+from server.db.driver import psycopg_sql
 from server.db.transactions import (
     FOREIGN_KEY_VIOLATION,
     UNIQUE_VIOLATION,
@@ -54,11 +49,10 @@ from server.domain.money import Money
 from server.domain.orders import Order, OrderLine, OrderRequest, OrderStatus, order_total
 from server.events.builders import ORDER_CREATED_SEQUENCE
 from server.events.outbox import Outbox
-from server.services.orders.placement import OrderPlacement
+from server.services.orders.placement import OrderPlacement, _is_connection_error
 from server.services.orders.records import load_orders
-from server.services.product_cache import ProductsChanged, no_cache
-from tests.bench.order_batch import order_batches
-from tests.bench.stack import bench_database, tree_cpu_seconds
+from tests.bench.order_ab import Batch, PlaceBatch, alternate_blocks
+from tests.bench.stack import bench_database
 from tests.conftest import hot_path_pool, sqlalchemy_engine
 
 # The rules are `allocate`'s (server/domain/orders.py), in arrival order, each order all or
@@ -278,47 +272,14 @@ class _RequestIdRace(Exception):
     """Another transaction committed one of this batch's request ids first; run again."""
 
 
-def _is_connection_error(error: DBAPIError) -> bool:
-    return error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
-
-
 Outcome = Order | DomainError | uuid.UUID
 
 
-class FunctionPlacement:
-    """OrderPlacement.place_orders' outcomes (without events) from one call of
-    prototype_place_orders: copies of one request inside the batch are resolved here, as
-    OrderPlacement does, and only the first copies are sent."""
-
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        hot_path: DriverPool,
-        *,
-        payment_window_seconds: float = 900.0,
-        products_changed: ProductsChanged = no_cache,
-        on_placed: Callable[[int], None] = lambda count: None,
-    ) -> None:
-        self._hot_path = hot_path
-        self._products_changed = products_changed
-        self._on_placed = on_placed
-        self._payment_window_seconds = payment_window_seconds
-        self._reads = autocommit_reads(engine)
-
-    async def place_order(
-        self, customer_id: str, request: OrderRequest, *, customer_email: str | None = None
-    ) -> Order:
-        [outcome] = await self.place_orders([(Customer(customer_id, customer_email), request)])
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
-
-    async def place_orders(
-        self, batch: Sequence[tuple[Customer, OrderRequest]]
-    ) -> list[Order | DomainError]:
-        outcomes = await self._place_orders(batch)
-        self._on_placed(sum(1 for outcome in outcomes if isinstance(outcome, Order)))
-        return outcomes
+class FunctionPlacement(OrderPlacement):
+    """OrderPlacement.place_orders' outcomes (without events: the prototype writes none)
+    from one call of prototype_place_orders: copies of one request inside the batch are
+    resolved here, as OrderPlacement does, and only the first copies are sent. Only the
+    transaction differs; construction, place_order and place_orders are OrderPlacement's."""
 
     async def _place_orders(
         self, batch: Sequence[tuple[Customer, OrderRequest]]
@@ -459,55 +420,29 @@ def _lines(
 
 # --- the measurement ------------------------------------------------------------------------
 
-ORDERS_PER_SIZE = 6000
-ORDERS_PER_BLOCK = 150
-Placement = OrderPlacement | FunctionPlacement
-
 
 async def _compare(url: str, postmaster_pid: int, sizes: list[int]) -> None:
     engine = sqlalchemy_engine(url, pool_size=2)
     try:
         async with hot_path_pool(url, size=2) as pool:
-            versions: dict[str, Placement] = {
-                "current": OrderPlacement(engine, pool, outbox=Outbox(enabled=False)),
-                "function": FunctionPlacement(engine, pool),
+            current = OrderPlacement(engine, pool, outbox=Outbox(enabled=False))
+            function = FunctionPlacement(engine, pool)
+
+            async def checked(name: str, orders: Placement, batch: Batch) -> None:
+                outcomes = await orders.place_orders(batch)
+                if not all(isinstance(outcome, Order) for outcome in outcomes):
+                    raise RuntimeError(f"{name} refused a bench order: {outcomes}")
+
+            versions: dict[str, PlaceBatch] = {
+                "current": lambda batch: checked("current", current, batch),
+                "function": lambda batch: checked("function", function, batch),
             }
-            rng = random.Random(1)
-            for size in sizes:
-                for orders in versions.values():  # warm-up: connections, statements, plpgsql
-                    for batch in order_batches(size, 20, rng):
-                        await orders.place_orders(batch)
-                client: dict[str, list[float]] = {name: [] for name in versions}
-                postgres: dict[str, list[float]] = {name: [] for name in versions}
-                wall: dict[str, list[float]] = {name: [] for name in versions}
-                batches = order_batches(size, ORDERS_PER_SIZE // size, rng)
-                per_block = max(1, ORDERS_PER_BLOCK // size)
-                names = list(versions)
-                for number, start in enumerate(range(0, len(batches), per_block)):
-                    name = names[number % 2]
-                    block = batches[start : start + per_block]
-                    cpu, pg = time.process_time(), tree_cpu_seconds(postmaster_pid)
-                    began = time.perf_counter()
-                    for batch in block:
-                        outcomes = await versions[name].place_orders(batch)
-                        if not all(isinstance(outcome, Order) for outcome in outcomes):
-                            raise RuntimeError(f"{name} refused a bench order: {outcomes}")
-                    wall[name].append((time.perf_counter() - began) / len(block))
-                    client[name].append((time.process_time() - cpu) / len(block))
-                    postgres[name].append((tree_cpu_seconds(postmaster_pid) - pg) / len(block))
-                for name in versions:
-                    print(
-                        f"batch of {size:>3}, {name:>8}: client CPU per batch mean"
-                        f" {statistics.mean(client[name]) * 1e6:6.0f} µs, median"
-                        f" {statistics.median(client[name]) * 1e6:6.0f} µs; PostgreSQL mean"
-                        f" {statistics.mean(postgres[name]) * 1e6:6.0f} µs, median"
-                        f" {statistics.median(postgres[name]) * 1e6:6.0f} µs; wall median"
-                        f" {statistics.median(wall[name]) * 1e6:6.0f} µs"
-                        f" ({len(client[name])} blocks)",
-                        flush=True,
-                    )
+            await alternate_blocks(versions, postmaster_pid, sizes)
     finally:
         await engine.dispose()
+
+
+Placement = OrderPlacement | FunctionPlacement
 
 
 def main() -> int:
