@@ -25,7 +25,7 @@ from devstack.__main__ import STACK_PORTS
 from devstack.localstripe import SUCCESS_CARD, create_test_payment_method, start_localstripe
 from devstack.localstripe import wait_for_localstripe as wait_for_emulator
 from devstack.postgres import DEMO_PRODUCTS
-from devstack.processes import free_port, stop_process
+from devstack.processes import free_port, free_ports, stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -129,7 +129,8 @@ class DevStack:
 
 @pytest.fixture
 def devstack(tmp_path: Path) -> DevStack:
-    return DevStack(tmp_path / "data", {name: free_port() for name in STACK_PORTS})
+    ports = free_ports(len(STACK_PORTS))
+    return DevStack(tmp_path / "data", dict(zip(STACK_PORTS, ports, strict=True)))
 
 
 @pytest.mark.parametrize("variable", list(STACK_PORTS))
