@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -41,7 +40,7 @@ from server.api.policy import (
     PAYMENT_SERVICE,
 )
 from server.db.driver import DriverPool
-from server.db.engine import connect_options, create_engine, libpq_url
+from server.db.engine import create_engine, dedicated_connection
 from server.domain.catalog import Product
 from server.domain.errors import DomainError, ErrorReason
 from server.domain.identity import Customer
@@ -50,8 +49,9 @@ from server.events.consumers import ConsumerMetrics, Consumers, ConsumerSettings
 from server.events.dead_letters import DeadLetterMetrics, DeadLetters, count_dead_letters
 from server.events.nats import NatsConnection
 from server.events.registry import ConsumerContext, consumer_specs
-from server.events.relay import OutboxMetrics, Relay, RelaySettings
+from server.events.relay import OutboxMetrics
 from server.observability import Metrics, configure_logging
+from server.relay_process import relay_from_settings
 from server.services.batching import GroupCommitter
 from server.services.catalog import Catalog
 from server.services.circuit import GuardedProvider
@@ -65,8 +65,9 @@ _log = structlog.get_logger("marketplace.server")
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
-    """Runs one server process until SIGTERM or SIGINT; `reuse_port` when it is one of
+async def serve(settings: Settings, *, reuse_port: bool = False, with_relay: bool = True) -> None:
+    """Runs one server process until SIGTERM or SIGINT; `with_relay` unless the outbox relay
+    runs in a process of its own (server/relay_process.py); `reuse_port` when it is one of
     several sharing the port. What it opened is closed again however it ends: a signal, a
     failure while starting, or cancellation."""
     # Before anything connects: the psycopg and httpx instrumentations wrap what is made later.
@@ -84,7 +85,12 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
                 # Last out: exports the spans of the drain too.
                 running.callback(tracing.shutdown)
             port = await _start(
-                running, settings, metrics, tracer_of(tracing), reuse_port=reuse_port
+                running,
+                settings,
+                metrics,
+                tracer_of(tracing),
+                reuse_port=reuse_port,
+                with_relay=with_relay,
             )
             _freeze_long_lived_objects()
             _log.info("listening", address=f"{settings.grpc_host}:{port}", tls=_tls_mode(settings))
@@ -106,6 +112,7 @@ async def _start(
     tracer: Tracer | None,
     *,
     reuse_port: bool,
+    with_relay: bool,
 ) -> int:
     """Builds everything and starts serving; returns the port. Each part's stop goes on
     `running` as the part is made or started, so unwinding it drains in the reverse order:
@@ -216,9 +223,11 @@ async def _start(
     _run_in_background(running, database_health.run(), name="database-health")
     # Stopped in the reverse order: the consumers and the relay before their connection.
     _run_in_background(running, nats_connection.run(), name="nats")
-    _run_in_background(
-        running, _relay(settings, nats_connection, metrics, tracer).run(), name="relay"
-    )
+    if with_relay:
+        relay = relay_from_settings(
+            settings, nats_connection, OutboxMetrics.create(metrics.registry), tracer
+        )
+        _run_in_background(running, relay.run(), name="relay")
     _run_in_background(running, consumers.run(), name="consumers")
     _run_in_background(
         running,
@@ -268,38 +277,10 @@ def _hot_path_pool(settings: Settings) -> DriverPool:
 def _dedicated_connection(
     settings: Settings,
 ) -> Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]:
-    return functools.partial(
-        psycopg.AsyncConnection.connect,
-        libpq_url(settings.database_url),
-        autocommit=True,
-        **connect_options(settings.db_connect_timeout_seconds, settings.db_statement_timeout_ms),
-        # Over TCP, a peer gone without a FIN is noticed by the kernel too, not only by the
-        # listener's heartbeat.
-        keepalives=1,
-        keepalives_idle=10,
-        keepalives_interval=5,
-        keepalives_count=3,
-    )
-
-
-def _relay(
-    settings: Settings, nats_connection: NatsConnection, metrics: Metrics, tracer: Tracer | None
-) -> Relay:
-    return Relay(
-        # Its own session: the advisory lock that makes it the leader lives and dies with it.
-        _dedicated_connection(settings),
-        nats_connection,
-        OutboxMetrics.create(metrics.registry),
-        RelaySettings(
-            batch_size=settings.outbox_batch,
-            busy_poll_seconds=settings.outbox_busy_poll_seconds,
-            idle_poll_seconds=settings.outbox_idle_poll_seconds,
-            leader_retry_seconds=settings.outbox_leader_retry_seconds,
-            outbox_retention_seconds=settings.outbox_retention_seconds,
-            inbox_retention_seconds=settings.inbox_retention_seconds,
-            prune_interval_seconds=settings.outbox_prune_interval_seconds,
-        ),
-        tracer=tracer,
+    return dedicated_connection(
+        settings.database_url,
+        connect_timeout_seconds=settings.db_connect_timeout_seconds,
+        statement_timeout_ms=settings.db_statement_timeout_ms,
     )
 
 
@@ -514,12 +495,12 @@ def _freeze_long_lived_objects() -> None:
     gc.freeze()
 
 
-def main(settings: Settings, *, reuse_port: bool) -> None:
+def main(settings: Settings, *, reuse_port: bool, with_relay: bool = True) -> None:
     if settings.event_loop == "uvloop":
         import uvloop
 
         # uvloop's C event loop roughly halves the per-call cost of asyncio's own
         # bookkeeping (socket readiness, callbacks), which dominates a cheap RPC.
-        uvloop.run(serve(settings, reuse_port=reuse_port))
+        uvloop.run(serve(settings, reuse_port=reuse_port, with_relay=with_relay))
     else:
-        asyncio.run(serve(settings, reuse_port=reuse_port))
+        asyncio.run(serve(settings, reuse_port=reuse_port, with_relay=with_relay))

@@ -4,7 +4,9 @@ restarts one that dies, and passes SIGTERM on so each drains its in-flight calls
 
 Python runs one core per process, so this is how one machine's cores all serve. Every
 worker is a complete server (own pool, own health task): nothing is shared but the port and
-the database, which is also how replicas on several machines behave.
+the database, which is also how replicas on several machines behave. With OUTBOX_RELAY=process
+(the default) the outbox relay is one more supervised process, at a lower CPU priority
+(server/relay_process.py), rather than a task in every worker.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from server.observability import configure_logging
 from server.settings import Settings
 
 WORKER_ENV = "MARKETPLACE_WORKER_INDEX"
+# Set for the outbox relay's own process (OUTBOX_RELAY=process, server/relay_process.py).
+RELAY_ENV = "MARKETPLACE_RELAY_PROCESS"
+# The relay's key among the supervised processes; workers are 0..N-1.
+_RELAY = -1
 # prometheus-client's own variable: where every process of one server writes its metric files.
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _RESTART_BACKOFF_SECONDS = 1.0
@@ -76,9 +82,14 @@ class Supervisor:
         self._stopping = False
 
     def _spawn(self, index: int, metrics_dir: Path) -> None:
-        env = {**os.environ, WORKER_ENV: str(index), METRICS_DIR_ENV: str(metrics_dir)}
+        role = {RELAY_ENV: "1"} if index == _RELAY else {WORKER_ENV: str(index)}
+        env = {**os.environ, **role, METRICS_DIR_ENV: str(metrics_dir)}
         self._processes[index] = subprocess.Popen([sys.executable, "-m", "server"], env=env)
-        _log.info("worker started", worker=index, pid=self._processes[index].pid)
+        pid = self._processes[index].pid
+        if index == _RELAY:
+            _log.info("outbox relay started", pid=pid)
+        else:
+            _log.info("worker started", worker=index, pid=pid)
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         self._stopping = True
@@ -104,6 +115,8 @@ class Supervisor:
             start_http_server(settings.metrics_port, addr=settings.grpc_host, registry=registry)
         for index in range(self._workers):
             self._spawn(index, metrics_dir)
+        if settings.outbox_relay == "process":
+            self._spawn(_RELAY, metrics_dir)
         failed = False
         while self._processes:
             time.sleep(0.2)
@@ -117,7 +130,11 @@ class Supervisor:
                     # -SIGTERM: stopped while still starting up, before it could serve.
                     failed = failed or code not in (0, -signal.SIGTERM)
                     continue
-                _log.error("worker died; restarting", worker=index, exit_code=code)
+                _log.error(
+                    "worker died; restarting",
+                    worker="outbox relay" if index == _RELAY else index,
+                    exit_code=code,
+                )
                 time.sleep(_RESTART_BACKOFF_SECONDS)
                 if not self._stopping:
                     self._spawn(index, metrics_dir)
@@ -128,16 +145,22 @@ class Supervisor:
 def main() -> None:
     settings = Settings()  # type: ignore[call-arg]  # fields come from the environment
     workers = settings.server_workers or os.cpu_count() or 1
+    if os.environ.get(RELAY_ENV) is not None:
+        from server.relay_process import main as relay_only
+
+        relay_only(settings)
+        return
     if os.environ.get(WORKER_ENV) is not None:
         from server.app import main as serve_one
 
-        serve_one(settings, reuse_port=True)
+        serve_one(settings, reuse_port=True, with_relay=settings.outbox_relay == "worker")
         return
     if workers == 1:
         from server.app import main as serve_one
 
         # Its metrics are its own registry's; with PROMETHEUS_MULTIPROC_DIR set, it still
-        # writes metric files there, which are its own to clear.
+        # writes metric files there, which are its own to clear. It runs its own relay:
+        # one process is the whole server.
         with metrics_folder() if os.environ.get(METRICS_DIR_ENV) else contextlib.nullcontext():
             serve_one(settings, reuse_port=False)
         return

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from devstack.envoy import EdgeLimits, render_envoy_config, start_envoy, wait_for_envoy
 from devstack.fleet import Fleet, Replica
@@ -27,9 +28,10 @@ from devstack.localstripe import (
 )
 from devstack.mail import MailSink
 from devstack.nats import ROUTE_PORT_OFFSET, nats_url, start_nats, wait_for_nats
-from devstack.processes import free_port, port_is_taken, stop_process
+from devstack.processes import free_port, free_ports, port_is_taken, stop_process
 from devstack.server import start_server, wait_for_grpc
 from devstack.tls import TlsFiles
+from server.supervisor import WORKER_ENV
 from tests.conftest import JWT_SECRET
 
 WEBHOOK_SECRET = "whsec_e2e_" + "x" * 24
@@ -473,7 +475,7 @@ def running_fleet(
             free_ports=free_port,
         )
         started = [fleet.start_replica() for _ in range(replicas)]
-        spare_ports = [free_port() for _ in range(spares)]
+        spare_ports = free_ports(spares)
         config = log_dir / "envoy.yaml"
         config.write_text(
             render_envoy_config(
@@ -523,3 +525,13 @@ def running_fleet(
         assert not failed, [
             (log_dir / f"server-{number}.log").read_text()[-2000:] for number in failed
         ]
+
+
+def serving_workers(supervisor_pid: int) -> list[psutil.Process]:
+    """A supervisor's workers: its children but the outbox relay's own process."""
+    workers = []
+    for child in psutil.Process(supervisor_pid).children():
+        with contextlib.suppress(psutil.Error):  # gone, or a zombie not reaped yet
+            if WORKER_ENV in child.environ():
+                workers.append(child)
+    return workers

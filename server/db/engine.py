@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -68,6 +71,25 @@ def connect_options(
 def libpq_url(database_url: str) -> str:
     """DATABASE_URL as libpq (and so psycopg) reads it."""
     return "postgresql://" + sqlalchemy_url(database_url)[len("postgresql+psycopg://") :]
+
+
+def dedicated_connection(
+    database_url: str, *, connect_timeout_seconds: int, statement_timeout_ms: int
+) -> Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]:
+    """Opens an autocommit session outside the pools, for work that holds one for long: the
+    product cache's listener, the outbox relay's leadership."""
+    return functools.partial(
+        psycopg.AsyncConnection.connect,
+        libpq_url(database_url),
+        autocommit=True,
+        **connect_options(connect_timeout_seconds, statement_timeout_ms),
+        # Over TCP, a peer gone without a FIN is noticed by the kernel too, not only by the
+        # listener's heartbeat.
+        keepalives=1,
+        keepalives_idle=10,
+        keepalives_interval=5,
+        keepalives_count=3,
+    )
 
 
 def upgrade_schema(database_url: str) -> None:

@@ -52,8 +52,10 @@ _PRUNE_CHUNK = 1000
 _METRICS_EVERY_SECONDS = 1.0
 
 _TRY_LOCK = "SELECT pg_try_advisory_lock(%(key)s)"
+# The event id as text and every column in binary: psycopg then builds no UUID and decodes
+# no hex for the payload (1.7 against 3.6 us of the relay's CPU per row, docs/benchmarks.md).
 _UNPUBLISHED = """
-    SELECT position, event_id, aggregate_id, aggregate_type, subject, type_name, payload,
+    SELECT position, event_id::text, aggregate_id, aggregate_type, subject, type_name, payload,
            traceparent
       FROM outbox
      WHERE publish_time IS NULL
@@ -310,15 +312,15 @@ class Relay:
                 await asyncio.sleep(self._settings.busy_poll_seconds)
 
     async def _unpublished(self, conn: psycopg.AsyncConnection[Any]) -> list[OutboxRow]:
-        cursor = await conn.execute(_UNPUBLISHED, {"limit": self._settings.batch_size})
+        cursor = await conn.execute(_UNPUBLISHED, {"limit": self._settings.batch_size}, binary=True)
         return [
             OutboxRow(
                 position=position,
-                event_id=str(event_id),
+                event_id=event_id,
                 aggregate=(aggregate_type, aggregate_id),
                 subject=subject,
                 type_name=type_name,
-                payload=bytes(payload),
+                payload=payload,
                 traceparent=traceparent,
             )
             for (

@@ -29,6 +29,15 @@ def database_url(postgres_server_url: str) -> Iterator[str]:
     drop_database(postgres_server_url, url)
 
 
+@pytest.fixture
+def own_database(postgres_server_url: str) -> Iterator[str]:
+    """A database of the test's own: no other server's relay leads on it, and its outbox
+    holds only the test's events."""
+    url = create_database(postgres_server_url, "marketplace_own")
+    yield url
+    drop_database(postgres_server_url, url)
+
+
 @pytest.fixture(scope="session")
 def stack(database_url: str) -> Iterator[Stack]:
     with running_stack(database_url) as running:

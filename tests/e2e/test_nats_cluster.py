@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -17,7 +16,6 @@ import pytest
 
 from devstack.mail import MailSink
 from devstack.nats import nats_url
-from devstack.postgres import create_database, drop_database
 from devstack.processes import free_port, stop_process
 from devstack.server import start_server, wait_for_grpc
 from devstack.warehouse import publish_stock_level
@@ -30,14 +28,6 @@ from tests.stack import bearer, running_nats_cluster, server_env
 pytestmark = pytest.mark.e2e
 
 ORDERS_PER_STEP = 20
-
-
-@pytest.fixture
-def own_database(postgres_server_url: str) -> Iterator[str]:
-    """A database of its own: the outbox must hold only this test's events."""
-    url = create_database(postgres_server_url, "marketplace_nats_cluster")
-    yield url
-    drop_database(postgres_server_url, url)
 
 
 async def _stream_event_ids(url: str) -> list[str]:

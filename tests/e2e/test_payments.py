@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 import grpc
 import httpx
-import psutil
 import pytest
 from google.protobuf import json_format
 from google.rpc import error_details_pb2
@@ -48,7 +47,7 @@ from tests.e2e.payment_checks import (
     stripe_signature,
 )
 from tests.e2e.statuses import detail_of, status_of_json
-from tests.stack import FaultInjector, Stack, server_env
+from tests.stack import FaultInjector, Stack, server_env, serving_workers
 
 pytestmark = pytest.mark.e2e
 
@@ -541,7 +540,7 @@ async def test_orders_expire_once_while_several_processes_sweep(
         wait_for_grpc(port, server)
 
         async def both_workers() -> bool:
-            return len(psutil.Process(server.pid).children()) == 2
+            return len(serving_workers(server.pid)) == 2
 
         await eventually(both_workers, within=20, what="two workers")
         channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(4)]

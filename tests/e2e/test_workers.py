@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import grpc
@@ -14,14 +16,13 @@ import pytest
 from devstack.processes import free_port, stop_process
 from devstack.server import start_server, wait_for_grpc
 from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
-from tests.conftest import insert_product, notification_queue_held
-from tests.stack import server_env
+from marketplace.order.v1 import order_pb2, order_pb2_grpc
+from server.supervisor import RELAY_ENV
+from tests.conftest import Tokens, insert_product, notification_queue_held
+from tests.e2e.payment_checks import query
+from tests.stack import bearer, running_nats, server_env, serving_workers
 
 pytestmark = pytest.mark.e2e
-
-
-def _workers(supervisor_pid: int) -> list[psutil.Process]:
-    return psutil.Process(supervisor_pid).children()
 
 
 def _exposition(metrics_port: int) -> str:
@@ -57,7 +58,7 @@ def _queue_usage_is_reported(database_url: str, metrics_port: int) -> None:
             time.sleep(0.5)
 
 
-def test_a_dead_worker_is_replaced_and_metrics_cover_all_workers(
+def test_a_dead_worker_is_replaced_and_metrics_cover_allserving_workers(
     database_url: str, tmp_path: Path
 ) -> None:
     product_id = insert_product(database_url, stock=1)
@@ -72,15 +73,15 @@ def test_a_dead_worker_is_replaced_and_metrics_cover_all_workers(
     try:
         wait_for_grpc(port, server)
         deadline = time.monotonic() + 20
-        while len(_workers(server.pid)) < 2 and time.monotonic() < deadline:
+        while len(serving_workers(server.pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-        first_workers = _workers(server.pid)
+        first_workers = serving_workers(server.pid)
         assert len(first_workers) == 2
 
         first_workers[0].send_signal(signal.SIGKILL)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            pids = {p.pid for p in _workers(server.pid)}
+            pids = {p.pid for p in serving_workers(server.pid)}
             if len(pids) == 2 and first_workers[0].pid not in pids:
                 break
             time.sleep(0.1)
@@ -170,12 +171,13 @@ def test_a_killed_supervisor_s_metric_files_are_cleared_by_the_next_one(
     wait_for_grpc(port, killed)
     _get_products(port, product_id, 10)
     assert _served(metrics_port, "GetProduct") >= 10
-    workers = _workers(killed.pid)
+    # The workers and the outbox relay's process: a SIGKILL leaves them all behind.
+    children = psutil.Process(killed.pid).children()
     killed.kill()
     killed.wait()
-    for worker in workers:
-        worker.kill()
-    _until_dead(workers)
+    for child in children:
+        child.kill()
+    _until_dead(children)
     assert _metrics_folders(scratch) == []
     assert list(metrics_dir.glob("*.db")), "the killed run wrote no metric files"
 
@@ -187,3 +189,69 @@ def test_a_killed_supervisor_s_metric_files_are_cleared_by_the_next_one(
     finally:
         assert stop_process(server) == 0
     assert list(metrics_dir.glob("*.db")) == []
+
+
+def _relay_processes(supervisor_pid: int) -> list[psutil.Process]:
+    found = []
+    for child in psutil.Process(supervisor_pid).children():
+        with contextlib.suppress(psutil.Error):
+            if RELAY_ENV in child.environ():
+                found.append(child)
+    return found
+
+
+def _order_published(database_url: str, port: int, token: str, product_id: str) -> None:
+    """Places an order and waits until the relay has published its order.created."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = order_pb2_grpc.OrderServiceStub(channel).CreateOrder(
+            order_pb2.CreateOrderRequest(
+                request_id=str(uuid.uuid4()),
+                items=[order_pb2.OrderItem(product_id=product_id, quantity=1)],
+            ),
+            metadata=bearer(token),
+            timeout=10,
+        )
+    deadline = time.monotonic() + 30
+    while not query(
+        database_url,
+        "SELECT 1 FROM outbox WHERE aggregate_id = %s AND publish_time IS NOT NULL",
+        reply.order.id,
+    ):
+        assert time.monotonic() < deadline, f"order {reply.order.id}'s event never published"
+        time.sleep(0.2)
+
+
+def test_the_outbox_relay_runs_in_a_niced_process_of_its_own_and_is_replaced(
+    own_database: str, tokens: Tokens, tmp_path: Path
+) -> None:
+    product_id = insert_product(own_database, stock=10)
+    with running_nats(tmp_path) as nats_server:
+        env, metrics_port = _supervised(own_database, tmp_path, NATS_URL=nats_server.url)
+        port = int(env["GRPC_PORT"])
+        with (tmp_path / "server.log").open("wb") as log:
+            server = start_server(env, log=log)
+        try:
+            wait_for_grpc(port, server)
+            deadline = time.monotonic() + 20
+            while len(_relay_processes(server.pid)) != 1:
+                assert time.monotonic() < deadline, "no outbox relay process"
+                time.sleep(0.1)
+            [relay] = _relay_processes(server.pid)
+            assert relay.nice() == psutil.Process().nice() + 10
+            assert {worker.nice() for worker in serving_workers(server.pid)} == {
+                psutil.Process().nice()
+            }
+            token = tokens.customer("relay-process")
+            _order_published(own_database, port, token, product_id)
+            # Its counter reaches the supervisor's /metrics, as the workers' do.
+            assert _gauge(metrics_port, "marketplace_outbox_published_total") >= 1
+
+            relay.send_signal(signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while [p.pid for p in _relay_processes(server.pid)] in ([], [relay.pid]):
+                assert time.monotonic() < deadline, "the killed relay was not replaced"
+                time.sleep(0.1)
+            # The new one takes the lead once the old one's session, and its lock, are gone.
+            _order_published(own_database, port, token, product_id)
+        finally:
+            assert stop_process(server) == 0, (tmp_path / "server.log").read_text()[-3000:]
