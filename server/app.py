@@ -67,7 +67,8 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 async def serve(settings: Settings, *, reuse_port: bool = False, with_relay: bool = True) -> None:
     """Runs one server process until SIGTERM or SIGINT; `with_relay` unless the outbox relay
-    runs in a process of its own (server/relay_process.py); `reuse_port` when it is one of
+    and the dead-letter count run in a process of their own (server/relay_process.py);
+    `reuse_port` when it is one of
     several sharing the port. What it opened is closed again however it ends: a signal, a
     failure while starting, or cancellation."""
     # Before anything connects: the psycopg and httpx instrumentations wrap what is made later.
@@ -228,12 +229,13 @@ async def _start(
             settings, nats_connection, OutboxMetrics.create(metrics.registry), tracer
         )
         _run_in_background(running, relay.run(), name="relay")
+        # One count per server is enough: it goes where the relay goes.
+        _run_in_background(
+            running,
+            count_dead_letters(nats_connection, DeadLetterMetrics.create(metrics.registry)),
+            name="dead-letters",
+        )
     _run_in_background(running, consumers.run(), name="consumers")
-    _run_in_background(
-        running,
-        count_dead_letters(nats_connection, DeadLetterMetrics.create(metrics.registry)),
-        name="dead-letters",
-    )
     return port
 
 

@@ -1,5 +1,6 @@
 """The outbox relay in a process of its own (OUTBOX_RELAY=process, the default when a
-supervisor runs several workers).
+supervisor runs several workers). It also keeps `marketplace_dead_letters` current, the
+other task a server needs once rather than once per worker.
 
 The relay's CPU is publishing: nats-py's Python per event, its acks, the reads and marks.
 Inside a worker it shares that worker's event loop and core with the calls it serves; here
@@ -23,6 +24,7 @@ from opentelemetry.trace import Tracer
 from prometheus_client import CollectorRegistry
 
 from server.db.engine import dedicated_connection
+from server.events.dead_letters import DeadLetterMetrics, count_dead_letters
 from server.events.nats import NatsConnection
 from server.events.relay import OutboxMetrics, Relay, RelaySettings
 from server.observability import configure_logging
@@ -62,8 +64,8 @@ def relay_from_settings(
 
 
 async def run_relay(settings: Settings) -> None:
-    """Publishes the outbox until SIGTERM or SIGINT. Its metrics reach /metrics through the
-    supervisor's folder of metric files, as the workers' do."""
+    """Publishes the outbox and counts dead letters until SIGTERM or SIGINT. Its metrics
+    reach /metrics through the supervisor's folder of metric files, as the workers' do."""
     tracing = install_tracing(settings)
     configure_logging(settings.log_level, settings.log_format, log_processors(tracing))
     loop = asyncio.get_running_loop()
@@ -80,6 +82,10 @@ async def run_relay(settings: Settings) -> None:
         # Stopped in the reverse order: the relay before its connection.
         running.push_async_callback(stop_task, asyncio.create_task(nats_connection.run()))
         running.push_async_callback(stop_task, asyncio.create_task(relay.run()))
+        dead_letters = DeadLetterMetrics.create(CollectorRegistry())
+        running.push_async_callback(
+            stop_task, asyncio.create_task(count_dead_letters(nats_connection, dead_letters))
+        )
         _log.info("outbox relay process started", nice=os.nice(0))
         await stopping.wait()
     _log.info("outbox relay process stopped")

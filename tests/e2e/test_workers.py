@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import time
@@ -10,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import grpc
+import nats
 import psutil
 import pytest
 
@@ -17,6 +19,7 @@ from devstack.processes import free_port, stop_process
 from devstack.server import start_server, wait_for_grpc
 from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from marketplace.order.v1 import order_pb2, order_pb2_grpc
+from server.events.nats import DEAD_LETTER_STREAM, DEAD_LETTER_SUBJECT_PREFIX, ensure_streams
 from server.supervisor import RELAY_ENV
 from tests.conftest import Tokens, insert_product, notification_queue_held
 from tests.e2e.payment_checks import query
@@ -221,11 +224,25 @@ def _order_published(database_url: str, port: int, token: str, product_id: str) 
         time.sleep(0.2)
 
 
+async def _a_dead_letter_waiting(url: str, consumer: str) -> None:
+    client = await nats.connect(url)
+    try:
+        jetstream = client.jetstream()
+        await ensure_streams(jetstream)
+        await jetstream.publish(
+            DEAD_LETTER_SUBJECT_PREFIX + consumer, b"{}", stream=DEAD_LETTER_STREAM
+        )
+    finally:
+        await client.close()
+
+
 def test_the_outbox_relay_runs_in_a_niced_process_of_its_own_and_is_replaced(
     own_database: str, tokens: Tokens, tmp_path: Path
 ) -> None:
+    """It also counts dead letters, which the workers no longer do."""
     product_id = insert_product(own_database, stock=10)
     with running_nats(tmp_path) as nats_server:
+        asyncio.run(_a_dead_letter_waiting(nats_server.url, "notifications"))
         env, metrics_port = _supervised(own_database, tmp_path, NATS_URL=nats_server.url)
         port = int(env["GRPC_PORT"])
         with (tmp_path / "server.log").open("wb") as log:
@@ -243,8 +260,13 @@ def test_the_outbox_relay_runs_in_a_niced_process_of_its_own_and_is_replaced(
             }
             token = tokens.customer("relay-process")
             _order_published(own_database, port, token, product_id)
-            # Its counter reaches the supervisor's /metrics, as the workers' do.
+            # Its metrics reach the supervisor's /metrics, as the workers' do.
             assert _gauge(metrics_port, "marketplace_outbox_published_total") >= 1
+            deadline = time.monotonic() + 20
+            waiting = 'marketplace_dead_letters{consumer="notifications"} 1.0'
+            while waiting not in _exposition(metrics_port).splitlines():
+                assert time.monotonic() < deadline, "the dead letter was never counted"
+                time.sleep(0.2)
 
             relay.send_signal(signal.SIGKILL)
             deadline = time.monotonic() + 20
