@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from pydantic import ValidationError
 
 from server.settings import Settings
-from tests.conftest import JWT_SECRET
+from tests.unit.settings_of import settings_of
 
 
 def settings(**env: str) -> Settings:
-    base: dict[str, Any] = {
-        "DATABASE_URL": "postgresql://unused/db",
-        "MARKETPLACE_JWT_SECRET": JWT_SECRET,
-        "STRIPE_WEBHOOK_SECRET": "whsec_" + "x" * 32,
-    }
-    return Settings(**(base | env))
+    return settings_of(STRIPE_WEBHOOK_SECRET="whsec_" + "x" * 32, **env)
 
 
 @pytest.fixture(autouse=True)

@@ -3,21 +3,11 @@ development stack's published webhook secret outside the development stack."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from pydantic import ValidationError
 
-from server.settings import DEVELOPMENT_WEBHOOK_SECRET, Settings
-from tests.conftest import JWT_SECRET
-
-
-def settings(**env: str) -> Settings:
-    base: dict[str, Any] = {
-        "DATABASE_URL": "postgresql://unused/db",
-        "MARKETPLACE_JWT_SECRET": JWT_SECRET,
-    }
-    return Settings(**(base | env))
+from server.settings import DEVELOPMENT_WEBHOOK_SECRET
+from tests.unit.settings_of import settings_of
 
 
 @pytest.fixture(autouse=True)
@@ -28,13 +18,13 @@ def _no_inherited_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_webhook_secret_is_required() -> None:
     with pytest.raises(ValidationError, match="STRIPE_WEBHOOK_SECRET"):
-        settings()
+        settings_of()
 
 
 @pytest.mark.parametrize("secret", ["", "whsec_short"])
 def test_an_empty_or_short_webhook_secret_is_refused(secret: str) -> None:
     with pytest.raises(ValidationError, match="STRIPE_WEBHOOK_SECRET"):
-        settings(STRIPE_WEBHOOK_SECRET=secret)
+        settings_of(STRIPE_WEBHOOK_SECRET=secret)
 
 
 @pytest.mark.parametrize("marker", [None, "0", "false"])
@@ -45,17 +35,17 @@ def test_the_development_webhook_secret_is_refused_outside_the_development_stack
     if marker is not None:
         env["MARKETPLACE_DEVSTACK"] = marker
     with pytest.raises(ValidationError, match="development stack's published secret"):
-        settings(**env)
+        settings_of(**env)
 
 
 def test_the_development_stack_may_use_its_webhook_secret() -> None:
-    chosen = settings(STRIPE_WEBHOOK_SECRET=DEVELOPMENT_WEBHOOK_SECRET, MARKETPLACE_DEVSTACK="1")
+    chosen = settings_of(STRIPE_WEBHOOK_SECRET=DEVELOPMENT_WEBHOOK_SECRET, MARKETPLACE_DEVSTACK="1")
     assert chosen.stripe_webhook_secret == DEVELOPMENT_WEBHOOK_SECRET
     assert chosen.development_stack
 
 
 def test_an_endpoints_own_secret_is_taken_anywhere() -> None:
-    chosen = settings(STRIPE_WEBHOOK_SECRET="whsec_" + "r" * 32)
+    chosen = settings_of(STRIPE_WEBHOOK_SECRET="whsec_" + "r" * 32)
     assert not chosen.development_stack
 
 
