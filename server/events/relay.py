@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import json
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -88,6 +89,9 @@ _PRUNE_INBOX = """
 """
 
 Connect = Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]
+# The stream sequence in a PubAck, `{"stream":"MARKETPLACE","seq":42}` (with
+# `"duplicate":true` when JetStream had the message already).
+_PUB_ACK_SEQ = re.compile(rb'"seq"\s*:\s*(\d+)')
 
 
 class StoreRefused(Exception):
@@ -152,6 +156,10 @@ class AckedPublisher:
     async def _acknowledged(self, message: Msg) -> None:
         future = self._waiting.pop(message.subject.rpartition(".")[2], None)
         if future is None or future.done():
+            return
+        # A PubAck is small JSON with a "seq"; reading only that skips json's decoder.
+        if b'"error"' not in message.data and (stored := _PUB_ACK_SEQ.search(message.data)):
+            future.set_result(int(stored[1]))
             return
         try:
             answer = json.loads(message.data)

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 
 import psycopg
 import pytest
+from opentelemetry.trace import Span
 
 from devstack.postgres import create_database, drop_database
 from server.db.engine import libpq_url
@@ -24,7 +25,7 @@ from server.events.nats import (
     NatsConnection,
     ensure_streams,
 )
-from server.events.relay import Relay
+from server.events.relay import AckedPublisher, OutboxRow, Relay, StoreRefused
 from tests.conftest import eventually
 from tests.integration.events import (
     Event,
@@ -251,3 +252,42 @@ async def test_streams_are_made_once_and_an_operators_limits_stay(nats_server: N
         after = (await jetstream.stream_info(MARKETPLACE_STREAM)).config
     assert after.max_age == 3600
     assert sorted(after.subjects or []) == sorted(MARKETPLACE_SUBJECTS)
+
+
+class _ExpectingAnotherLastSequence(OutboxRow):
+    """A row JetStream must refuse: it expects the stream to end at a sequence it does not."""
+
+    def headers(self, span: Span | None = None) -> dict[str, str]:
+        return super().headers(span) | {"Nats-Expected-Last-Sequence": "999"}
+
+
+def _row(kind: type[OutboxRow], position: int, event_id: str) -> OutboxRow:
+    return kind(
+        position=position,
+        event_id=event_id,
+        aggregate=("order", "o-1"),
+        subject="marketplace.order.created",
+        type_name="marketplace.events.v1.OrderCreated",
+        payload=b"\x0a\x03o-1",
+    )
+
+
+async def test_acknowledgements_give_the_stored_sequence_a_repeat_s_and_a_refusal(
+    nats_server: NatsServer,
+) -> None:
+    """What AckedPublisher reads from JetStream's answers: the sequence a message was stored
+    at, the first one's again for a repeated Nats-Msg-Id, and an error as a refusal."""
+    async with nats_client(nats_server.url) as client:
+        await ensure_streams(client.jetstream())
+        publisher = AckedPublisher()
+        repeated_id = str(uuid.uuid4())
+        first = await publisher.publish(client, _row(OutboxRow, 1, repeated_id))
+        second = await publisher.publish(client, _row(OutboxRow, 2, str(uuid.uuid4())))
+        repeat = await publisher.publish(client, _row(OutboxRow, 3, repeated_id))
+        refused = await publisher.publish(
+            client, _row(_ExpectingAnotherLastSequence, 4, str(uuid.uuid4()))
+        )
+        async with asyncio.timeout(10):
+            assert (await first, await second, await repeat) == (1, 2, 1)
+            with pytest.raises(StoreRefused, match="wrong last sequence"):
+                await refused
