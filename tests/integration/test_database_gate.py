@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from devstack.postgres import EmbeddedPostgres
 from devstack.processes import free_port
 from server.api.errors import infrastructure_error_status
-from server.api.health import DatabaseDown, DatabaseHealth
+from server.api.health import FAILURES_TO_GO_DOWN, DatabaseDown, DatabaseHealth
 from server.api.policy import ORDER_SERVICE
 from server.observability import Metrics
 from tests.conftest import sqlalchemy_engine
@@ -43,6 +43,9 @@ async def test_a_database_down_refuses_its_services_calls_at_once() -> None:
     try:
         database = _health(nowhere)
         database.admit(CREATE_ORDER)  # nothing known yet
+        for _ in range(FAILURES_TO_GO_DOWN - 1):
+            assert not await database.check_once()
+            database.admit(CREATE_ORDER)  # one unanswered probe is not an outage
         assert not await database.check_once()
         with pytest.raises(DatabaseDown) as refused:
             database.admit(CREATE_ORDER)
@@ -64,7 +67,9 @@ async def test_a_database_down_refuses_its_services_calls_at_once() -> None:
 
 
 async def test_marketplace_database_up_follows_the_probe_with_no_call_arriving() -> None:
-    """A PostgreSQL of this test's own, stopped and started again; no call is made."""
+    """A PostgreSQL of this test's own, stopped and started again; no call is made. Fewer
+    unanswered probes in a row than make an outage (as when a saturated machine's probe
+    outwaits its timeout) change nothing, and an answer starts the count again."""
     metrics = Metrics.create()
 
     def database_up() -> float | None:
@@ -85,8 +90,20 @@ async def test_marketplace_database_up_follows_the_probe_with_no_call_arriving()
                 assert await database.check_once()
                 assert database_up() == 1
                 postgres.stop()
+                for _ in range(FAILURES_TO_GO_DOWN - 1):
+                    assert not await database.check_once()
+                    assert database_up() == 1
+                    database.admit(CREATE_ORDER)
+                postgres.start()
+                assert await database.check_once()
+                postgres.stop()
+                for _ in range(FAILURES_TO_GO_DOWN - 1):
+                    assert not await database.check_once()
+                    assert database_up() == 1
                 assert not await database.check_once()
                 assert database_up() == 0
+                with pytest.raises(DatabaseDown):
+                    database.admit(CREATE_ORDER)
                 postgres.start()
                 assert await database.check_once()
                 assert database_up() == 1
