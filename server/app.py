@@ -66,11 +66,10 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 async def serve(settings: Settings, *, reuse_port: bool = False, with_relay: bool = True) -> None:
-    """Runs one server process until SIGTERM or SIGINT; `with_relay` unless the outbox relay
-    and the dead-letter count run in a process of their own (server/relay_process.py);
-    `reuse_port` when it is one of
-    several sharing the port. What it opened is closed again however it ends: a signal, a
-    failure while starting, or cancellation."""
+    """Runs one server process until SIGTERM or SIGINT; `reuse_port` when it is one of
+    several sharing the port; `with_relay` unless the outbox relay and the dead-letter count
+    run in a process of their own (server/relay_process.py). What it opened is closed again
+    however it ends: a signal, a failure while starting, or cancellation."""
     # Before anything connects: the psycopg and httpx instrumentations wrap what is made later.
     tracing = install_tracing(settings)
     configure_logging(settings.log_level, settings.log_format, log_processors(tracing))

@@ -95,4 +95,7 @@ def main(settings: Settings) -> None:
     # Raised by the process itself, not by the supervisor's fork (preexec_fn is unsafe with
     # threads); only upward, so nothing but root is needed.
     os.nice(settings.outbox_relay_nice)
-    uvloop.run(run_relay(settings))
+    if settings.event_loop == "uvloop":
+        uvloop.run(run_relay(settings))
+    else:
+        asyncio.run(run_relay(settings))
