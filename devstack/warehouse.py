@@ -39,6 +39,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from devstack import DATA_DIR, REPO_ROOT
 from marketplace.events.v1 import events_pb2
@@ -46,6 +47,9 @@ from marketplace.warehouse.v1 import warehouse_pb2
 from server.domain.inventory import WarehouseMessageRefused, stock_level
 from server.events.nats import MARKETPLACE_STREAM, WAREHOUSE_STREAM
 from server.events.warehouse import SHIPMENTS_SUBJECT, STOCK_LEVELS_SUBJECT
+
+# How long `make stock-level` keeps trying to have its level stored.
+PUBLISH_LEVEL_SECONDS = 15.0
 
 STATE_FILE = DATA_DIR / "warehouse.json"
 DEFAULT_SITE = "main"
@@ -378,11 +382,21 @@ def ship_delay_from_environment() -> float:
 
 
 async def publish_stock_level(nats_url: str, sku: str, on_hand: int, site: str) -> Outgoing:
-    """`make stock-level`: a level as the warehouse would send it, version = now in µs."""
+    """`make stock-level`: a level as the warehouse would send it, version = now in µs.
+    Tried for up to PUBLISH_LEVEL_SECONDS: when a cluster has just lost the node that led
+    the stream, JetStream answers nothing (no responders) until it elects another (seen in
+    CI right after a node was killed)."""
     message = level_message(sku, site, on_hand, next_version(0))
     client = await nats.connect(nats_servers(nats_url), connect_timeout=2, max_reconnect_attempts=0)
     try:
-        await _publish(client.jetstream(), message)
+        async for attempt in AsyncRetrying(
+            stop=stop_after_delay(PUBLISH_LEVEL_SECONDS),
+            wait=wait_exponential(multiplier=0.2, max=2.0),
+            retry=retry_if_exception_type((TimeoutError, nats.errors.Error)),
+            reraise=True,
+        ):
+            with attempt:
+                await _publish(client.jetstream(), message)
     finally:
         await client.close()
     return message
