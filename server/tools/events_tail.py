@@ -102,18 +102,20 @@ async def tail(url: str, stream: str, from_start: bool, out: TextIO) -> None:
     try:
         jetstream = client.jetstream()
         info = await jetstream.stream_info(stream)
-        print(
-            f"{stream} on {url}: {info.state.messages} stored;"
-            f" {'all of them, then new ones' if from_start else 'new ones only'} (Ctrl-C stops)",
-            file=out,
-            flush=True,
-        )
         policy = DeliverPolicy.ALL if from_start else DeliverPolicy.NEW
         subscription = await jetstream.subscribe(
             ">",
             stream=stream,
             ordered_consumer=True,
             config=ConsumerConfig(deliver_policy=policy),
+        )
+        # Only once the consumer exists: "new" counts from its creation, so an event sent
+        # after this line is shown (one sent between an earlier line and it was not).
+        print(
+            f"{stream} on {url}: {info.state.messages} stored;"
+            f" {'all of them, then new ones' if from_start else 'new ones only'} (Ctrl-C stops)",
+            file=out,
+            flush=True,
         )
         async for message in subscription.messages:
             print(_rendered(decoder, message), "", sep="\n", file=out, flush=True)
