@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
-import psycopg
 import structlog
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -40,7 +39,7 @@ from server.api.policy import (
     PAYMENT_SERVICE,
 )
 from server.db.driver import DriverPool
-from server.db.engine import create_engine, dedicated_connection
+from server.db.engine import create_engine
 from server.domain.catalog import Product
 from server.domain.errors import DomainError, ErrorReason
 from server.domain.identity import Customer
@@ -51,7 +50,7 @@ from server.events.nats import NatsConnection
 from server.events.registry import ConsumerContext, consumer_specs
 from server.events.relay import OutboxMetrics
 from server.observability import Metrics, configure_logging
-from server.relay_process import relay_from_settings
+from server.relay_process import dedicated_connection_of, relay_from_settings
 from server.services.batching import GroupCommitter
 from server.services.catalog import Catalog
 from server.services.circuit import GuardedProvider
@@ -208,7 +207,7 @@ async def _start(
         _run_in_background(
             running,
             follow_product_changes(
-                _dedicated_connection(settings),
+                dedicated_connection_of(settings),
                 product_cache,
                 warm_from=use_cases.catalog.list_products,
                 queue_usage=metrics.notification_queue_usage.set,
@@ -270,16 +269,6 @@ def _hot_path_pool(settings: Settings) -> DriverPool:
         settings.database_url,
         size=settings.order_batch_runners + 2,
         timeout_seconds=settings.db_pool_timeout_seconds,
-        connect_timeout_seconds=settings.db_connect_timeout_seconds,
-        statement_timeout_ms=settings.db_statement_timeout_ms,
-    )
-
-
-def _dedicated_connection(
-    settings: Settings,
-) -> Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]:
-    return dedicated_connection(
-        settings.database_url,
         connect_timeout_seconds=settings.db_connect_timeout_seconds,
         statement_timeout_ms=settings.db_statement_timeout_ms,
     )

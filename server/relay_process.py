@@ -17,7 +17,10 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+import psycopg
 import structlog
 import uvloop
 from opentelemetry.trace import Tracer
@@ -35,6 +38,18 @@ from server.tracing import install_tracing, log_processors, tracer_of
 _log = structlog.get_logger("marketplace.relay")
 
 
+def dedicated_connection_of(
+    settings: Settings,
+) -> Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]:
+    """DATABASE_URL's session outside the pools (server/db/engine.py), with the server's
+    connect and statement timeouts."""
+    return dedicated_connection(
+        settings.database_url,
+        connect_timeout_seconds=settings.db_connect_timeout_seconds,
+        statement_timeout_ms=settings.db_statement_timeout_ms,
+    )
+
+
 def relay_from_settings(
     settings: Settings,
     nats_connection: NatsConnection,
@@ -43,11 +58,7 @@ def relay_from_settings(
 ) -> Relay:
     return Relay(
         # Its own session: the advisory lock that makes it the leader lives and dies with it.
-        dedicated_connection(
-            settings.database_url,
-            connect_timeout_seconds=settings.db_connect_timeout_seconds,
-            statement_timeout_ms=settings.db_statement_timeout_ms,
-        ),
+        dedicated_connection_of(settings),
         nats_connection,
         metrics,
         RelaySettings(

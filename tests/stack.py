@@ -527,11 +527,16 @@ def running_fleet(
         ]
 
 
-def serving_workers(supervisor_pid: int) -> list[psutil.Process]:
-    """A supervisor's workers: its children but the outbox relay's own process."""
-    workers = []
+def supervised(supervisor_pid: int, role_env: str) -> list[psutil.Process]:
+    """A supervisor's children whose environment has `role_env` (WORKER_ENV, RELAY_ENV)."""
+    found = []
     for child in psutil.Process(supervisor_pid).children():
         with contextlib.suppress(psutil.Error):  # gone, or a zombie not reaped yet
-            if WORKER_ENV in child.environ():
-                workers.append(child)
-    return workers
+            if role_env in child.environ():
+                found.append(child)
+    return found
+
+
+def serving_workers(supervisor_pid: int) -> list[psutil.Process]:
+    """A supervisor's workers: its children but the outbox relay's own process."""
+    return supervised(supervisor_pid, WORKER_ENV)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import time
 import urllib.request
@@ -23,7 +22,7 @@ from server.events.nats import DEAD_LETTER_STREAM, DEAD_LETTER_SUBJECT_PREFIX, e
 from server.supervisor import RELAY_ENV
 from tests.conftest import Tokens, insert_product, notification_queue_held
 from tests.e2e.payment_checks import query
-from tests.stack import bearer, running_nats, server_env, serving_workers
+from tests.stack import bearer, running_nats, server_env, serving_workers, supervised
 
 pytestmark = pytest.mark.e2e
 
@@ -195,12 +194,7 @@ def test_a_killed_supervisor_s_metric_files_are_cleared_by_the_next_one(
 
 
 def _relay_processes(supervisor_pid: int) -> list[psutil.Process]:
-    found = []
-    for child in psutil.Process(supervisor_pid).children():
-        with contextlib.suppress(psutil.Error):
-            if RELAY_ENV in child.environ():
-                found.append(child)
-    return found
+    return supervised(supervisor_pid, RELAY_ENV)
 
 
 def _order_published(database_url: str, port: int, token: str, product_id: str) -> None:
