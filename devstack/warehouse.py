@@ -39,7 +39,14 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    stop_never,
+    wait_exponential,
+)
+from tenacity.stop import StopBaseT
 
 from devstack import DATA_DIR, REPO_ROOT
 from marketplace.events.v1 import events_pb2
@@ -313,15 +320,26 @@ async def _ack(message: Any) -> None:
 async def _publish_until_acked(js: Any, message: Outgoing) -> None:
     """Publishes until JetStream acknowledges: NATS down only delays what the warehouse
     says (its state file keeps the message meanwhile)."""
-    pause = 0.2
-    while True:
-        try:
+    await _publish_retrying(js, message, stop=stop_never)
+
+
+async def _publish_retrying(js: Any, message: Outgoing, *, stop: StopBaseT) -> None:
+    """Publishes `message` (its Nats-Msg-Id makes a repeat harmless) until JetStream
+    acknowledges or `stop` says to give up, which raises the last error."""
+    async for attempt in AsyncRetrying(
+        stop=stop,
+        wait=wait_exponential(multiplier=0.2, max=5.0),
+        retry=retry_if_exception_type((TimeoutError, nats.errors.Error)),
+        before_sleep=lambda state: print(
+            f"cannot publish yet ({state.outcome.exception()!r}); retrying"
+            if state.outcome
+            else "cannot publish yet; retrying",
+            flush=True,
+        ),
+        reraise=True,
+    ):
+        with attempt:
             await _publish(js, message)
-            return
-        except (TimeoutError, nats.errors.Error) as error:
-            print(f"cannot publish yet ({error!r}); retrying", flush=True)
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 5.0)
 
 
 async def _publish(js: Any, message: Outgoing) -> None:
@@ -389,14 +407,9 @@ async def publish_stock_level(nats_url: str, sku: str, on_hand: int, site: str) 
     message = level_message(sku, site, on_hand, next_version(0))
     client = await nats.connect(nats_servers(nats_url), connect_timeout=2, max_reconnect_attempts=0)
     try:
-        async for attempt in AsyncRetrying(
-            stop=stop_after_delay(PUBLISH_LEVEL_SECONDS),
-            wait=wait_exponential(multiplier=0.2, max=2.0),
-            retry=retry_if_exception_type((TimeoutError, nats.errors.Error)),
-            reraise=True,
-        ):
-            with attempt:
-                await _publish(client.jetstream(), message)
+        await _publish_retrying(
+            client.jetstream(), message, stop=stop_after_delay(PUBLISH_LEVEL_SECONDS)
+        )
     finally:
         await client.close()
     return message
