@@ -12,6 +12,7 @@ the database, which is also how replicas on several machines behave. With OUTBOX
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -35,6 +36,9 @@ WORKER_ENV = "MARKETPLACE_WORKER_INDEX"
 RELAY_ENV = "MARKETPLACE_RELAY_PROCESS"
 # The relay's key among the supervised processes; workers are 0..N-1.
 _RELAY = -1
+# The supervisor's pid, so a child can tell whether it outlived it (follow_supervisor).
+SUPERVISOR_PID_ENV = "MARKETPLACE_SUPERVISOR_PID"
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 # prometheus-client's own variable: where every process of one server writes its metric files.
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _RESTART_BACKOFF_SECONDS = 1.0
@@ -74,6 +78,23 @@ def metrics_folder() -> Iterator[Path]:
         yield Path(scratch)
 
 
+def follow_supervisor() -> None:
+    """Asks the kernel to SIGTERM this worker or relay process when its supervisor dies, so
+    a SIGKILLed supervisor does not leave its children serving on the shared port (and the
+    next `make run` refused with "port in use"); they drain and exit as on a stop. Linux
+    only (prctl); elsewhere a killed supervisor's children are left to the operator."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        _log.warning("cannot follow the supervisor", errno=ctypes.get_errno())
+        return
+    # The supervisor may have died before the request was made: then nobody will signal.
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV)
+    if supervisor is not None and str(os.getppid()) != supervisor:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class Supervisor:
     def __init__(self, settings: Settings, workers: int) -> None:
         self._settings = settings
@@ -83,7 +104,12 @@ class Supervisor:
 
     def _spawn(self, index: int, metrics_dir: Path) -> None:
         role = {RELAY_ENV: "1"} if index == _RELAY else {WORKER_ENV: str(index)}
-        env = {**os.environ, **role, METRICS_DIR_ENV: str(metrics_dir)}
+        env = {
+            **os.environ,
+            **role,
+            METRICS_DIR_ENV: str(metrics_dir),
+            SUPERVISOR_PID_ENV: str(os.getpid()),
+        }
         self._processes[index] = subprocess.Popen([sys.executable, "-m", "server"], env=env)
         pid = self._processes[index].pid
         if index == _RELAY:
@@ -148,11 +174,13 @@ def main() -> None:
     if os.environ.get(RELAY_ENV) is not None:
         from server.relay_process import main as relay_only
 
+        follow_supervisor()
         relay_only(settings)
         return
     if os.environ.get(WORKER_ENV) is not None:
         from server.app import main as serve_one
 
+        follow_supervisor()
         serve_one(settings, reuse_port=True, with_relay=settings.outbox_relay == "worker")
         return
     if workers == 1:

@@ -173,12 +173,10 @@ def test_a_killed_supervisor_s_metric_files_are_cleared_by_the_next_one(
     wait_for_grpc(port, killed)
     _get_products(port, product_id, 10)
     assert _served(metrics_port, "GetProduct") >= 10
-    # The workers and the outbox relay's process: a SIGKILL leaves them all behind.
+    # The workers and the outbox relay's process stop with it (follow_supervisor).
     children = psutil.Process(killed.pid).children()
     killed.kill()
     killed.wait()
-    for child in children:
-        child.kill()
     _until_dead(children)
     assert _metrics_folders(scratch) == []
     assert list(metrics_dir.glob("*.db")), "the killed run wrote no metric files"
@@ -191,6 +189,32 @@ def test_a_killed_supervisor_s_metric_files_are_cleared_by_the_next_one(
     finally:
         assert stop_process(server) == 0
     assert list(metrics_dir.glob("*.db")) == []
+
+
+def test_a_killed_supervisor_s_workers_and_relay_stop_with_it(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Left behind, they would go on serving on the shared port, and the next server would
+    refuse to start on it ("port in use")."""
+    product_id = insert_product(database_url, stock=1)
+    env, _ = _supervised(database_url, tmp_path)
+    port = int(env["GRPC_PORT"])
+    with (tmp_path / "killed.log").open("wb") as log:
+        killed = start_server(env, log=log)
+    wait_for_grpc(port, killed)
+    children = serving_workers(killed.pid) + _relay_processes(killed.pid)
+    assert len(children) == 3, children
+    killed.kill()
+    killed.wait()
+    _until_dead(children)
+
+    with (tmp_path / "next.log").open("wb") as log:
+        server = start_server(env, log=log)
+    try:
+        wait_for_grpc(port, server)
+        _get_products(port, product_id, 1)
+    finally:
+        assert stop_process(server) == 0
 
 
 def _relay_processes(supervisor_pid: int) -> list[psutil.Process]:
