@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,6 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from devstack.postgres import create_database, drop_database
 from server.domain.errors import (
     ErrorReason,
     FailedPrecondition,
@@ -46,19 +45,12 @@ from tests.integration.events import (
     stream_messages,
     write_events,
 )
-from tests.stack import NatsServer, running_nats
+from tests.stack import NatsServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 ADMIN = Principal("root", frozenset({Role.ADMIN}))
 SUBJECT = "marketplace.order.created"
-
-
-@pytest.fixture
-def events_database(postgres_server_url: str) -> Iterator[str]:
-    url = create_database(postgres_server_url, "marketplace_consumers")
-    yield url
-    drop_database(postgres_server_url, url)
 
 
 @pytest.fixture
@@ -69,12 +61,6 @@ async def engine(events_database: str) -> AsyncIterator[AsyncEngine]:
         await conn.execute(text("CREATE TABLE test_effects (message_id text, data bytea)"))
     yield engine
     await engine.dispose()
-
-
-@pytest.fixture
-def nats_server() -> Iterator[NatsServer]:
-    with running_nats() as server:
-        yield server
 
 
 @pytest.fixture

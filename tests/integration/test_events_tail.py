@@ -7,22 +7,15 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
 from marketplace.events.v1 import events_pb2
 from server.events.nats import ensure_streams
 from tests.integration.events import nats_client
-from tests.stack import NatsServer, running_nats
+from tests.stack import NatsServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
-
-
-@pytest.fixture
-def nats_server() -> Iterator[NatsServer]:
-    with running_nats() as server:
-        yield server
 
 
 async def publish_order_created(url: str, order_id: str) -> None:

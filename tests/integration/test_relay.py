@@ -10,13 +10,12 @@ import contextlib
 import sys
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import psycopg
 import pytest
 from opentelemetry.trace import Span
 
-from devstack.postgres import create_database, drop_database
 from server.db.engine import libpq_url
 from server.events.nats import (
     DEAD_LETTER_STREAM,
@@ -37,7 +36,7 @@ from tests.integration.events import (
     stream_messages,
     write_events,
 )
-from tests.stack import NatsServer, running_nats
+from tests.stack import NatsServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -47,20 +46,6 @@ MARKETPLACE_SUBJECTS = [
     "marketplace.inventory.>",
     "marketplace.fulfilment.>",
 ]
-
-
-@pytest.fixture
-def events_database(postgres_server_url: str) -> Iterator[str]:
-    """A database of its own per test: the relay publishes every row it can see."""
-    url = create_database(postgres_server_url, "marketplace_relay")
-    yield url
-    drop_database(postgres_server_url, url)
-
-
-@pytest.fixture
-def nats_server() -> Iterator[NatsServer]:
-    with running_nats() as server:
-        yield server
 
 
 @contextlib.asynccontextmanager
