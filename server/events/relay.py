@@ -48,6 +48,9 @@ RELAY_LOCK_KEY = 7_015_000_000_000_015
 # After a failed publish, the next try waits this long, doubling up to the maximum.
 _RETRY_FIRST_SECONDS = 0.1
 _RETRY_MAX_SECONDS = 5.0
+# A session that ended sooner than this after it began doubles the wait before the next
+# one; one that lasted longer starts from the shortest wait again.
+_HEALTHY_SESSION_SECONDS = 60.0
 # Rows deleted per statement when pruning (short transactions, short locks).
 _PRUNE_CHUNK = 1000
 _METRICS_EVERY_SECONDS = 1.0
@@ -258,16 +261,17 @@ class Relay:
         self._publisher = AckedPublisher()
         self._next_prune = 0.0
         self._next_metrics = 0.0
+        self._clock = time.monotonic
 
     async def run(self) -> None:
         """Until cancelled: takes the lead when it can, publishes while it has it."""
         delay = _RETRY_FIRST_SECONDS
         while True:
             raise_if_cancelled()
+            began = self._clock()
             try:
                 conn = await self._connect()
                 async with conn:
-                    delay = _RETRY_FIRST_SECONDS
                     await self._follow_then_lead(conn)
             except (psycopg.Error, OSError) as error:
                 _log.warning("outbox relay lost the database", error=repr(error))
@@ -275,6 +279,11 @@ class Relay:
             # session, and so the lead, ended with the block.
             except Exception:
                 _log.exception("outbox relay failed")
+            # Backing off by how long the session lasted, not by whether it connected: a
+            # failure that follows every successful connect (a bug, a row the relay cannot
+            # read) would otherwise reconnect and log ten times a second.
+            if self._clock() - began >= _HEALTHY_SESSION_SECONDS:
+                delay = _RETRY_FIRST_SECONDS
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, _RETRY_MAX_SECONDS)
 
