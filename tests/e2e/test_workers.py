@@ -272,7 +272,8 @@ def test_the_outbox_relay_runs_in_a_niced_process_of_its_own_and_is_replaced(
                 assert time.monotonic() < deadline, "no outbox relay process"
                 time.sleep(0.1)
             [relay] = _relay_processes(server.pid)
-            assert relay.nice() == psutil.Process().nice() + 10
+            # OUTBOX_RELAY_NICE's default, 19, above the runner's own (nice stops at 19).
+            assert relay.nice() == min(psutil.Process().nice() + 19, 19)
             assert {worker.nice() for worker in serving_workers(server.pid)} == {
                 psutil.Process().nice()
             }

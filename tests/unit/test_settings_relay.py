@@ -21,7 +21,7 @@ def _no_inherited_relay_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_by_default_the_relay_has_a_lower_priority_process_of_its_own() -> None:
     defaults = settings()
-    assert (defaults.outbox_relay, defaults.outbox_relay_nice) == ("process", 10)
+    assert (defaults.outbox_relay, defaults.outbox_relay_nice) == ("process", 19)
 
 
 def test_the_relay_can_run_in_every_worker_at_the_workers_priority() -> None:
