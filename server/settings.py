@@ -133,9 +133,9 @@ class Settings(BaseSettings):
     # Where the relay runs when a supervisor runs several workers (SERVER_WORKERS > 1; one
     # process always runs its own): "process", one process of its own at CPU priority
     # OUTBOX_RELAY_NICE, so a saturated machine places orders first and events wait in the
-    # outbox until there is CPU to spare; "worker", in every worker, one leading. 19, the
-    # lowest priority, kept make bench's events ratio over 0.85 where 10 did not
-    # (docs/benchmarks.md); on a machine saturated for minutes the outbox lag alert says so.
+    # outbox until there is CPU to spare; "worker", in every worker, one leading. 19: the
+    # relay publishes with the CPU the order path leaves (docs/benchmarks.md), and a machine
+    # saturated for minutes shows as outbox lag, with its alert.
     outbox_relay: Literal["process", "worker"] = Field(
         "process", validation_alias=_env("OUTBOX_RELAY")
     )
