@@ -18,7 +18,7 @@ from typing import IO, Any, NamedTuple
 import swagger_ui_bundle  # type: ignore[import-untyped]
 
 from devstack import REPO_ROOT
-from devstack.processes import free_ports, stop_process, wait_until_ready
+from devstack.processes import free_port, stop_process, wait_until_ready
 from devstack.tls import TlsFiles
 from devstack.web import dev_route
 from server.settings import Settings
@@ -285,17 +285,15 @@ def envoy_in_front_of(
     (its provider listener leads to a port nobody serves; the storefront's Stripe.js to
     `localstripe_port`, when given, and `/dev/token` to `dev_token_port`), until the block
     ends. Its config and log go to `scratch`."""
-    # Chosen together, so no two of Envoy's listeners are handed the same port.
-    http_port, admin_port, provider_proxy_port, unserved_port = free_ports(4)
-    ports = EnvoyPorts(http_port, admin_port)
+    ports = EnvoyPorts(free_port(), free_port())
     config = scratch / "envoy.yaml"
     config.write_text(
         render_envoy_config(
             http_port=ports.http_port,
             grpc_port=grpc_port,
             admin_port=ports.admin_port,
-            provider_proxy_port=provider_proxy_port,
-            localstripe_port=unserved_port if localstripe_port is None else localstripe_port,
+            provider_proxy_port=free_port(),
+            localstripe_port=free_port() if localstripe_port is None else localstripe_port,
             tls=tls,
             limits=limits,
             dev_token_port=dev_token_port,

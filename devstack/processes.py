@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import socket
 import subprocess
@@ -12,25 +11,26 @@ from collections.abc import Callable
 
 import psutil
 
+# Ports this process has handed out: the kernel may give two probes in a row the same free
+# port, and the two processes told to bind it would then race (the slower one exits).
+_handed_out: set[int] = set()
+
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    """A TCP port on 127.0.0.1 that nothing listens on right now and that this process has
+    not handed out before."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct free ports: each probe stays bound until all are chosen, so the
-    kernel cannot hand the same one out twice (separate free_port() calls can)."""
-    with contextlib.ExitStack() as probes:
-        ports = []
-        for _ in range(count):
-            probe = probes.enter_context(socket.socket())
-            probe.bind(("127.0.0.1", 0))
-            ports.append(int(probe.getsockname()[1]))
-        return ports
+    """`count` distinct free ports."""
+    return [free_port() for _ in range(count)]
 
 
 def port_is_taken(port: int, host: str = "127.0.0.1") -> bool:

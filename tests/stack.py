@@ -337,9 +337,8 @@ def running_stack(
     Envoy always runs the whole envoy.yaml; without a server its REST listener points at a
     gRPC port nobody listens on, which costs nothing.
     """
-    # Chosen together: separate free_port() calls may return one port twice, and then the
-    # process that binds it second (here localstripe, slower to start than Envoy) exits.
-    grpc_port, http_port, admin_port, localstripe_port, provider_proxy_port = free_ports(5)
+    grpc_port, http_port, admin_port = free_port(), free_port(), free_port()
+    localstripe_port, provider_proxy_port = free_port(), free_port()
     with (
         tempfile.TemporaryDirectory(prefix="marketplace-stack-") as scratch,
         running_nats(Path(scratch)) as nats,
@@ -449,7 +448,8 @@ def running_fleet(
     says otherwise) behind Envoy, whose cluster also lists `spares` ports nobody serves yet.
     Each replica's log is `server-<n>.log` in `stack.log_dir`; every replica still running
     at the end must exit 0 on SIGTERM."""
-    http_port, admin_port, localstripe_port, provider_proxy_port = free_ports(4)
+    http_port, admin_port = free_port(), free_port()
+    localstripe_port, provider_proxy_port = free_port(), free_port()
     with (
         tempfile.TemporaryDirectory(prefix="marketplace-fleet-") as scratch,
         running_nats(Path(scratch)) as nats,

@@ -26,7 +26,7 @@ from devstack.envoy import EdgeLimits, render_envoy_config, start_envoy, wait_fo
 from devstack.fleet import Fleet
 from devstack.nats import nats_url, start_nats, wait_for_nats
 from devstack.postgres import EmbeddedPostgres, create_database, drop_database
-from devstack.processes import free_port, free_ports, stop_process
+from devstack.processes import free_port, stop_process
 from devstack.server import start_server, wait_for_grpc
 from server.db.engine import connect_options
 from tests.bench.config import (
@@ -391,7 +391,7 @@ class EnvoyProcess:
 
 def start_bench_envoy(grpc_port: int | Sequence[int], scratch: Path) -> EnvoyProcess:
     """Envoy in front of the server on `grpc_port`, or of each replica's port."""
-    http_port, admin_port, provider_proxy_port, localstripe_port = free_ports(4)
+    http_port, admin_port = free_port(), free_port()
     config = scratch / "envoy.yaml"
     # The bench runs no payments: the provider listener points at a port nobody serves.
     config.write_text(
@@ -399,8 +399,8 @@ def start_bench_envoy(grpc_port: int | Sequence[int], scratch: Path) -> EnvoyPro
             http_port=http_port,
             grpc_port=grpc_port,
             admin_port=admin_port,
-            provider_proxy_port=provider_proxy_port,
-            localstripe_port=localstripe_port,
+            provider_proxy_port=free_port(),
+            localstripe_port=free_port(),
             # The load comes from one address: per-client rates would measure the limiter.
             limits=EdgeLimits.without_rate_limits(),
         )

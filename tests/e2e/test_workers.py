@@ -14,7 +14,7 @@ import nats
 import psutil
 import pytest
 
-from devstack.processes import free_ports, stop_process
+from devstack.processes import free_port, stop_process
 from devstack.server import start_server, wait_for_grpc
 from marketplace.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from marketplace.order.v1 import order_pb2, order_pb2_grpc
@@ -64,7 +64,7 @@ def test_a_dead_worker_is_replaced_and_metrics_cover_allserving_workers(
     database_url: str, tmp_path: Path
 ) -> None:
     product_id = insert_product(database_url, stock=1)
-    port, metrics_port = free_ports(2)
+    port, metrics_port = free_port(), free_port()
     env = {
         **server_env(database_url, port),
         "SERVER_WORKERS": "2",
@@ -112,7 +112,7 @@ def _get_products(port: int, product_id: str, times: int) -> None:
 
 def _supervised(database_url: str, scratch: Path, **extra: str) -> tuple[dict[str, str], int]:
     """Two workers' environment with TMPDIR at `scratch`, and its metrics port."""
-    port, metrics_port = free_ports(2)
+    port, metrics_port = free_port(), free_port()
     env = {
         **server_env(database_url, port),
         "SERVER_WORKERS": "2",
