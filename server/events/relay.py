@@ -101,6 +101,32 @@ class StoreRefused(Exception):
     """JetStream answered a publish with an error instead of storing it."""
 
 
+Ack = int | BaseException
+
+
+class SentGroup:
+    """Messages sent together, and JetStream's answer to each as it arrives: the stream
+    sequence the message was stored at (or already had), or why it was not."""
+
+    __slots__ = ("_unanswered", "acks", "answered", "tokens")
+
+    def __init__(self, size: int) -> None:
+        self.acks: list[Ack | None] = [None] * size
+        self.tokens: list[str] = []
+        self.answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._unanswered = size
+        if size == 0:
+            self.answered.set_result(None)
+
+    def settle(self, index: int, ack: Ack) -> None:
+        if self.acks[index] is not None:
+            return
+        self.acks[index] = ack
+        self._unanswered -= 1
+        if self._unanswered == 0 and not self.answered.done():
+            self.answered.set_result(None)
+
+
 class AckedPublisher:
     """Publishes to JetStream and collects each message's acknowledgement, as JetStream's
     publish is defined: a core NATS publish with a reply subject, answered with a PubAck
@@ -110,69 +136,85 @@ class AckedPublisher:
     spends about half the relay's CPU per event on its own bookkeeping (a semaphore acquired
     under `wait_for`, two random bytes from the OS per message) that the relay, which
     bounds its own batches, does not need: one reply subscription per client, a counter
-    for tokens (measured in docs/benchmarks.md)."""
+    for tokens, and one future per group of messages rather than one per message, which
+    an `asyncio.wait` over them would call back one by one (measured in docs/benchmarks.md)."""
 
     def __init__(self) -> None:
         self._client: Client | None = None
         self._subscription: Subscription | None = None
         self._prefix = ""
         self._tokens = itertools.count()
-        self._waiting: dict[str, asyncio.Future[int]] = {}
+        self._waiting: dict[str, tuple[SentGroup, int]] = {}
 
-    async def publish(
-        self, client: Client, row: OutboxRow, span: Span | None = None
-    ) -> asyncio.Future[int]:
-        """Sends `row` (in `span`'s trace, when traced); the future gets the stream sequence
-        it was stored at (or already had), or the reason it was not."""
+    async def send(
+        self,
+        client: Client,
+        rows: Sequence[OutboxRow],
+        spans: Sequence[Span | None] | None = None,
+    ) -> SentGroup:
+        """Sends `rows` in order (each in its span's trace, when traced); their answers
+        arrive in the group. A send that fails part-way stops waiting for the rows sent."""
         if client is not self._client or self._subscription is None:
             await self._listen(client)
-        token = str(next(self._tokens))
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._waiting[token] = future
+        group = SentGroup(len(rows))
         try:
-            await client.publish(
-                row.subject, row.payload, reply=self._prefix + token, headers=row.headers(span)
-            )
+            for index, row in enumerate(rows):
+                token = str(next(self._tokens))
+                self._waiting[token] = (group, index)
+                group.tokens.append(token)
+                await client.publish(
+                    row.subject,
+                    row.payload,
+                    reply=self._prefix + token,
+                    headers=row.headers(spans[index] if spans else None),
+                )
         except BaseException:
-            self._waiting.pop(token, None)
+            self._forget(group)
             raise
-        return future
+        return group
 
-    def forget(self, futures: Sequence[asyncio.Future[int]]) -> None:
-        """Stops waiting for these (settled or given up on)."""
-        done = {id(future) for future in futures}
-        for token in [token for token, f in self._waiting.items() if id(f) in done]:
-            del self._waiting[token]
+    async def acknowledgements(self, group: SentGroup, wait_seconds: float) -> list[Ack]:
+        """Each message's answer, waiting up to `wait_seconds` for all of them; one still
+        unanswered then is a TimeoutError (it may yet be stored: a retry's duplicate is
+        dropped by JetStream)."""
+        if not group.answered.done():
+            await asyncio.wait([group.answered], timeout=wait_seconds)
+        self._forget(group)
+        return [TimeoutError("no acknowledgement") if ack is None else ack for ack in group.acks]
+
+    def _forget(self, group: SentGroup) -> None:
+        for token in group.tokens:
+            self._waiting.pop(token, None)
 
     async def _listen(self, client: Client) -> None:
         if self._subscription is not None:
             with contextlib.suppress(NatsError, OSError):
                 await self._subscription.unsubscribe()
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_exception(ConnectionError("the NATS client was replaced"))
+        for group, index in self._waiting.values():
+            group.settle(index, ConnectionError("the NATS client was replaced"))
         self._waiting.clear()
         self._prefix = client.new_inbox() + "."
         self._subscription = await client.subscribe(self._prefix + "*", cb=self._acknowledged)
         self._client = client
 
     async def _acknowledged(self, message: Msg) -> None:
-        future = self._waiting.pop(message.subject.rpartition(".")[2], None)
-        if future is None or future.done():
+        waiting = self._waiting.pop(message.subject.rpartition(".")[2], None)
+        if waiting is None:
             return
+        group, index = waiting
         # A PubAck is small JSON with a "seq"; reading only that skips json's decoder.
         if b'"error"' not in message.data and (stored := _PUB_ACK_SEQ.search(message.data)):
-            future.set_result(int(stored[1]))
+            group.settle(index, int(stored[1]))
             return
         try:
             answer = json.loads(message.data)
         except ValueError:
-            future.set_exception(StoreRefused(f"not a PubAck: {message.data[:200]!r}"))
+            group.settle(index, StoreRefused(f"not a PubAck: {message.data[:200]!r}"))
             return
         if "error" in answer or "seq" not in answer:
-            future.set_exception(StoreRefused(str(answer.get("error", answer))))
+            group.settle(index, StoreRefused(str(answer.get("error", answer))))
         else:
-            future.set_result(int(answer["seq"]))
+            group.settle(index, int(answer["seq"]))
 
 
 @dataclass(frozen=True)
@@ -368,18 +410,16 @@ class Relay:
         for group in _pipelined_groups(rows):
             sendable = [row for row in group if row.aggregate not in failed]
             spans = [self._publish_span(row) for row in sendable]
-            futures: list[asyncio.Future[int]] = []
             try:
-                for row, span in zip(sendable, spans, strict=True):
-                    futures.append(await self._publisher.publish(client, row, span))
+                sent = await self._publisher.send(client, sendable, spans)
             except (NatsError, OSError) as error:
                 _log.warning("outbox publish failed", error=repr(error))
-                self._publisher.forget(futures)
                 _end_spans(spans, [error] * len(spans))
                 self._nats.lost()
                 return stored
-            acks = await _settled(futures, self._settings.publish_timeout_seconds)
-            self._publisher.forget(futures)
+            acks = await self._publisher.acknowledgements(
+                sent, self._settings.publish_timeout_seconds
+            )
             _end_spans(spans, acks)
             for row, ack in zip(sendable, acks, strict=True):
                 if isinstance(ack, int):
@@ -457,7 +497,7 @@ class Relay:
             self._metrics.lag_seconds.set(float(lag))
 
 
-def _end_spans(spans: Sequence[Span | None], acks: Sequence[int | BaseException]) -> None:
+def _end_spans(spans: Sequence[Span | None], acks: Sequence[Ack]) -> None:
     for span, ack in zip(spans, acks, strict=True):
         if span is None:
             continue
@@ -480,24 +520,3 @@ def _pipelined_groups(rows: Sequence[OutboxRow]) -> list[list[OutboxRow]]:
         groups[-1].append(row)
         seen.add(row.aggregate)
     return groups
-
-
-async def _settled(
-    futures: Sequence[asyncio.Future[int]], wait_seconds: float
-) -> list[int | BaseException]:
-    """Each future's ack, or why there is none; those still waiting after `wait_seconds` are
-    cancelled (their message may still be stored: the next try's duplicate is dropped)."""
-    if futures:
-        await asyncio.wait(futures, timeout=wait_seconds)
-    results: list[int | BaseException] = []
-    for future in futures:
-        if not future.done():
-            future.cancel()
-            results.append(TimeoutError("no acknowledgement"))
-        elif future.cancelled():
-            results.append(asyncio.CancelledError())
-        elif (error := future.exception()) is not None:
-            results.append(error)
-        else:
-            results.append(future.result())
-    return results

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sys
 import uuid
 from collections import defaultdict
@@ -266,13 +267,36 @@ async def test_acknowledgements_give_the_stored_sequence_a_repeat_s_and_a_refusa
         await ensure_streams(client.jetstream())
         publisher = AckedPublisher()
         repeated_id = str(uuid.uuid4())
-        first = await publisher.publish(client, _row(OutboxRow, 1, repeated_id))
-        second = await publisher.publish(client, _row(OutboxRow, 2, str(uuid.uuid4())))
-        repeat = await publisher.publish(client, _row(OutboxRow, 3, repeated_id))
-        refused = await publisher.publish(
-            client, _row(_ExpectingAnotherLastSequence, 4, str(uuid.uuid4()))
+        sent = await publisher.send(
+            client,
+            [
+                _row(OutboxRow, 1, repeated_id),
+                _row(OutboxRow, 2, str(uuid.uuid4())),
+                _row(OutboxRow, 3, repeated_id),
+                _row(_ExpectingAnotherLastSequence, 4, str(uuid.uuid4())),
+            ],
         )
-        async with asyncio.timeout(10):
-            assert (await first, await second, await repeat) == (1, 2, 1)
-            with pytest.raises(StoreRefused, match="wrong last sequence"):
-                await refused
+        first, second, repeat, refused = await publisher.acknowledgements(sent, 10)
+        assert (first, second, repeat) == (1, 2, 1)
+        assert isinstance(refused, StoreRefused)
+        assert "wrong last sequence" in str(refused)
+
+
+async def test_a_message_left_unanswered_is_a_timeout_and_no_longer_waited_for(
+    nats_server: NatsServer,
+) -> None:
+    """A message whose subject no stream stores, and whose only subscriber never answers,
+    gets no PubAck: after the wait its answer is a timeout, the stored one's is its
+    sequence, and the publisher keeps no token of either."""
+    async with nats_client(nats_server.url) as client:
+        await ensure_streams(client.jetstream())
+        await client.subscribe("nowhere.>")  # interest, so NATS sends no "no responders"
+        publisher = AckedPublisher()
+        unstored = dataclasses.replace(
+            _row(OutboxRow, 2, str(uuid.uuid4())), subject="nowhere.order.created"
+        )
+        sent = await publisher.send(client, [_row(OutboxRow, 1, str(uuid.uuid4())), unstored])
+        stored, unanswered = await publisher.acknowledgements(sent, 1.0)
+        assert stored == 1
+        assert isinstance(unanswered, TimeoutError)
+        assert publisher._waiting == {}
