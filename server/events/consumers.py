@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from server.events.backoff import Backoff
 from server.events.nats import (
     DEAD_LETTER_STREAM,
     DEAD_LETTER_SUBJECT_PREFIX,
@@ -129,6 +130,8 @@ DEAD_LETTER_ORIGINAL_SEQUENCE = "Marketplace-Dead-Letter-Original-Sequence"
 DEAD_LETTER_MESSAGE_ID = "Marketplace-Dead-Letter-Message-Id"
 _ERROR_HEADER_LIMIT = 1000
 _IDLE_FETCH_SECONDS = 1.0
+# The longest wait before a consumer subscribes again after NATS or its handler failed.
+_MAX_RESUBSCRIBE_SECONDS = 10.0
 
 _log = structlog.get_logger("marketplace.consumers")
 
@@ -258,7 +261,7 @@ class Consumers:
         )
 
     async def _consume(self, spec: ConsumerSpec) -> None:
-        delay = self._settings.retry_delay_seconds
+        backoff = Backoff(self._settings.retry_delay_seconds, _MAX_RESUBSCRIBE_SECONDS)
         while True:
             raise_if_cancelled()
             try:
@@ -287,7 +290,7 @@ class Consumers:
                                     await waiting.in_progress()
                                 fetched = time.monotonic()
                             await self._process(spec, jetstream, message)
-                        delay = self._settings.retry_delay_seconds
+                        backoff.reset()
                 finally:
                     with contextlib.suppress(NatsError, OSError):
                         await subscription.unsubscribe()
@@ -297,8 +300,7 @@ class Consumers:
             # consumer's trouble must not stop the others, nor this one for good.
             except Exception:
                 _log.exception("consumer failed", consumer=spec.name)
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, 10.0)
+            await backoff.wait()
 
     async def _process(self, spec: ConsumerSpec, jetstream: JetStreamContext, msg: Msg) -> None:
         if self._tracer is None:

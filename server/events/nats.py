@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import random
 import time
 
 import nats
@@ -18,6 +17,8 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
+
+from server.events.backoff import Backoff
 
 MARKETPLACE_STREAM = "MARKETPLACE"
 DEAD_LETTER_STREAM = "MARKETPLACE_DLQ"
@@ -58,6 +59,8 @@ STREAMS = (
     ),
 )
 _ERROR_LOG_INTERVAL_SECONDS = 30.0
+# The longest wait between tries to connect (and create the streams) while NATS is away.
+_MAX_RECONNECT_WAIT_SECONDS = 10.0
 # JetStream's error code for "stream name already in use with a different configuration".
 _STREAM_NAME_IN_USE = 10058
 
@@ -134,7 +137,7 @@ class NatsConnection:
     async def run(self) -> None:
         """Until cancelled; closes the connection then."""
         try:
-            delay = self._reconnect_wait
+            backoff = Backoff(self._reconnect_wait, _MAX_RECONNECT_WAIT_SECONDS)
             while True:
                 raise_if_cancelled()
                 try:
@@ -148,12 +151,11 @@ class NatsConnection:
                         self._generation += 1
                         self._ready.set()
                         _log.info("nats ready", url=self._url)
-                    delay = self._reconnect_wait
+                    backoff.reset()
                 except (nats.errors.Error, OSError, TimeoutError) as error:
                     self._ready.clear()
                     _log.warning("nats unavailable", url=self._url, error=repr(error))
-                    await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                    delay = min(delay * 2, 10.0)
+                    await backoff.wait()
                     continue
                 self._changed.clear()
                 # Woken by a disconnect, a reconnect, or a user's failure; looked at again

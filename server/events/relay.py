@@ -37,6 +37,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from server.events.backoff import Backoff
 from server.events.consumers import EVENT_TYPE_HEADER, MSG_ID_HEADER
 from server.events.nats import NatsConnection, raise_if_cancelled
 from server.tracing import ORDER_ID, TRACEPARENT, extracted, inject
@@ -307,7 +308,7 @@ class Relay:
 
     async def run(self) -> None:
         """Until cancelled: takes the lead when it can, publishes while it has it."""
-        delay = _RETRY_FIRST_SECONDS
+        backoff = Backoff(_RETRY_FIRST_SECONDS, _RETRY_MAX_SECONDS)
         while True:
             raise_if_cancelled()
             began = self._clock()
@@ -325,9 +326,8 @@ class Relay:
             # failure that follows every successful connect (a bug, a row the relay cannot
             # read) would otherwise reconnect and log ten times a second.
             if self._clock() - began >= _HEALTHY_SESSION_SECONDS:
-                delay = _RETRY_FIRST_SECONDS
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, _RETRY_MAX_SECONDS)
+                backoff.reset()
+            await backoff.wait()
 
     async def _follow_then_lead(self, conn: psycopg.AsyncConnection[Any]) -> None:
         while not await self._try_lock(conn):
@@ -342,7 +342,7 @@ class Relay:
 
     async def _lead(self, conn: psycopg.AsyncConnection[Any]) -> None:
         idle = self._settings.busy_poll_seconds
-        failures = 0
+        unstored = Backoff(2 * _RETRY_FIRST_SECONDS, _RETRY_MAX_SECONDS)
         while True:
             raise_if_cancelled()
             await self._mark_published(conn, self._unmarked)
@@ -358,14 +358,10 @@ class Relay:
             self._unmarked = stored
             if len(stored) < len(rows):
                 # NATS is away or refusing: back off, keep the lead (and the order).
-                failures += 1
                 await self._measure(conn, force=True)
-                await asyncio.sleep(
-                    min(_RETRY_FIRST_SECONDS * 2**failures, _RETRY_MAX_SECONDS)
-                    * random.uniform(0.8, 1.2)
-                )
+                await unstored.wait()
                 continue
-            failures = 0
+            unstored.reset()
             idle = self._settings.busy_poll_seconds
             if len(rows) < self._settings.batch_size:
                 await asyncio.sleep(self._settings.busy_poll_seconds)
