@@ -13,6 +13,11 @@ import asyncio
 import random
 
 
+def jittered(seconds: float) -> float:
+    """`seconds` give or take a fifth, at random: every wait between retries here is."""
+    return seconds * random.uniform(0.8, 1.2)
+
+
 class Backoff:
     def __init__(self, first_seconds: float, max_seconds: float) -> None:
         self._first = first_seconds
@@ -25,5 +30,5 @@ class Backoff:
 
     async def wait(self) -> None:
         """Sleeps this try's wait (jittered); the next one is twice as long, up to the max."""
-        await asyncio.sleep(self._next * random.uniform(0.8, 1.2))
+        await asyncio.sleep(jittered(self._next))
         self._next = min(self._next * 2, self._max)

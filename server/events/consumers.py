@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from server.events.backoff import Backoff
+from server.events.backoff import Backoff, jittered
 from server.events.nats import (
     DEAD_LETTER_STREAM,
     DEAD_LETTER_SUBJECT_PREFIX,
@@ -372,7 +371,7 @@ class Consumers:
 
     def _retry_delay(self, attempt: int) -> float:
         delay: float = self._settings.retry_delay_seconds * 2.0 ** (attempt - 1)
-        return min(delay, self._settings.max_retry_delay_seconds) * random.uniform(0.8, 1.2)
+        return jittered(min(delay, self._settings.max_retry_delay_seconds))
 
     async def _dead_letter(
         self,

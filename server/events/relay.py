@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -37,7 +36,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from server.events.backoff import Backoff
+from server.events.backoff import Backoff, jittered
 from server.events.consumers import EVENT_TYPE_HEADER, MSG_ID_HEADER
 from server.events.nats import NatsConnection, raise_if_cancelled
 from server.tracing import ORDER_ID, TRACEPARENT, extracted, inject
@@ -332,7 +331,7 @@ class Relay:
     async def _follow_then_lead(self, conn: psycopg.AsyncConnection[Any]) -> None:
         while not await self._try_lock(conn):
             await self._measure(conn)
-            await asyncio.sleep(self._settings.leader_retry_seconds * random.uniform(0.8, 1.2))
+            await asyncio.sleep(jittered(self._settings.leader_retry_seconds))
         _log.info("outbox relay leads")
         await self._lead(conn)
 

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 
+import server.events.backoff as backoff_module
 import server.events.relay as relay_module
 from server.events.nats import NatsConnection
 from server.events.relay import OutboxMetrics, Relay, RelaySettings
@@ -50,7 +51,7 @@ class _FailingRelay(Relay):
 def waits_between(relay: _FailingRelay, monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The waits `relay.run()` asks for until its script runs out, without the jitter."""
     waits: list[float] = []
-    monkeypatch.setattr(relay_module.random, "uniform", lambda low, high: 1.0)
+    monkeypatch.setattr(backoff_module.random, "uniform", lambda low, high: 1.0)
 
     async def sleep(seconds: float) -> None:
         waits.append(round(seconds, 3))
